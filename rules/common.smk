@@ -1,0 +1,67 @@
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from vlmflow.config import validate_config  # noqa: E402
+from vlmflow.paths import referenced_images  # noqa: E402
+
+# Every key is checked (and defaults filled) before any rule is built: a typo fails here,
+# naming the key.
+validate_config(config)
+
+RUN = config["run"]["name"]
+DATASET = config["run"]["dataset"]
+DEMO_DIGITS = config["demo"]["digits"]
+TINY_MODEL_PREFIX = "resources/models/tiny-"
+
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9._-]+",
+    run=r"[A-Za-z0-9._-]+",
+    family=r"[a-z0-9_]+",
+
+
+def as_json(*sections):
+    """The named config sections as one JSON string: a rule's params, so that editing a
+    section re-runs exactly the rules that read it."""
+    return json.dumps({s: config[s] for s in sections}, sort_keys=True)
+
+
+def dataset_json(wildcards):
+    return json.dumps(config["datasets"][wildcards.dataset], sort_keys=True)
+
+
+def source_files(wildcards):
+    return [s["path"] for s in config["datasets"][wildcards.dataset]["sources"]]
+
+
+def dataset_images(wildcards):
+    """Every existing image file the dataset's rows reference, so that editing one image
+    re-runs validation and what depends on it. Missing or escaping paths are left to
+    validate_images, which quarantines their rows with a reason."""
+    sources = config["datasets"][wildcards.dataset]["sources"]
+    if DEMO_DIGITS and any(Path(s["path"]).is_relative_to(DEMO_DIGITS) for s in sources):
+        checkpoints.demo_digits.get()
+    return referenced_images(sources)
+
+
+def model_input(wildcards):
+    """The base model folder when it is local (a tiny one is built by a rule); nothing for a
+    hub id."""
+    name = config["model"]["name"]
+    if name.startswith(TINY_MODEL_PREFIX) or Path(name).is_dir():
+        return [name]
+    return []
+
+
+def final_outputs():
+    run_dir = f"results/runs/{RUN}"
+    return [
+        f"results/data/{DATASET}/summary.json",
+        f"{run_dir}/adapter",
+        f"{run_dir}/merged",
+        f"{run_dir}/eval/metrics.json",
+        f"{run_dir}/eval/predictions.parquet",
+    ]

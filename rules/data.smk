@@ -1,0 +1,46 @@
+# Data stage: validate every referenced image, then convert sources to conversation Parquet.
+
+
+rule validate_images:
+    input:
+        sources=source_files,
+        images=dataset_images,
+    output:
+        images="results/data/{dataset}/images.parquet",
+    log:
+        "logs/validate_images/{dataset}.log",
+    benchmark:
+        "benchmarks/validate_images/{dataset}.tsv"
+    params:
+        dataset=dataset_json,
+    threads: workflow.cores
+    conda:
+        "../envs/vlmflow.yaml"
+    shell:
+        "python {workflow.basedir}/scripts/validate_images.py --config {params.dataset:q} "
+        "--out {output.images} --threads {threads} > {log} 2>&1"
+
+
+rule format_conversations:
+    input:
+        sources=source_files,
+        images="results/data/{dataset}/images.parquet",
+    output:
+        train="results/data/{dataset}/train.parquet",
+        val="results/data/{dataset}/val.parquet",
+        test="results/data/{dataset}/test.parquet",
+        rejected="results/data/{dataset}/rejected.parquet",
+        summary="results/data/{dataset}/summary.json",
+    log:
+        "logs/format_conversations/{dataset}.log",
+    benchmark:
+        "benchmarks/format_conversations/{dataset}.tsv"
+    params:
+        dataset=dataset_json,
+        outdir=subpath(output.summary, parent=True),
+    threads: 1
+    conda:
+        "../envs/vlmflow.yaml"
+    shell:
+        "python {workflow.basedir}/scripts/format_conversations.py --config {params.dataset:q} "
+        "--images {input.images} --outdir {params.outdir} > {log} 2>&1"

@@ -1,0 +1,26 @@
+# Evaluation: base vs tuned model on the test split.
+
+
+rule evaluate:
+    input:
+        test=f"results/data/{DATASET}/test.parquet",
+        merged="results/runs/{run}/merged",
+        model=model_input,
+    output:
+        metrics="results/runs/{run}/eval/metrics.json",
+        predictions="results/runs/{run}/eval/predictions.parquet",
+    log:
+        "logs/evaluate/{run}.log",
+    benchmark:
+        "benchmarks/evaluate/{run}.tsv"
+    params:
+        config=as_json("model", "eval"),
+    threads: config["eval"]["threads"]
+    resources:
+        gpu=config["eval"]["gpus"],
+    conda:
+        "../envs/vlmflow.yaml"
+    shell:
+        "python {workflow.basedir}/scripts/evaluate.py --config {params.config:q} "
+        "--test {input.test} --tuned {input.merged} --metrics {output.metrics} "
+        "--predictions {output.predictions} --threads {threads} > {log} 2>&1"

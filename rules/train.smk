@@ -1,0 +1,26 @@
+# Training: LoRA/QLoRA on the train split; checkpoints live in a work folder outside the
+# outputs, so that a re-run after a crash resumes instead of starting over.
+
+
+rule train:
+    input:
+        train=f"results/data/{DATASET}/train.parquet",
+        model=model_input,
+    output:
+        adapter=directory("results/runs/{run}/adapter"),
+    log:
+        "logs/train/{run}.log",
+    benchmark:
+        "benchmarks/train/{run}.tsv"
+    params:
+        config=as_json("model", "lora", "train"),
+        work_dir="results/runs/{run}/work/train",
+    threads: config["train"]["threads"]
+    resources:
+        gpu=config["train"]["gpus"],
+    conda:
+        "../envs/vlmflow.yaml"
+    shell:
+        "python {workflow.basedir}/scripts/train.py --config {params.config:q} "
+        "--train {input.train} --out {output.adapter} --work-dir {params.work_dir} "
+        "--threads {threads} > {log} 2>&1"

@@ -1,0 +1,51 @@
+"""Shared plumbing of the scripts/ CLIs: logging, config arguments, clean errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from .config import ConfigError, load_config_arg
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument(
+        "--config",
+        required=True,
+        type=load_config_arg,
+        help="configuration: a YAML/JSON file or inline JSON (Snakemake passes the sections "
+        "this step reads)",
+    )
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a CLI's main; expected input problems end with one clear message and exit code 1."""
+    from .collate import SampleTooLongError
+    from .data import DataError
+    from .train import NonFiniteLossError
+
+    try:
+        main()
+    except (*EXPECTED_ERRORS, DataError, SampleTooLongError, NonFiniteLossError) as e:
+        logging.getLogger("vlmflow").error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

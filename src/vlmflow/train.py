@@ -1,0 +1,333 @@
+"""The training recipe: setup → train → save, in one visible loop.
+
+Data order is a pure function of (seed, step): optimizer step `s`, micro-batch `m`, slot `i`
+reads global sample position `p = (s * accum + m) * batch + i`, i.e. epoch `p // n`, index
+`perm(seed + epoch)[p % n]`. Resuming at step `s` therefore needs no saved iterator state.
+Checkpoints (trainable weights, optimizer, scheduler, RNG) go to a work folder outside the rule's
+outputs, atomically, every `save_steps`; a re-run resumes from the newest one whose fingerprint
+(config + data) matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .collate import Encoder, collate
+from .io import atomic_dir, atomic_file, write_json
+from .modeling import apply_lora, count_parameters, load_model, load_processor, pick_device
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------- data order
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def sample_indices(n: int, seed: int, step: int, micro: int, accum: int, batch: int) -> list[int]:
+    """Dataset indices of micro-batch `micro` of optimizer step `step` (see module docstring)."""
+    out = []
+    cache: dict[int, torch.Tensor] = {}
+    for i in range(batch):
+        p = (step * accum + micro) * batch + i
+        epoch = p // n
+        if epoch not in cache:
+            cache[epoch] = epoch_permutation(n, seed, epoch)
+        out.append(int(cache[epoch][p % n]))
+    return out
+
+
+def total_steps(train_cfg: dict, n_samples: int) -> int:
+    if train_cfg["max_steps"] is not None:
+        return train_cfg["max_steps"]
+    per_step = train_cfg["per_device_train_batch_size"] * train_cfg["gradient_accumulation_steps"]
+    return max(1, math.ceil(n_samples * train_cfg["num_train_epochs"] / per_step))
+
+
+class EncodedRows:
+    """Rows encoded on demand (optionally memoised)."""
+
+    def __init__(self, rows: list[dict], encoder: Encoder, cache: bool):
+        self.rows, self.encoder, self.cache = rows, encoder, {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        item = self.encoder(self.rows[i])
+        if self.cache is not None:
+            self.cache[i] = item
+        return item
+
+
+# ------------------------------------------------------------------------------------ optimizer
+def build_optimizer(params, train_cfg: dict, device: torch.device):
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": train_cfg["weight_decay"]},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    name, lr = train_cfg["optim"], train_cfg["learning_rate"]
+    if name == "adamw_torch":
+        return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+    import bitsandbytes as bnb
+
+    cls = {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+    }[name]
+    return cls(groups, lr=lr)
+
+
+def build_scheduler(optimizer, train_cfg: dict, steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        train_cfg["lr_scheduler_type"],
+        optimizer,
+        num_warmup_steps=train_cfg["warmup_steps"],
+        num_training_steps=steps,
+    )
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def fingerprint(cfg: dict, data_files: list[str]) -> str:
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+    for f in data_files:
+        h.update(hashlib.sha256(Path(f).read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(work_dir: Path, step: int, model, optimizer, scheduler, fp: str) -> Path:
+    from safetensors.torch import save_file
+
+    final = work_dir / f"checkpoint-{step:08d}"
+    with atomic_dir(final) as tmp:
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            tmp / "state.pt",
+        )
+        write_json(tmp / "meta.json", {"step": step, "fingerprint": fp})
+    for old in sorted(work_dir.glob("checkpoint-*"))[:-2]:  # keep the two newest
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(work_dir: Path, fp: str) -> Path | None:
+    for ckpt in sorted(work_dir.glob("checkpoint-*"), reverse=True):
+        meta = ckpt / "meta.json"
+        if meta.exists() and json.loads(meta.read_text())["fingerprint"] == fp:
+            return ckpt
+    return None
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
+    from safetensors.torch import load_file
+
+    weights = load_file(ckpt / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return json.loads((ckpt / "meta.json").read_text())["step"]
+
+
+# ------------------------------------------------------------------------------------- the loop
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    resumed_from: int
+    log_path: Path
+
+
+def train(
+    cfg: dict,
+    train_rows: list[dict],
+    out_dir: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    data_files: list[str] = (),
+) -> TrainResult:
+    """Fine-tune with LoRA and write the adapter to `out_dir`.
+
+    `cfg` holds the resolved `model`, `lora` and `train` sections.
+    """
+    model_cfg, lora_cfg, train_cfg = cfg["model"], cfg["lora"], cfg["train"]
+    out_dir, work_dir = Path(out_dir), Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(train_cfg["seed"])
+
+    # ---- setup
+    device = pick_device()
+    processor = load_processor(model_cfg)
+    model, family = load_model(model_cfg, device)
+    model = apply_lora(
+        model, family, lora_cfg, gradient_checkpointing=train_cfg["use_gradient_checkpointing"]
+    )
+    trainable, total = count_parameters(model)
+    log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
+    encoder = Encoder(
+        processor,
+        family,
+        max_seq_length=model_cfg["max_seq_length"],
+        train_on_responses_only=train_cfg["train_on_responses_only"],
+    )
+    data = EncodedRows(train_rows, encoder, cache=train_cfg["cache_encoded"])
+    if len(data) == 0:
+        raise ValueError("the train split is empty")
+    steps = total_steps(train_cfg, len(data))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, train_cfg, device)
+    scheduler = build_scheduler(optimizer, train_cfg, steps)
+    fp = fingerprint(cfg, list(data_files))
+    start = 0
+    ckpt = latest_checkpoint(work_dir, fp)
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, model, optimizer, scheduler)
+        log.info("resumed from %s (step %d)", ckpt, start)
+    log_path = work_dir / "train_log.jsonl"
+    _truncate_log(log_path, start)
+
+    # ---- train
+    bs, accum = train_cfg["per_device_train_batch_size"], train_cfg["gradient_accumulation_steps"]
+    model.train()
+    loss_value = float("nan")
+    t_start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        micro_batches = [
+            collate([data[i] for i in sample_indices(len(data), train_cfg["seed"], step, m, accum, bs)],
+                    encoder.pad_id)
+            for m in range(accum)
+        ]
+        n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        n_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        loss_sum = torch.zeros((), device=device)
+        for batch in micro_batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch, num_items_in_batch=n_items)
+            out.loss.backward()
+            loss_sum += out.loss.detach()
+        loss_value = float(loss_sum)
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at step {step + 1}; stopped. The last good checkpoint "
+                f"(if any) is kept in {work_dir}. Lower train.learning_rate or check the data."
+            )
+        if train_cfg["max_grad_norm"] > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train_cfg["max_grad_norm"]))
+        else:
+            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        record = {
+            "step": step + 1,
+            "loss": round(loss_value, 6),
+            "lr": lr,
+            "grad_norm": round(grad_norm, 6),
+            "tokens": n_tokens,
+            "tokens_per_s": round(n_tokens / dt, 1),
+            "step_s": round(dt, 4),
+            "elapsed_s": round(time.perf_counter() - t_start, 2),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else None,
+        }
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if (step + 1) % train_cfg["logging_steps"] == 0 or step + 1 == steps:
+            log.info(
+                "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s",
+                step + 1, steps, loss_value, lr, grad_norm, record["tokens_per_s"],
+            )
+        if train_cfg["save_steps"] and (step + 1) % train_cfg["save_steps"] == 0 and step + 1 < steps:
+            save_checkpoint(work_dir, step + 1, model, optimizer, scheduler, fp)
+
+    # ---- save
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        write_json(tmp / "vlmflow_train_config.json", cfg)
+        shutil.copy(log_path, tmp / "train_log.jsonl")
+        write_json(
+            tmp / "train_summary.json",
+            {"steps": steps, "final_loss": loss_value, "resumed_from_step": start,
+             "trainable_parameters": trainable, "total_parameters": total,
+             "family": family.name, "device": str(device), "train_samples": len(data)},
+        )
+        plot_training_log(tmp / "train_log.jsonl", tmp / "loss.png")
+    return TrainResult(steps=steps, final_loss=loss_value, resumed_from=start, log_path=out_dir / "train_log.jsonl")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep only records of steps ≤ `step` (a resumed run rewrites what came after)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def plot_training_log(log_path: str | os.PathLike, png: str | os.PathLike) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(log_path)
+    steps = [r["step"] for r in records]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot(steps, [r["loss"] for r in records])
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss")
+    ax1.set_yscale("log")
+    ax1.set_title("training loss")
+    ax2.plot(steps, [r["lr"] for r in records], color="tab:orange")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("learning rate")
+    ax2.set_title("learning rate")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
