@@ -9,6 +9,14 @@ configfile: "config/config.yaml"
 
 
 include: "rules/common.smk"
+
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9._-]+",
+    run=r"[A-Za-z0-9._-]+",
+    family=r"[a-z0-9_]+",
+
+
 include: "rules/demo.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
@@ -17,6 +25,6 @@ include: "rules/evaluate.smk"
 
 
 rule all:
+    default_target: True
     input:
         final_outputs(),
-    default_target: True

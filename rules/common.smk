@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -7,7 +8,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from vlmflow.config import validate_config  # noqa: E402
 from vlmflow.paths import referenced_images  # noqa: E402
 
-# Every key is checked (and defaults filled) before any rule is built: a typo fails here,
+# Every key is checked (and defaults filled) before the job graph is built, so a typo fails here,
 # naming the key.
 validate_config(config)
 
@@ -17,10 +18,10 @@ DEMO_DIGITS = config["demo"]["digits"]
 TINY_MODEL_PREFIX = "resources/models/tiny-"
 
 
-wildcard_constraints:
-    dataset=r"[A-Za-z0-9._-]+",
-    run=r"[A-Za-z0-9._-]+",
-    family=r"[a-z0-9_]+",
+def script(name):
+    """Path of a CLI under scripts/, relative to the working directory (a params value, so
+    that moving the checkout does not re-run anything)."""
+    return os.path.relpath(Path(workflow.basedir) / "scripts" / f"{name}.py")
 
 
 def as_json(*sections):
@@ -42,7 +43,9 @@ def dataset_images(wildcards):
     re-runs validation and what depends on it. Missing or escaping paths are left to
     validate_images, which quarantines their rows with a reason."""
     sources = config["datasets"][wildcards.dataset]["sources"]
-    if DEMO_DIGITS and any(Path(s["path"]).is_relative_to(DEMO_DIGITS) for s in sources):
+    if DEMO_DIGITS and any(
+        Path(s["path"]).is_relative_to(DEMO_DIGITS) for s in sources
+    ):
         checkpoints.demo_digits.get()
     return referenced_images(sources)
 

@@ -11,13 +11,14 @@ rule validate_images:
         "logs/validate_images/{dataset}.log",
     benchmark:
         "benchmarks/validate_images/{dataset}.tsv"
-    params:
-        dataset=dataset_json,
-    threads: workflow.cores
     conda:
         "../envs/vlmflow.yaml"
+    threads: workflow.cores
+    params:
+        script=script("validate_images"),
+        dataset=dataset_json,
     shell:
-        "python {workflow.basedir}/scripts/validate_images.py --config {params.dataset:q} "
+        "python {params.script} --config {params.dataset:q} "
         "--out {output.images} --threads {threads} > {log} 2>&1"
 
 
@@ -35,12 +36,13 @@ rule format_conversations:
         "logs/format_conversations/{dataset}.log",
     benchmark:
         "benchmarks/format_conversations/{dataset}.tsv"
-    params:
-        dataset=dataset_json,
-        outdir=subpath(output.summary, parent=True),
-    threads: 1
     conda:
         "../envs/vlmflow.yaml"
+    threads: 1
+    params:
+        script=script("format_conversations"),
+        dataset=dataset_json,
+        outdir=subpath(output.summary, parent=True),
     shell:
-        "python {workflow.basedir}/scripts/format_conversations.py --config {params.dataset:q} "
+        "python {params.script} --config {params.dataset:q} "
         "--images {input.images} --outdir {params.outdir} > {log} 2>&1"

@@ -11,15 +11,16 @@ if DEMO_DIGITS:
             "logs/demo_digits/demo_digits.log",
         benchmark:
             "benchmarks/demo_digits/demo_digits.tsv"
-        params:
-            folder=DEMO_DIGITS,
-            scale=config["demo"]["digits_scale"],
-            limit=config["demo"]["digits_limit"] or 0,
-        threads: 1
         conda:
             "../envs/vlmflow.yaml"
+        threads: 1
+        params:
+            script=script("make_demo_data"),
+            folder=subpath(output.data, parent=True),
+            scale=config["demo"]["digits_scale"],
+            limit=config["demo"]["digits_limit"] or 0,
         shell:
-            "python {workflow.basedir}/scripts/make_demo_data.py --out {params.folder} "
+            "python {params.script} --out {params.folder} "
             "--scale {params.scale} --limit {params.limit} > {log} 2>&1"
 
 
@@ -30,11 +31,12 @@ rule build_tiny_model:
         "logs/build_tiny_model/{family}.log",
     benchmark:
         "benchmarks/build_tiny_model/{family}.tsv"
-    params:
-        seed=0,
-    threads: 1
     conda:
         "../envs/vlmflow.yaml"
+    threads: 1
+    params:
+        script=script("build_tiny_model"),
+        seed=0,
     shell:
-        "python {workflow.basedir}/scripts/build_tiny_model.py --family {wildcards.family} "
+        "python {params.script} --family {wildcards.family} "
         "--out {output.model} --seed {params.seed} > {log} 2>&1"

@@ -13,14 +13,15 @@ rule evaluate:
         "logs/evaluate/{run}.log",
     benchmark:
         "benchmarks/evaluate/{run}.tsv"
-    params:
-        config=as_json("model", "eval"),
+    conda:
+        "../envs/vlmflow.yaml"
     threads: config["eval"]["threads"]
     resources:
         gpu=config["eval"]["gpus"],
-    conda:
-        "../envs/vlmflow.yaml"
+    params:
+        script=script("evaluate"),
+        config=as_json("model", "eval"),
     shell:
-        "python {workflow.basedir}/scripts/evaluate.py --config {params.config:q} "
+        "python {params.script} --config {params.config:q} "
         "--test {input.test} --tuned {input.merged} --metrics {output.metrics} "
         "--predictions {output.predictions} --threads {threads} > {log} 2>&1"

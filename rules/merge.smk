@@ -11,11 +11,12 @@ rule merge:
         "logs/merge/{run}.log",
     benchmark:
         "benchmarks/merge/{run}.tsv"
-    params:
-        config=as_json("model", "export"),
-    threads: 2
     conda:
         "../envs/vlmflow.yaml"
+    threads: 2
+    params:
+        script=script("merge"),
+        config=as_json("model", "export"),
     shell:
-        "python {workflow.basedir}/scripts/merge.py --config {params.config:q} "
+        "python {params.script} --config {params.config:q} "
         "--adapter {input.adapter} --out {output.merged} --threads {threads} > {log} 2>&1"

@@ -12,15 +12,16 @@ rule train:
         "logs/train/{run}.log",
     benchmark:
         "benchmarks/train/{run}.tsv"
-    params:
-        config=as_json("model", "lora", "train"),
-        work_dir="results/runs/{run}/work/train",
+    conda:
+        "../envs/vlmflow.yaml"
     threads: config["train"]["threads"]
     resources:
         gpu=config["train"]["gpus"],
-    conda:
-        "../envs/vlmflow.yaml"
+    params:
+        script=script("train"),
+        config=as_json("model", "lora", "train"),
+        work_dir="results/runs/{run}/work/train",
     shell:
-        "python {workflow.basedir}/scripts/train.py --config {params.config:q} "
+        "python {params.script} --config {params.config:q} "
         "--train {input.train} --out {output.adapter} --work-dir {params.work_dir} "
         "--threads {threads} > {log} 2>&1"

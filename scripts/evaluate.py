@@ -26,8 +26,12 @@ def answers_of(model_cfg: dict, eval_cfg: dict, rows: list[dict]) -> tuple[list[
     model, family = load_model(model_cfg)
     encoder = Encoder(processor, family, max_seq_length=model_cfg["max_seq_length"])
     answers, stats = generate_answers(
-        model, processor, encoder, rows,
-        batch_size=eval_cfg["batch_size"], max_new_tokens=eval_cfg["max_new_tokens"],
+        model,
+        processor,
+        encoder,
+        rows,
+        batch_size=eval_cfg["batch_size"],
+        max_new_tokens=eval_cfg["max_new_tokens"],
     )
     del model
     return answers, stats

@@ -33,8 +33,13 @@ def main() -> None:
     df = pd.DataFrame(records, columns=IMAGE_COLUMNS)
     write_parquet(a.out, df)
     bad = Counter(r["reason"].split(":", 1)[0] for r in records if not r["ok"])
-    log.info("%d images: %d ok, %d bad %s", len(records), len(records) - sum(bad.values()),
-             sum(bad.values()), dict(bad))
+    log.info(
+        "%d images: %d ok, %d bad %s",
+        len(records),
+        len(records) - sum(bad.values()),
+        sum(bad.values()),
+        dict(bad),
+    )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,13 @@ from .images import load_rgb
 
 IGNORE_INDEX = -100
 # Keys whose tensors have one entry per token (padded with the given value).
-_PER_TOKEN = {"input_ids": None, "labels": IGNORE_INDEX, "attention_mask": 0, "mm_token_type_ids": 0,
-              "token_type_ids": 0}
+_PER_TOKEN = {
+    "input_ids": None,
+    "labels": IGNORE_INDEX,
+    "attention_mask": 0,
+    "mm_token_type_ids": 0,
+    "token_type_ids": 0,
+}
 
 
 class SampleTooLongError(ValueError):
@@ -49,7 +54,10 @@ def find_subsequence(ids: list[int], pattern: list[int], start: int = 0) -> int:
 
 
 def response_labels(
-    input_ids: torch.Tensor, response_ids: list[int], end_ids: list[int], ignore_ids: Sequence[int] = ()
+    input_ids: torch.Tensor,
+    response_ids: list[int],
+    end_ids: list[int],
+    ignore_ids: Sequence[int] = (),
 ) -> torch.Tensor:
     """Labels that keep only assistant turns: the tokens after each `response_ids` marker up to
     and including the next end-of-turn token sequence. Everything else is IGNORE_INDEX.
@@ -76,7 +84,14 @@ def response_labels(
 class Encoder:
     """Callable that encodes one conversation row for a given processor and family."""
 
-    def __init__(self, processor, family: Family, *, max_seq_length: int, train_on_responses_only: bool = True):
+    def __init__(
+        self,
+        processor,
+        family: Family,
+        *,
+        max_seq_length: int,
+        train_on_responses_only: bool = True,
+    ):
         self.processor = processor
         self.family = family
         self.max_seq_length = max_seq_length
@@ -124,7 +139,9 @@ class Encoder:
         """The generation prompt of a row (everything before the last assistant turn) + images."""
         messages = to_hf_messages(row["messages"])
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        text = self.processor.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+        text = self.processor.apply_chat_template(
+            messages[:last], tokenize=False, add_generation_prompt=True
+        )
         n_images = sum(p["type"] == "image" for m in messages[:last] for p in m["content"])
         return text, self.images_of(row)[:n_images]
 

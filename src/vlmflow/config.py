@@ -70,9 +70,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     if not problems:
         problems += _cross_checks(config)
     if problems:
-        raise ConfigError(
-            "invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems)
-        )
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
     return config
 
 
@@ -134,5 +132,7 @@ def resolve_dataset(values: dict) -> dict:
     values = copy.deepcopy(values)
     problems = [_describe(e) for e in _Validator(schema).iter_errors(values)]
     if problems:
-        raise ConfigError("invalid dataset configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(
+            "invalid dataset configuration:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
     return values

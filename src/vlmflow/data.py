@@ -106,7 +106,9 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
         import pyarrow.parquet as pq
 
         return list(enumerate(pq.read_table(path).to_pylist(), start=1))
-    raise DataError(f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv or .parquet)")
+    raise DataError(
+        f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv or .parquet)"
+    )
 
 
 def stable_id(source: str, image: str, instruction: str) -> str:
@@ -152,7 +154,9 @@ def seed_to_conversations(
         keys = set().union(*(r.keys() for _, r in records))
         missing = [c for c in required if c not in keys]
         if missing:
-            raise DataError(f"{source.path}: missing required column(s) {', '.join(repr(c) for c in missing)}")
+            raise DataError(
+                f"{source.path}: missing required column(s) {', '.join(repr(c) for c in missing)}"
+            )
     accepted, rejected = [], []
     for row, rec in records:
         image = "" if rec.get(cols["image"]) is None else str(rec[cols["image"]])
@@ -165,8 +169,13 @@ def seed_to_conversations(
 
         def reject(reason, row=row, row_id=row_id, rec=rec):
             rejected.append(
-                dict(source=source.label, row=row, id=row_id, reason=reason,
-                     raw=json.dumps(rec, default=str, ensure_ascii=False))
+                dict(
+                    source=source.label,
+                    row=row,
+                    id=row_id,
+                    reason=reason,
+                    raw=json.dumps(rec, default=str, ensure_ascii=False),
+                )
             )
 
         if not response.strip():
@@ -215,9 +224,13 @@ def dedupe(accepted: list[dict], rejected: list[dict]) -> list[dict]:
         if row["id"] in seen:
             src, first = seen[row["id"]]
             rejected.append(
-                dict(source=row["source"], row=row["_row"], id=row["id"],
-                     reason=f"duplicate_id: same id as {src} row {first}",
-                     raw=json.dumps(row["_raw"], default=str, ensure_ascii=False))
+                dict(
+                    source=row["source"],
+                    row=row["_row"],
+                    id=row["id"],
+                    reason=f"duplicate_id: same id as {src} row {first}",
+                    raw=json.dumps(row["_raw"], default=str, ensure_ascii=False),
+                )
             )
             continue
         seen[row["id"]] = (row["source"], row["_row"])

@@ -34,12 +34,22 @@ def reference_of(row: dict) -> str:
 
 def question_of(row: dict) -> str:
     users = [m for m in row["messages"] if m["role"] == "user"]
-    return "".join(p["text"] or "" for p in users[-1]["content"] if p["type"] == "text") if users else ""
+    return (
+        "".join(p["text"] or "" for p in users[-1]["content"] if p["type"] == "text")
+        if users
+        else ""
+    )
 
 
 @torch.no_grad()
 def generate_answers(
-    model, processor, encoder: Encoder, rows: list[dict], *, batch_size: int, max_new_tokens: int,
+    model,
+    processor,
+    encoder: Encoder,
+    rows: list[dict],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
     progress: bool = True,
 ) -> tuple[list[str], dict]:
     """Greedy answers for `rows` (prompt = everything before the last assistant turn).
@@ -63,7 +73,9 @@ def generate_answers(
         texts = [p[0] for p in prompts]
         images = [p[1] for p in prompts]
         kwargs = {"images": images} if any(images) else {}
-        batch = processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
+        batch = processor(
+            text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs
+        )
         batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
         out = model.generate(
             **batch,
@@ -83,4 +95,8 @@ def generate_answers(
             n_new += len(keep) + 1
             answers.append(tok.decode(keep, skip_special_tokens=True).strip())
     dt = time.perf_counter() - t0
-    return answers, {"generated_tokens": n_new, "seconds": round(dt, 3), "tokens_per_s": round(n_new / max(dt, 1e-9), 1)}
+    return answers, {
+        "generated_tokens": n_new,
+        "seconds": round(dt, 3),
+        "tokens_per_s": round(n_new / max(dt, 1e-9), 1),
+    }

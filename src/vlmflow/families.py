@@ -26,6 +26,8 @@ class Family:
     vision_mlp: str
     language_attention: str
     language_mlp: str
+    vision_tower: str
+    """Module name of the whole vision encoder (kept unquantized in 4-bit)."""
     projector: str
     """Module name of the vision-to-language projector (for modules_to_save)."""
     lm_head: str
@@ -87,6 +89,7 @@ FAMILIES: dict[str, Family] = {
         vision_mlp=r"mlp\.(?:gate_proj|up_proj|down_proj)",
         language_attention=r"self_attn\.(?:q_proj|k_proj|v_proj|o_proj)",
         language_mlp=r"mlp\.(?:gate_proj|up_proj|down_proj)",
+        vision_tower="model.visual",
         projector="model.visual.merger",
         **_QWEN_CHAT,
     ),

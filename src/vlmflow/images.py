@@ -49,19 +49,25 @@ def resolve_in_root(root: str | os.PathLike, rel: str) -> Path:
     if not rel:
         raise PathEscapeError("empty path")
     if os.path.isabs(rel):
-        raise PathEscapeError(f"absolute path '{rel}' is not allowed; give it relative to the image root")
+        raise PathEscapeError(
+            f"absolute path '{rel}' is not allowed; give it relative to the image root"
+        )
     if ".." in Path(rel).parts:
         raise PathEscapeError(f"'{rel}' contains '..'")
     root_real = Path(root).resolve()
     candidate = (Path(root) / rel).resolve()
     if candidate != root_real and root_real not in candidate.parents:
-        raise PathEscapeError(f"'{rel}' resolves to '{candidate}', outside the image root '{root_real}'")
+        raise PathEscapeError(
+            f"'{rel}' resolves to '{candidate}', outside the image root '{root_real}'"
+        )
     return Path(root) / rel
 
 
 def check_image(root: str, rel: str, policy: ImagePolicy) -> ImageRecord:
     """Validate one image. Never raises for bad input: problems come back as `reason`."""
-    rec = ImageRecord(path=rel, resolved="", sha256="", width=0, height=0, format="", ok=False, reason="")
+    rec = ImageRecord(
+        path=rel, resolved="", sha256="", width=0, height=0, format="", ok=False, reason=""
+    )
     try:
         path = resolve_in_root(root, rel)
     except PathEscapeError as e:
@@ -69,7 +75,9 @@ def check_image(root: str, rel: str, policy: ImagePolicy) -> ImageRecord:
         return rec
     rec.resolved = str(path)
     if not path.is_file():
-        rec.reason = "missing: file not found" if not path.exists() else "missing: not a regular file"
+        rec.reason = (
+            "missing: file not found" if not path.exists() else "missing: not a regular file"
+        )
         return rec
     data = path.read_bytes()
     rec.sha256 = hashlib.sha256(data).hexdigest()
@@ -86,7 +94,9 @@ def check_image(root: str, rel: str, policy: ImagePolicy) -> ImageRecord:
                 rec.reason = f"format_not_allowed: {rec.format or 'unknown'} (allowed: {', '.join(policy.allowed_formats)})"
                 return rec
             if im.width * im.height > policy.max_pixels:
-                rec.reason = f"too_many_pixels: {im.width}x{im.height} > max_pixels {policy.max_pixels}"
+                rec.reason = (
+                    f"too_many_pixels: {im.width}x{im.height} > max_pixels {policy.max_pixels}"
+                )
                 return rec
             if min(im.size) < policy.min_side:
                 rec.reason = f"too_small: shorter side {min(im.size)} < min_side {policy.min_side}"

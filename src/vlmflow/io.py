@@ -56,6 +56,10 @@ def write_parquet(path: str | os.PathLike, df, schema=None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = df if isinstance(df, pa.Table) else pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+    table = (
+        df
+        if isinstance(df, pa.Table)
+        else pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+    )
     with atomic_file(path) as tmp:
         pq.write_table(table, tmp)

@@ -18,8 +18,9 @@ from .io import atomic_dir, write_json
 log = logging.getLogger(__name__)
 
 
-def merge_adapter(model_cfg: dict, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                  export_cfg: dict) -> dict:
+def merge_adapter(
+    model_cfg: dict, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, export_cfg: dict
+) -> dict:
     """Write the merged model + processor to `out_dir`. Returns a summary dict."""
     from peft import PeftModel
 

@@ -73,7 +73,7 @@ def load_model(model_cfg: dict, device: torch.device | None = None, *, quantize:
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
-            llm_int8_skip_modules=[_last(family.projector), family.lm_head, "visual", "vision_tower"],
+            llm_int8_skip_modules=[family.vision_tower, family.projector, family.lm_head],
         )
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     model = AutoModelForImageTextToText.from_pretrained(model_cfg["name"], **kwargs)
@@ -82,10 +82,6 @@ def load_model(model_cfg: dict, device: torch.device | None = None, *, quantize:
     if quantize and model_cfg["load_in_4bit"] and device.type == "cpu":
         _cpu_4bit_workaround(model)
     return model, family
-
-
-def _last(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
 
 
 def _cpu_4bit_workaround(model) -> None:
@@ -117,7 +113,8 @@ def lora_config(family: Family, lora_cfg: dict):
         bias=lora_cfg["bias"],
         target_modules=regex,
         use_rslora=lora_cfg["use_rslora"],
-        modules_to_save=[family.resolve_module_name(m) for m in lora_cfg["modules_to_save"]] or None,
+        modules_to_save=[family.resolve_module_name(m) for m in lora_cfg["modules_to_save"]]
+        or None,
         task_type="CAUSAL_LM",
     )
 

@@ -118,7 +118,9 @@ def fingerprint(cfg: dict, data_files: list[str]) -> str:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def save_checkpoint(work_dir: Path, step: int, model, optimizer, scheduler, fp: str) -> Path:
@@ -233,8 +235,10 @@ def train(
     for step in range(start, steps):
         t0 = time.perf_counter()
         micro_batches = [
-            collate([data[i] for i in sample_indices(len(data), train_cfg["seed"], step, m, accum, bs)],
-                    encoder.pad_id)
+            collate(
+                [data[i] for i in sample_indices(len(data), train_cfg["seed"], step, m, accum, bs)],
+                encoder.pad_id,
+            )
             for m in range(accum)
         ]
         n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
@@ -254,7 +258,9 @@ def train(
         if train_cfg["max_grad_norm"] > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train_cfg["max_grad_norm"]))
         else:
-            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            grad_norm = float(
+                torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            )
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -269,16 +275,27 @@ def train(
             "tokens_per_s": round(n_tokens / dt, 1),
             "step_s": round(dt, 4),
             "elapsed_s": round(time.perf_counter() - t_start, 2),
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else None,
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            if device.type == "cuda"
+            else None,
         }
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if (step + 1) % train_cfg["logging_steps"] == 0 or step + 1 == steps:
             log.info(
                 "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s",
-                step + 1, steps, loss_value, lr, grad_norm, record["tokens_per_s"],
+                step + 1,
+                steps,
+                loss_value,
+                lr,
+                grad_norm,
+                record["tokens_per_s"],
             )
-        if train_cfg["save_steps"] and (step + 1) % train_cfg["save_steps"] == 0 and step + 1 < steps:
+        if (
+            train_cfg["save_steps"]
+            and (step + 1) % train_cfg["save_steps"] == 0
+            and step + 1 < steps
+        ):
             save_checkpoint(work_dir, step + 1, model, optimizer, scheduler, fp)
 
     # ---- save
@@ -289,19 +306,30 @@ def train(
         shutil.copy(log_path, tmp / "train_log.jsonl")
         write_json(
             tmp / "train_summary.json",
-            {"steps": steps, "final_loss": loss_value, "resumed_from_step": start,
-             "trainable_parameters": trainable, "total_parameters": total,
-             "family": family.name, "device": str(device), "train_samples": len(data)},
+            {
+                "steps": steps,
+                "final_loss": loss_value,
+                "resumed_from_step": start,
+                "trainable_parameters": trainable,
+                "total_parameters": total,
+                "family": family.name,
+                "device": str(device),
+                "train_samples": len(data),
+            },
         )
         plot_training_log(tmp / "train_log.jsonl", tmp / "loss.png")
-    return TrainResult(steps=steps, final_loss=loss_value, resumed_from=start, log_path=out_dir / "train_log.jsonl")
+    return TrainResult(
+        steps=steps, final_loss=loss_value, resumed_from=start, log_path=out_dir / "train_log.jsonl"
+    )
 
 
 def _truncate_log(path: Path, step: int) -> None:
     """Keep only records of steps ≤ `step` (a resumed run rewrites what came after)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    keep = [
+        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+    ]
     with atomic_file(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in keep))
 

@@ -1,0 +1,36 @@
+"""Static checks CI runs with the suite: ruff, snakefmt and `snakemake --lint` have no findings."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ["ruff", "check", "."],
+        ["ruff", "format", "--check", "."],
+        ["snakefmt", "--check", "Snakefile", "rules/"],
+        ["snakemake", "--lint", "--cores", "1"],
+    ],
+    ids=["ruff-check", "ruff-format", "snakefmt", "snakemake-lint"],
+)
+def test_no_findings(cmd):
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
+    res = subprocess.run(
+        [str(BIN / cmd[0]), *cmd[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    if cmd[0] == "snakemake":
+        assert "Lints for" not in res.stdout + res.stderr, res.stdout + res.stderr

@@ -1,0 +1,148 @@
+"""Runs the real `snakemake` on the small .test config in a copy of the repository."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+COPY = ["Snakefile", "rules", "scripts", "src", "config", "envs", ".test"]
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(workdir, *args, check=True, timeout=900):
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    )
+    res = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "snakemake"),
+            "--cores",
+            "2",
+            "--configfile",
+            ".test/config.yaml",
+            *args,
+        ],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    if check and res.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+        )
+    return res
+
+
+def planned_jobs(res) -> dict[str, int]:
+    """The 'Job stats' table of a dry run as {rule: count}; {} when nothing is to be done."""
+    text = res.stdout + res.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+@pytest.fixture(scope="module")
+def workflow_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("wf")
+    for name in COPY:
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
+    snakemake(work)
+    return work
+
+
+def test_every_output_is_there_and_consistent(workflow_run):
+    w = workflow_run
+    data = w / "results/data/digits"
+    images = pq.read_table(data / "images.parquet").to_pandas()
+    assert len(images) == 123 and images["ok"].sum() == 120
+    reasons = sorted(r.split(":")[0] for r in images.loc[~images["ok"], "reason"])
+    assert reasons == ["decode_error", "missing", "path_escape"]
+    rejected = pq.read_table(data / "rejected.parquet").to_pandas()
+    splits = {s: pq.read_table(data / f"{s}.parquet").num_rows for s in ("train", "val", "test")}
+    assert sum(splits.values()) + len(rejected) == 123  # nothing silently dropped
+    assert len(rejected) == 3 and all(rejected["reason"].str.startswith("bad_image"))
+    assert min(splits.values()) > 0
+
+    adapter = w / "results/runs/test/adapter"
+    for f in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "train_log.jsonl",
+        "loss.png",
+        "vlmflow_train_config.json",
+        "tokenizer.json",
+        "processor_config.json",
+    ):
+        assert (adapter / f).exists(), f
+    log = [json.loads(x) for x in (adapter / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in log)
+
+    merged = w / "results/runs/test/merged"
+    assert (merged / "model.safetensors").exists() and (merged / "config.json").exists()
+    metrics = json.loads((w / "results/runs/test/eval/metrics.json").read_text())
+    assert metrics["n"] == splits["test"]
+    assert set(metrics) >= {"base", "tuned", "delta", "n", "settings"}
+    preds = pq.read_table(w / "results/runs/test/eval/predictions.parquet").to_pandas()
+    assert len(preds) == splits["test"]
+    assert {"id", "image", "question", "reference", "base_answer", "tuned_answer"} <= set(preds)
+    for step in (
+        "validate_images/digits",
+        "format_conversations/digits",
+        "train/test",
+        "merge/test",
+        "evaluate/test",
+    ):
+        assert (w / f"logs/{step}.log").exists(), step
+        assert (w / f"benchmarks/{step}.tsv").exists(), step
+
+
+def test_second_run_is_a_no_op(workflow_run):
+    assert planned_jobs(snakemake(workflow_run, "-n")) == {}
+
+
+def test_learning_rate_change_reruns_only_training_and_downstream(workflow_run):
+    cfg = (workflow_run / ".test/config.yaml").read_text()
+    assert "learning_rate: 0.002" in cfg
+    (workflow_run / ".test/lr.yaml").write_text(
+        cfg.replace("learning_rate: 0.002", "learning_rate: 0.001")
+    )
+    res = snakemake(workflow_run, "-n", "--configfile", ".test/lr.yaml")
+    assert planned_jobs(res) == {"train": 1, "merge": 1, "evaluate": 1, "all": 1}
+
+
+def test_editing_one_image_reruns_only_the_stages_downstream(workflow_run):
+    img = workflow_run / "resources/demo/digits-test/images/00007.png"
+    im = Image.open(img)
+    im.putpixel((0, 0), (0, 0, 0))
+    im.save(img)
+    res = snakemake(workflow_run, "-n")
+    assert planned_jobs(res) == {
+        "validate_images": 1,
+        "format_conversations": 1,
+        "train": 1,
+        "merge": 1,
+        "evaluate": 1,
+        "all": 1,
+    }
+
+
+def test_unknown_config_key_fails_at_start_naming_it(workflow_run):
+    cfg = (workflow_run / ".test/config.yaml").read_text()
+    (workflow_run / ".test/typo.yaml").write_text(cfg.replace("learning_rate:", "learnig_rate:"))
+    res = snakemake(workflow_run, "-n", "--configfile", ".test/typo.yaml", check=False)
+    assert res.returncode != 0
+    assert "train.learnig_rate" in res.stdout + res.stderr
+    assert "did you mean 'learning_rate'" in res.stdout + res.stderr
