@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Time LoRA/QLoRA training steps of one Qwen2.5-VL checkpoint: vlmflow's training step vs the
+plain transformers + PEFT (+ bitsandbytes) baseline, on the same batch and weights.
+
+Fixed case (issue 7): 4 samples, each one 896x896 image (1024 image tokens) + a 40-word prompt +
+a 300-word answer; loss on the answer only; LoRA r=16/alpha=16 on every attention and MLP linear
+of the vision tower and the language model; gradient checkpointing on. Prints one
+`RESULT {json}` line per run (median step time of --steps after --warmup) and appends it to --out.
+
+    python bench/bench_train.py MODEL --impl vlmflow --quant 4bit --out bench/results/x.jsonl
+"""
+
+import argparse
+import datetime
+import json
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "red",
+    "circle",
+    "answer",
+    "is",
+]
+
+
+def fixed_rows(batch: int, side: int, answer_words: int, tmpdir: str) -> list[dict]:
+    """The anchor benchmark's batch as canonical conversation rows (images written as PNG)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(batch):
+        img = Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
+        path = f"{tmpdir}/img{i}.png"
+        img.save(path)
+        q = " ".join(rng.choice(WORDS, 40))
+        ans = " ".join(rng.choice(WORDS, answer_words))
+        rows.append(
+            {
+                "id": str(i),
+                "images": [path],
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "text": "", "image": "0"},
+                            {"type": "text", "text": q, "image": None},
+                        ],
+                    },
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "text", "text": ans, "image": None}],
+                    },
+                ],
+            }
+        )
+    return rows
+
+
+def cfg_for(model: str, quant: str, gc: str) -> dict:
+    from vlmflow.config import resolve_sections
+
+    return resolve_sections(
+        {
+            "model": {"name": model, "load_in_4bit": quant == "4bit", "max_seq_length": 8192},
+            "lora": {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "random_state": 3407},
+            "train": {
+                "use_gradient_checkpointing": {"true": True, "false": False}.get(gc, gc),
+                "optim": "adamw_torch",
+                "learning_rate": 1e-4,
+                "warmup_steps": 0,
+                "max_grad_norm": 0.0,
+                "weight_decay": 0.0,
+            },
+        },
+        ["model", "lora", "train"],
+    )
+
+
+def build_hf(model: str, quant: str, gc: bool):
+    """The baseline exactly as ../shared/anchor-bench/train_bench.py --impl hf builds it."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    kw = {}
+    if quant == "4bit":
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    m = AutoModelForImageTextToText.from_pretrained(
+        model,
+        dtype=torch.bfloat16,
+        attn_implementation="sdpa",
+        device_map={"": 0} if torch.cuda.is_available() else None,
+        **kw,
+    )
+    if quant == "4bit":
+        m = prepare_model_for_kbit_training(
+            m, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif gc:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.enable_input_require_grads()
+    target = (
+        r".*(visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj|up_proj|down_proj))"
+        r"|language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj)))"
+    )
+    return get_peft_model(
+        m,
+        LoraConfig(
+            r=16,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules=target,
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
+def main() -> None:
+    import tempfile
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("model")
+    ap.add_argument("--impl", required=True, choices=["vlmflow", "hf"])
+    ap.add_argument("--quant", default="4bit", choices=["4bit", "16bit"])
+    ap.add_argument("--gc", default="true", help="vlmflow: true | offload | false")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--side", type=int, default=896)
+    ap.add_argument("--answer-words", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+
+    from vlmflow.collate import Encoder, collate
+    from vlmflow.modeling import load_processor
+    from vlmflow.step import build_training_model, training_step
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = cfg_for(a.model, a.quant, a.gc)
+    t0 = time.time()
+    if a.impl == "hf":
+        model = build_hf(a.model, a.quant, a.gc != "false")
+        from vlmflow.families import FAMILIES
+
+        family = FAMILIES["qwen2_5_vl"]
+    else:
+        model, family = build_training_model(cfg, dev)
+    load_s = time.time() - t0
+    processor = load_processor(cfg["model"])
+    encoder = Encoder(processor, family, max_seq_length=8192)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = fixed_rows(a.batch, a.side, a.answer_words, tmp)
+        batch = collate([encoder(r) for r in rows], encoder.pad_id)
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    ntok = int(batch["attention_mask"].sum())
+    n_items = int((batch["labels"][:, 1:] != -100).sum())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
+    model.train()
+    losses, times = [], []
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(a.warmup + a.steps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        if a.impl == "hf":
+            b = {k: v.to(dev) for k, v in batch.items()}
+            loss = model(**b).loss
+            loss.backward()
+        else:
+            loss = training_step(model, [batch], n_items, dev)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        losses.append(float(loss))
+        if step >= a.warmup:
+            times.append(dt)
+    med = float(np.median(times))
+    res = dict(
+        impl=a.impl,
+        quant=a.quant,
+        gc=a.gc,
+        batch=a.batch,
+        tokens_per_step=ntok,
+        seq_len=int(batch["input_ids"].shape[1]),
+        label_tokens=n_items,
+        trainable_params=sum(p.numel() for p in params),
+        load_s=round(load_s, 1),
+        step_s_median=round(med, 4),
+        tokens_per_s=round(ntok / med, 1),
+        peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if dev.type == "cuda"
+        else None,
+        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        if dev.type == "cuda"
+        else None,
+        loss_first=round(losses[0], 4),
+        loss_last=round(losses[-1], 4),
+        losses=[round(x, 4) for x in losses],
+        gpu=torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+        torch=torch.__version__,
+        transformers=__import__("transformers").__version__,
+        peft=__import__("peft").__version__,
+        date=datetime.date.today().isoformat(),
+    )
+    print("RESULT " + json.dumps(res), flush=True)
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
