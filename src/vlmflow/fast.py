@@ -21,12 +21,17 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-_VISION_ATTENTION_CLASSES = {"Qwen2_5_VLVisionAttention", "VisionAttention", "Qwen3VLVisionAttention"}
+_VISION_ATTENTION_CLASSES = {
+    "Qwen2_5_VLVisionAttention",
+    "VisionAttention",
+    "Qwen3VLVisionAttention",
+}
 
 
 # ---------------------------------------------------------------- batched window attention
-def windowed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                  scale: float) -> torch.Tensor:
+def windowed_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Block-diagonal attention over the segments given by `cu_seqlens`.
 
     q, k, v: (N, H, D) for N tokens; cu_seqlens: (S + 1,) segment boundaries. Returns (N, H, D).
@@ -38,7 +43,9 @@ def windowed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     if len(set(lengths)) == 1 and bounds[-1] == n:
         length = lengths[0]
-        qb, kb, vb = (t.reshape(n // length, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
+        qb, kb, vb = (
+            t.reshape(n // length, length, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)
+        )
         out = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
         return out.transpose(1, 2).reshape(n, *q.shape[1:])
     groups: dict[int, list[int]] = defaultdict(list)
@@ -47,22 +54,36 @@ def windowed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
             groups[length].append(start)
     out = torch.empty_like(q)
     for length, starts in groups.items():
-        idx = (torch.tensor(starts, device=q.device)[:, None]
-               + torch.arange(length, device=q.device)[None, :])  # (nb, L)
+        idx = (
+            torch.tensor(starts, device=q.device)[:, None]
+            + torch.arange(length, device=q.device)[None, :]
+        )  # (nb, L)
         qb, kb, vb = (t[idx].transpose(1, 2) for t in (q, k, v))  # (nb, H, L, D)
         o = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
         out[idx] = o.transpose(1, 2).to(out.dtype)
     return out
 
 
-def _qwen_vision_attention_forward(self, hidden_states, cu_seqlens, rotary_pos_emb=None,
-                                   position_embeddings=None, max_seqlen=None, **kwargs):
+def _qwen_vision_attention_forward(
+    self,
+    hidden_states,
+    cu_seqlens,
+    rotary_pos_emb=None,
+    position_embeddings=None,
+    max_seqlen=None,
+    **kwargs,
+):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
     if position_embeddings is None and isinstance(rotary_pos_emb, tuple):
         position_embeddings = rotary_pos_emb
     seq_length = hidden_states.shape[0]
-    q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k, v = (
+        self.qkv(hidden_states)
+        .reshape(seq_length, 3, self.num_heads, -1)
+        .permute(1, 0, 2, 3)
+        .unbind(0)
+    )
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
     out = windowed_sdpa(q, k, v, cu_seqlens, self.scaling)
@@ -108,8 +129,9 @@ def _head_bypassed(owner):
         owner.lm_head = head
 
 
-def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
-                      chunk_size: int = 2048) -> torch.Tensor:
+def chunked_head_loss(
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk_size: int = 2048
+) -> torch.Tensor:
     """Sum of token cross-entropies of `head(hidden)` against `targets`, chunk by chunk.
 
     hidden: (N, d); targets: (N,) int64 (no ignore index). Each chunk's logits (chunk, V) are
@@ -130,8 +152,9 @@ def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.n
     return total
 
 
-def label_only_loss(model, batch: dict, num_items_in_batch: int | None = None,
-                    chunk_size: int = 2048) -> torch.Tensor:
+def label_only_loss(
+    model, batch: dict, num_items_in_batch: int | None = None, chunk_size: int = 2048
+) -> torch.Tensor:
     """Causal-LM loss (mean over labelled tokens, or sum / num_items_in_batch) computed with the
     head on labelled positions only. Same value as transformers' ForCausalLMLoss.
 

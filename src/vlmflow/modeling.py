@@ -75,7 +75,9 @@ def load_model(model_cfg: dict, device: torch.device | None = None, *, quantize:
             bnb_4bit_compute_dtype=dtype,
             llm_int8_skip_modules=[family.vision_tower, family.projector, family.lm_head],
         )
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = {"": "cpu"}
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}  # load straight onto the GPU
     model = AutoModelForImageTextToText.from_pretrained(model_cfg["name"], **kwargs)
     if "device_map" not in kwargs:
         model.to(device)

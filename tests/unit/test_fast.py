@@ -36,8 +36,10 @@ def test_patched_vision_tower_matches_transformers(tiny_qwen):
     proc = AutoProcessor.from_pretrained(tiny_qwen)
     g = torch.Generator().manual_seed(0)
     # sides that are not multiples of the 112-px window: windows of several lengths
-    images = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy())
-              for h, w in ((140, 196), (224, 224), (84, 252))]
+    images = [
+        Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy())
+        for h, w in ((140, 196), (224, 224), (84, 252))
+    ]
     px = proc.image_processor(images=images, return_tensors="pt")
     pv, thw = px["pixel_values"].double(), px["image_grid_thw"]
     patched = copy.deepcopy(model)
@@ -75,8 +77,15 @@ def test_label_only_loss_equals_the_model_loss_and_gradients(tiny_qwen, digits_r
     batch = collate([enc(r) for r in digits_rows[:4]], enc.pad_id)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.float64)
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                             modules_to_save=["lm_head"], init_lora_weights=False))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            target_modules=["q_proj", "v_proj"],
+            modules_to_save=["lm_head"],
+            init_lora_weights=False,
+        ),
+    )
     n_items = int((batch["labels"][:, 1:] != -100).sum()) + 3  # as under gradient accumulation
     ref = model(**batch, num_items_in_batch=n_items).loss
     ref_grads = torch.autograd.grad(ref, [p for p in model.parameters() if p.requires_grad])
