@@ -67,6 +67,38 @@ def fixed_rows(batch: int, side: int, answer_words: int, tmpdir: str) -> list[di
     return rows
 
 
+def realistic_rows(n: int, tmpdir: str, seed: int = 0) -> list[dict]:
+    """n samples with image sides drawn from 224 to 1344 px and answers of 5 to 500 words."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        h, w = (int(x) for x in rng.integers(224, 1345, 2))
+        path = f"{tmpdir}/r{i}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        q = " ".join(rng.choice(WORDS, int(rng.integers(5, 41))))
+        ans = " ".join(rng.choice(WORDS, int(rng.integers(5, 501))))
+        rows.append(
+            {
+                "id": str(i),
+                "images": [path],
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "text": "", "image": "0"},
+                            {"type": "text", "text": q, "image": None},
+                        ],
+                    },
+                    {
+                        "role": "assistant",
+                        "content": [{"type": "text", "text": ans, "image": None}],
+                    },
+                ],
+            }
+        )
+    return rows
+
+
 def cfg_for(model: str, quant: str, gc: str) -> dict:
     from vlmflow.config import resolve_sections
 
@@ -144,6 +176,13 @@ def main() -> None:
     ap.add_argument("--answer-words", type=int, default=300)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument(
+        "--case",
+        default="fixed",
+        choices=["fixed", "realistic"],
+        help="realistic: 64 samples, sides 224-1344 px, answers 5-500 words, "
+        "micro-batches of --batch, one optimizer step per pass over all of them",
+    )
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
@@ -165,12 +204,21 @@ def main() -> None:
     processor = load_processor(cfg["model"])
     encoder = Encoder(processor, family, max_seq_length=8192)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = fixed_rows(a.batch, a.side, a.answer_words, tmp)
-        batch = collate([encoder(r) for r in rows], encoder.pad_id)
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
-    ntok = int(batch["attention_mask"].sum())
-    n_items = int((batch["labels"][:, 1:] != -100).sum())
+        if a.case == "fixed":
+            rows = fixed_rows(a.batch, a.side, a.answer_words, tmp)
+        else:
+            rows = realistic_rows(64, tmp)
+        batches = [
+            collate([encoder(r) for r in rows[i : i + a.batch]], encoder.pad_id)
+            for i in range(0, len(rows), a.batch)
+        ]
+    for b in batches:
+        if "pixel_values" in b:
+            b["pixel_values"] = b["pixel_values"].to(torch.bfloat16)
+    batch = batches[0]
+    ntok = sum(int(b["attention_mask"].sum()) for b in batches)  # useful (non-padding) tokens
+    padded = sum(b["input_ids"].numel() for b in batches)
+    n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
     model.train()
@@ -182,11 +230,14 @@ def main() -> None:
             torch.cuda.synchronize()
         t = time.perf_counter()
         if a.impl == "hf":
-            b = {k: v.to(dev) for k, v in batch.items()}
-            loss = model(**b).loss
-            loss.backward()
+            loss = 0.0
+            for mb in batches:
+                b = {k: v.to(dev) for k, v in mb.items()}
+                micro = model(**b, num_items_in_batch=n_items).loss
+                micro.backward()
+                loss += micro.detach()
         else:
-            loss = training_step(model, [batch], n_items, dev)
+            loss = training_step(model, batches, n_items, dev)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":
@@ -200,6 +251,8 @@ def main() -> None:
         impl=a.impl,
         quant=a.quant,
         gc=a.gc,
+        case=a.case,
+        padded_tokens_per_step=padded,
         batch=a.batch,
         tokens_per_step=ntok,
         seq_len=int(batch["input_ids"].shape[1]),
