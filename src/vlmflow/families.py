@@ -57,8 +57,6 @@ class Family:
     """How `collate` batches processor outputs other than the default ones (see
     `vlmflow.collate.collate`): 'token' (one entry per token), 'cat' (images concatenated along
     dim 0) or 'sample' (one entry per sample, padded)."""
-    text_only_in_batch: bool = True
-    """Whether a batch may mix samples without images with samples with images."""
 
     @property
     def image_token(self) -> str:

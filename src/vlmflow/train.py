@@ -239,6 +239,8 @@ class TrainResult:
     final_loss: float
     resumed_from: int
     log_path: Path
+    model: object = None
+    """The trained PeftModel (for callers that keep using it in-process)."""
 
 
 def train(
@@ -371,7 +373,11 @@ def train(
         )
         plot_training_log(tmp / "train_log.jsonl", tmp / "loss.png")
     return TrainResult(
-        steps=steps, final_loss=loss_value, resumed_from=start, log_path=out_dir / "train_log.jsonl"
+        steps=steps,
+        final_loss=loss_value,
+        resumed_from=start,
+        log_path=out_dir / "train_log.jsonl",
+        model=model,
     )
 
 
