@@ -1,15 +1,22 @@
 """Model family registry: one entry per VLM architecture.
 
 An entry says where the vision blocks, language layers, attention and MLP projections and the
-vision-to-language projector live (as regular expressions over `model.named_modules()` names),
-and how the chat template marks user and assistant turns. LoRA targeting, label masking and the
-tiny test builders all read this registry; adding a family = one entry + one tiny builder.
+vision-to-language projector live (as regular expressions over `model.named_modules()` names of
+transformers 5.x), how the chat template marks user and assistant turns, and how the
+processor's image tensors are batched. LoRA targeting, label masking, 4-bit loading, the
+collator and the tiny test builders all read this registry; adding a family = one entry here +
+one tiny builder in `vlmflow.tiny`.
+
+The module names were read off the real `named_modules()` of each tiny model (same classes as
+the released checkpoints) and are pinned by tests/unit/test_families.py.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 
 @dataclass(frozen=True)
@@ -18,27 +25,42 @@ class Family:
     model_types: tuple[str, ...]
     """`config.model_type` values that belong to this family."""
     vision_layers: str
-    """Regex of a vision block's module name prefix."""
+    """Regex of a vision block's module name (the prefix LoRA names start with)."""
     language_layers: str
-    """Regex of a language decoder layer's module name prefix."""
+    """Regex of a language decoder layer's module name."""
     vision_attention: str
-    """Regex (relative to a vision block) of attention linears."""
+    """Regex (relative to a vision block) of its attention linears."""
     vision_mlp: str
     language_attention: str
+    """Regex (relative to a decoder layer) of attention linears, cross-attention included."""
     language_mlp: str
-    vision_tower: str
-    """Module name of the whole vision encoder (kept unquantized in 4-bit)."""
-    projector: str
-    """Module name of the vision-to-language projector (for modules_to_save)."""
-    lm_head: str
+    vision_tower: tuple[str, ...]
+    """Module names of the vision encoder: kept unquantized in 4/8-bit (model.quantize_vision)."""
+    projector: tuple[str, ...]
+    """Module names of the vision-to-language projector (the `projector` alias of
+    lora.modules_to_save; kept unquantized like the tower)."""
     response_part: str
-    """Text that opens an assistant turn in the rendered chat template."""
+    """Text that opens an assistant turn in the rendered chat template (Unsloth's
+    `train_on_responses_only(response_part=...)`)."""
     instruction_part: str
-    """Text that opens a user turn."""
+    """Text that opens a user turn (ends an unterminated assistant span)."""
     end_of_turn: str
-    """Token that closes a turn (trained on, and where generation stops)."""
-    image_token: str
-    """Placeholder token that the processor expands into the image's tokens."""
+    """Token that closes an assistant turn (trained on, and where generation stops)."""
+    image_tokens: tuple[str, ...]
+    """Tokens the processor puts in place of an image (never trained on); the first one is the
+    placeholder the model replaces with image features."""
+    lm_head: str = "lm_head"
+    chat_template: str | None = None
+    """Template used instead of the checkpoint's own when the latter does not close assistant
+    turns with `end_of_turn` (a model trained on it would never learn to stop)."""
+    batch_layout: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    """How `collate` batches processor outputs other than the default ones (see
+    `vlmflow.collate.collate`): 'token' (one entry per token), 'cat' (images concatenated along
+    dim 0) or 'sample' (one entry per sample, padded)."""
+
+    @property
+    def image_token(self) -> str:
+        return self.image_tokens[0]
 
     def lora_target_regex(
         self,
@@ -48,7 +70,8 @@ class Family:
         attention: bool,
         mlp: bool,
     ) -> str | None:
-        """A regex for PEFT's `target_modules` (matched with re.fullmatch on module names).
+        """A regex for PEFT's `target_modules` (matched with re.fullmatch on module names):
+        FastVisionModel's finetune_{vision,language}_layers x finetune_{attention,mlp}_modules.
 
         Returns None when the flags select nothing.
         """
@@ -66,34 +89,238 @@ class Family:
             return None
         return "|".join(f"(?:{p})" for p in parts)
 
-    def resolve_module_name(self, name: str) -> str:
+    def layers_regex(self, *, vision: bool, language: bool) -> str | None:
+        """Regex of every module inside the selected vision blocks / decoder layers."""
+        parts = [
+            p for on, p in ((vision, self.vision_layers), (language, self.language_layers)) if on
+        ]
+        return "|".join(rf"(?:{p}\..+)" for p in parts) if parts else None
+
+    def resolve_module_name(self, name: str) -> list[str]:
         """Map the aliases `projector` and `lm_head` to this family's module names."""
-        return {"projector": self.projector, "lm_head": self.lm_head}.get(name, name)
+        if name == "projector":
+            return list(self.projector)
+        if name == "lm_head":
+            return [self.lm_head]
+        return [name]
+
+    def unquantized_modules(self, *, quantize_vision: bool) -> list[str]:
+        """Modules bitsandbytes leaves in 16-bit: the head always, the vision tower and the
+        projector unless `quantize_vision`."""
+        keep = [self.lm_head]
+        if not quantize_vision:
+            keep = [*self.vision_tower, *self.projector, *keep]
+        return keep
 
 
 _QWEN_CHAT = dict(
     response_part="<|im_start|>assistant\n",
     instruction_part="<|im_start|>user\n",
     end_of_turn="<|im_end|>",
-    image_token="<|image_pad|>",
-    lm_head="lm_head",
+    image_tokens=("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"),
+)
+_LANG = r"model\.language_model\.layers\.\d+"
+_LANG_ATTN = r"self_attn\.(?:q_proj|k_proj|v_proj|o_proj)"
+_LANG_MLP = r"mlp\.(?:gate_proj|up_proj|down_proj)"
+_CLIP_ATTN = r"self_attn\.(?:q_proj|k_proj|v_proj|out_proj)"
+_CLIP_MLP = r"mlp\.(?:fc1|fc2)"
+
+# Vicuna v1 format that LLaVA-1.5 was trained with; llava-hf's shipped template drops the </s>.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %} "
+    "{% elif message['role'] == 'user' %}USER: "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %} "
+    "{% else %}ASSISTANT:{% generation %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %} {{ c['text'] }}{% endif %}"
+    "{% endfor %}</s>{% endgeneration %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
-FAMILIES: dict[str, Family] = {
-    "qwen2_5_vl": Family(
+# Mistral-instruct format of llava-v1.6-mistral; the shipped template writes `<\s>` for `</s>`.
+LLAVA_NEXT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %} {{ c['text'] }}{% endif %}"
+    "{% endfor %}</s>{% endgeneration %}"
+    "{% else %}[INST] "
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %} [/INST]"
+    "{% endif %}{% endfor %}"
+)
+
+_FAMILIES = [
+    Family(
+        name="qwen2_vl",
+        model_types=("qwen2_vl",),
+        vision_layers=r"model\.visual\.blocks\.\d+",
+        language_layers=_LANG,
+        vision_attention=r"attn\.(?:qkv|proj)",
+        vision_mlp=r"mlp\.(?:fc1|fc2)",
+        language_attention=_LANG_ATTN,
+        language_mlp=_LANG_MLP,
+        vision_tower=("model.visual",),
+        projector=("model.visual.merger",),
+        **_QWEN_CHAT,
+    ),
+    Family(
         name="qwen2_5_vl",
         model_types=("qwen2_5_vl",),
         vision_layers=r"model\.visual\.blocks\.\d+",
-        language_layers=r"model\.language_model\.layers\.\d+",
+        language_layers=_LANG,
         vision_attention=r"attn\.(?:qkv|proj)",
         vision_mlp=r"mlp\.(?:gate_proj|up_proj|down_proj)",
-        language_attention=r"self_attn\.(?:q_proj|k_proj|v_proj|o_proj)",
-        language_mlp=r"mlp\.(?:gate_proj|up_proj|down_proj)",
-        vision_tower="model.visual",
-        projector="model.visual.merger",
+        language_attention=_LANG_ATTN,
+        language_mlp=_LANG_MLP,
+        vision_tower=("model.visual",),
+        projector=("model.visual.merger",),
         **_QWEN_CHAT,
     ),
-}
+    Family(
+        name="qwen3_vl",
+        model_types=("qwen3_vl",),
+        vision_layers=r"model\.visual\.blocks\.\d+",
+        language_layers=_LANG,
+        vision_attention=r"attn\.(?:qkv|proj)",
+        vision_mlp=r"mlp\.(?:linear_fc1|linear_fc2)",
+        language_attention=_LANG_ATTN,
+        language_mlp=_LANG_MLP,
+        vision_tower=("model.visual",),
+        # the final merger and the DeepStack mergers that feed early decoder layers
+        projector=("model.visual.merger", "model.visual.deepstack_merger_list"),
+        **_QWEN_CHAT,
+    ),
+    Family(
+        # Llama 3.2 Vision: a tile-based ViT (local + global transformer) feeding gated
+        # cross-attention decoder layers (`cross_attn`), which count as language attention.
+        name="mllama",
+        model_types=("mllama",),
+        vision_layers=r"model\.vision_model\.(?:transformer|global_transformer)\.layers\.\d+",
+        language_layers=_LANG,
+        vision_attention=r"self_attn\.(?:q_proj|k_proj|v_proj|o_proj)",
+        vision_mlp=_CLIP_MLP,
+        language_attention=r"(?:self_attn|cross_attn)\.(?:q_proj|k_proj|v_proj|o_proj)",
+        language_mlp=_LANG_MLP,
+        vision_tower=("model.vision_model",),
+        projector=("model.multi_modal_projector",),
+        response_part="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        instruction_part="<|start_header_id|>user<|end_header_id|>\n\n",
+        end_of_turn="<|eot_id|>",
+        image_tokens=("<|image|>",),
+        # pixel_values (1, images, tiles, C, H, W) and the aspect-ratio tensors are per sample
+        batch_layout=MappingProxyType(
+            {"pixel_values": "sample", "aspect_ratio_ids": "sample", "aspect_ratio_mask": "sample"}
+        ),
+    ),
+    Family(
+        # Pixtral: LlavaForConditionalGeneration around a Pixtral vision encoder, whose blocks
+        # name their parts `attention` and `feed_forward`.
+        name="pixtral",
+        model_types=("llava:pixtral",),
+        vision_layers=r"model\.vision_tower\.transformer\.layers\.\d+",
+        language_layers=_LANG,
+        vision_attention=r"attention\.(?:q_proj|k_proj|v_proj|o_proj)",
+        vision_mlp=r"feed_forward\.(?:gate_proj|up_proj|down_proj)",
+        language_attention=_LANG_ATTN,
+        language_mlp=_LANG_MLP,
+        vision_tower=("model.vision_tower",),
+        projector=("model.multi_modal_projector",),
+        response_part="[/INST]",
+        instruction_part="[INST]",
+        end_of_turn="</s>",
+        image_tokens=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
+    ),
+    Family(
+        name="llava",
+        model_types=("llava",),
+        vision_layers=r"model\.vision_tower\.encoder\.layers\.\d+",
+        language_layers=_LANG,
+        vision_attention=_CLIP_ATTN,
+        vision_mlp=_CLIP_MLP,
+        language_attention=_LANG_ATTN,
+        language_mlp=_LANG_MLP,
+        vision_tower=("model.vision_tower",),
+        projector=("model.multi_modal_projector",),
+        response_part=" ASSISTANT:",
+        instruction_part="USER:",
+        end_of_turn="</s>",
+        image_tokens=("<image>",),
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    ),
+    Family(
+        name="llava_next",
+        model_types=("llava_next",),
+        vision_layers=r"model\.vision_tower\.encoder\.layers\.\d+",
+        language_layers=_LANG,
+        vision_attention=_CLIP_ATTN,
+        vision_mlp=_CLIP_MLP,
+        language_attention=_LANG_ATTN,
+        language_mlp=_LANG_MLP,
+        vision_tower=("model.vision_tower",),
+        projector=("model.multi_modal_projector",),
+        response_part="[/INST]",
+        instruction_part="[INST]",
+        end_of_turn="</s>",
+        image_tokens=("<image>",),
+        chat_template=LLAVA_NEXT_CHAT_TEMPLATE,
+    ),
+    Family(
+        # Gemma 3: SigLIP tower + average-pooled projector (a bare weight, no nn.Linear).
+        name="gemma3",
+        model_types=("gemma3",),
+        vision_layers=r"model\.vision_tower\.encoder\.layers\.\d+",
+        language_layers=_LANG,
+        vision_attention=_CLIP_ATTN,
+        vision_mlp=_CLIP_MLP,
+        language_attention=_LANG_ATTN,
+        language_mlp=_LANG_MLP,
+        vision_tower=("model.vision_tower",),
+        projector=("model.multi_modal_projector",),
+        response_part="<start_of_turn>model\n",
+        instruction_part="<start_of_turn>user\n",
+        end_of_turn="<end_of_turn>",
+        image_tokens=("<image_soft_token>", "<start_of_image>", "<end_of_image>"),
+    ),
+    Family(
+        # Idefics3 and SmolVLM (v1 checkpoints are idefics3, v2 smolvlm): SigLIP-like tower +
+        # pixel-shuffle connector + Llama-style text model named `text_model`.
+        name="idefics3",
+        model_types=("idefics3", "smolvlm"),
+        vision_layers=r"model\.vision_model\.encoder\.layers\.\d+",
+        language_layers=r"model\.text_model\.layers\.\d+",
+        vision_attention=_CLIP_ATTN,
+        vision_mlp=_CLIP_MLP,
+        language_attention=_LANG_ATTN,
+        language_mlp=_LANG_MLP,
+        vision_tower=("model.vision_model",),
+        projector=("model.connector",),
+        response_part="\nAssistant:",
+        instruction_part="User:",
+        end_of_turn="<end_of_utterance>",
+        image_tokens=("<image>", "<fake_token_around_image>", "<global-img>"),
+        # pixel_values (1, images x crops, C, H, W); all-zero images are padding to the model
+        batch_layout=MappingProxyType({"pixel_values": "sample", "pixel_attention_mask": "sample"}),
+    ),
+]
+
+FAMILIES: dict[str, Family] = {f.name: f for f in _FAMILIES}
+
+
+def model_type_key(config) -> str:
+    """The registry key of a transformers config: its model_type, or `llava:<vision type>` for
+    LLaVA-style models with a non-CLIP vision tower (Pixtral is a `llava` model)."""
+    model_type = config.model_type
+    vision = getattr(config, "vision_config", None)
+    if model_type == "llava" and vision is not None and vision.model_type == "pixtral":
+        return "llava:pixtral"
+    return model_type
 
 
 def family_for_model_type(model_type: str) -> Family:
@@ -106,7 +333,11 @@ def family_for_model_type(model_type: str) -> Family:
     )
 
 
-def lora_target_names(module_names_and_types, regex: str | None) -> list[str]:
+def family_for_config(config) -> Family:
+    return family_for_model_type(model_type_key(config))
+
+
+def lora_target_names(module_names_and_types: Iterable, regex: str | None) -> list[str]:
     """Names of the `nn.Linear`-like modules a target regex selects (what PEFT will wrap).
 
     `module_names_and_types` is an iterable of (name, module) as from `model.named_modules()`.
@@ -114,11 +345,11 @@ def lora_target_names(module_names_and_types, regex: str | None) -> list[str]:
     if regex is None:
         return []
     pattern = re.compile(regex)
-    out = []
-    for name, module in module_names_and_types:
-        if pattern.fullmatch(name) and _is_linear(module):
-            out.append(name)
-    return out
+    return [n for n, m in module_names_and_types if pattern.fullmatch(n) and _is_linear(m)]
+
+
+def linear_names(module_names_and_types: Iterable) -> list[str]:
+    return [n for n, m in module_names_and_types if _is_linear(m)]
 
 
 def _is_linear(module) -> bool:

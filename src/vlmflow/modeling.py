@@ -1,14 +1,21 @@
-"""Loading base models and processors, and putting LoRA on them (FastVisionModel semantics)."""
+"""Loading base models and processors, and putting LoRA on them (FastVisionModel semantics).
+
+`build_training_model(cfg)` is the one entry point the train rule and the benchmarks use:
+processor + base model (16-bit, 8-bit or 4-bit) + gradient checkpointing + LoRA.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 
-from .families import Family, family_for_model_type, lora_target_names
+from .families import Family, family_for_config, lora_target_names
 
 log = logging.getLogger(__name__)
+
+GRADIENT_CHECKPOINTING_MODES = (False, True, "offload", "unsloth")
 
 
 def pick_device() -> torch.device:
@@ -24,64 +31,111 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_processor(model_cfg: dict):
-    from transformers import AutoProcessor
-
-    kwargs = {}
-    if model_cfg["min_pixels"] is not None:
-        kwargs["min_pixels"] = model_cfg["min_pixels"]
-    if model_cfg["max_pixels"] is not None:
-        kwargs["max_pixels"] = model_cfg["max_pixels"]
-    return AutoProcessor.from_pretrained(
-        model_cfg["name"],
-        revision=model_cfg["revision"],
-        trust_remote_code=model_cfg["trust_remote_code"],
-        **kwargs,
-    )
+def _hub_kwargs(model_cfg: dict) -> dict:
+    return dict(revision=model_cfg["revision"], trust_remote_code=model_cfg["trust_remote_code"])
 
 
 def model_family(name_or_path: str, model_cfg: dict | None = None) -> Family:
     from transformers import AutoConfig
 
-    kw = {}
-    if model_cfg is not None:
-        kw = dict(revision=model_cfg["revision"], trust_remote_code=model_cfg["trust_remote_code"])
-    return family_for_model_type(AutoConfig.from_pretrained(name_or_path, **kw).model_type)
+    kw = _hub_kwargs(model_cfg) if model_cfg is not None else {}
+    return family_for_config(AutoConfig.from_pretrained(name_or_path, **kw))
+
+
+def load_processor(model_cfg: dict, family: Family | None = None):
+    """The model's processor, with `min_pixels`/`max_pixels` passed to processors that take
+    them (Qwen) and a chat template that closes assistant turns (see `ensure_chat_template`)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_cfg["name"], **_hub_kwargs(model_cfg))
+    pixels = {k: model_cfg[k] for k in ("min_pixels", "max_pixels") if model_cfg[k] is not None}
+    if pixels and hasattr(getattr(processor, "image_processor", None), "max_pixels"):
+        # processors with a pixel budget (Qwen) resize within it themselves; others get images
+        # already resized by the Encoder (vlmflow.collate.fit_pixels)
+        processor = AutoProcessor.from_pretrained(
+            model_cfg["name"], **_hub_kwargs(model_cfg), **pixels
+        )
+    family = family or model_family(model_cfg["name"], model_cfg)
+    ensure_chat_template(processor, family)
+    return processor
+
+
+_PROBE = "vlmflow probe answer"
+
+
+def ensure_chat_template(processor, family: Family) -> bool:
+    """Make sure the processor's chat template closes an assistant turn with the family's
+    end-of-turn token. Some released templates do not (llava-hf's LLaVA-1.5 template stops
+    after the answer; LLaVA-NeXT's writes `<\\s>`): a model trained on them never learns to
+    stop. Those get the family's template (saved with the adapter and the merged model).
+    Returns True when the template was replaced."""
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "question"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": _PROBE}]},
+    ]
+    ok = False
+    if getattr(processor, "chat_template", None):
+        text = processor.apply_chat_template(messages, tokenize=False)
+        tail = text[text.find(_PROBE) + len(_PROBE) :] if _PROBE in text else ""
+        ok = tail.lstrip(" ").startswith(family.end_of_turn) and family.response_part in text
+    if ok:
+        return False
+    if family.chat_template is None:
+        raise ValueError(
+            f"the chat template of this {family.name} model does not end assistant turns with "
+            f"{family.end_of_turn!r} after {family.response_part!r}; set a matching template "
+            "on the processor"
+        )
+    log.warning("chat template does not close assistant turns: using the %s one", family.name)
+    processor.chat_template = family.chat_template
+    if hasattr(processor, "tokenizer"):
+        processor.tokenizer.chat_template = family.chat_template
+    return True
 
 
 def load_model(model_cfg: dict, device: torch.device | None = None, *, quantize: bool = True):
     """Load the base model as configured. Returns (model, family).
 
-    With `load_in_4bit` the language model's linears are NF4 (double quantization, compute in the
-    run's dtype); the vision tower, the projector and lm_head stay in 16-bit: they are a small
-    share of the weights, and quantizing them costs accuracy on image features for little memory.
+    `load_in_4bit`: the language model's linears in NF4 with double quantization, computing in
+    the run's dtype (bf16 on a recent GPU). `load_in_8bit`: LLM.int8(). Either way the vision
+    tower, the projector and lm_head stay in 16-bit unless `quantize_vision`: they are a few
+    percent of the weights (0.68B of 8.3B in Qwen2.5-VL-7B) but every image passes through
+    them, and NF4 noise there costs more in image features than the memory it saves.
     """
-    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesConfig
 
     device = device or pick_device()
     dtype = resolve_dtype(model_cfg["dtype"], device)
-    family = model_family(model_cfg["name"], model_cfg)
-    kwargs = dict(
-        dtype=dtype,
-        revision=model_cfg["revision"],
-        trust_remote_code=model_cfg["trust_remote_code"],
-        attn_implementation=model_cfg["attn_implementation"],
-    )
-    if quantize and model_cfg["load_in_4bit"]:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            llm_int8_skip_modules=[family.vision_tower, family.projector, family.lm_head],
-        )
+    config = AutoConfig.from_pretrained(model_cfg["name"], **_hub_kwargs(model_cfg))
+    family = family_for_config(config)
+    kwargs = dict(dtype=dtype, attn_implementation=model_cfg["attn_implementation"])
+    four, eight = quantize and model_cfg["load_in_4bit"], quantize and model_cfg["load_in_8bit"]
+    if four and eight:
+        raise ValueError("model.load_in_4bit and model.load_in_8bit cannot both be true")
+    if four or eight:
+        skip = family.unquantized_modules(quantize_vision=model_cfg["quantize_vision"])
+        if four:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_quant_storage=torch.uint8,
+                llm_int8_skip_modules=skip,
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_8bit=True, llm_int8_skip_modules=skip
+            )
         kwargs["device_map"] = {"": "cpu"}
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}  # load straight onto the GPU
-    model = AutoModelForImageTextToText.from_pretrained(model_cfg["name"], **kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_cfg["name"], **_hub_kwargs(model_cfg), **kwargs
+    )
     if "device_map" not in kwargs:
         model.to(device)
-    if quantize and model_cfg["load_in_4bit"] and device.type == "cpu":
+    if four and device.type == "cpu":
         _cpu_4bit_workaround(model)
     return model, family
 
@@ -94,51 +148,172 @@ def _cpu_4bit_workaround(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def lora_config(family: Family, lora_cfg: dict):
+# ----------------------------------------------------------------------------------------- LoRA
+def lora_target_modules(named_modules, family: Family, lora_cfg: dict) -> list[str]:
+    """Names of the linear modules LoRA wraps, as FastVisionModel.get_peft_model selects them.
+
+    `target_modules`:
+    - "all-linear" (default): the attention and/or MLP linears (finetune_attention_modules,
+      finetune_mlp_modules) of the vision blocks and/or decoder layers
+      (finetune_vision_layers, finetune_language_layers), from the family registry. Never the
+      projector or lm_head (use modules_to_save for those).
+    - a list of names: linears whose name is, or ends with `.`+, one of them (PEFT's rule),
+      inside the layers the finetune_{vision,language}_layers flags select.
+    - any other string: a regex matched against full module names (re.fullmatch, PEFT's rule);
+      the finetune_* flags are not applied.
+    """
+    named = list(named_modules)
+    target = lora_cfg["target_modules"]
+    vision, language = lora_cfg["finetune_vision_layers"], lora_cfg["finetune_language_layers"]
+    if target == "all-linear":
+        regex = family.lora_target_regex(
+            vision=vision,
+            language=language,
+            attention=lora_cfg["finetune_attention_modules"],
+            mlp=lora_cfg["finetune_mlp_modules"],
+        )
+        names = lora_target_names(named, regex)
+        what = "the lora.finetune_* flags select"
+    elif isinstance(target, list):
+        layers = family.layers_regex(vision=vision, language=language)
+        in_layers = lora_target_names(named, layers)
+        names = [n for n in in_layers if any(n == t or n.endswith("." + t) for t in target)]
+        what = f"lora.target_modules {target} (in the layers finetune_*_layers select) selects"
+    else:
+        names = lora_target_names(named, target)
+        what = f"the lora.target_modules regex {target!r} selects"
+    if not names:
+        raise ValueError(
+            f"{what} no linear module of this {family.name} model: enable vision or language "
+            "layers, and attention or MLP modules, or fix target_modules"
+        )
+    return names
+
+
+def modules_to_save(model, family: Family, names: list[str]) -> list[str] | None:
+    """lora.modules_to_save with the `projector` / `lm_head` aliases resolved (a ModuleList,
+    e.g. Qwen3-VL's DeepStack mergers, is expanded to its items)."""
+    modules = dict(model.named_modules())
+    out = []
+    for alias in names:
+        for name in family.resolve_module_name(alias):
+            mod = modules.get(name)
+            if mod is None and not any(n.endswith("." + name) for n in modules):
+                raise ValueError(f"lora.modules_to_save: no module '{name}' in this model")
+            if isinstance(mod, torch.nn.ModuleList):
+                out += [f"{name}.{i}" for i in range(len(mod))]
+            else:
+                out.append(name)
+    return out or None
+
+
+def lora_config(family: Family, lora_cfg: dict, target_modules: list[str], save=None):
     from peft import LoraConfig
 
-    regex = family.lora_target_regex(
-        vision=lora_cfg["finetune_vision_layers"],
-        language=lora_cfg["finetune_language_layers"],
-        attention=lora_cfg["finetune_attention_modules"],
-        mlp=lora_cfg["finetune_mlp_modules"],
-    )
-    if regex is None:
-        raise ValueError(
-            "the lora.finetune_* flags select no module: enable vision or language layers, "
-            "and attention or MLP modules"
-        )
     return LoraConfig(
         r=lora_cfg["r"],
         lora_alpha=lora_cfg["lora_alpha"],
         lora_dropout=lora_cfg["lora_dropout"],
         bias=lora_cfg["bias"],
-        target_modules=regex,
+        # exact names, fully matched: PEFT's suffix rule could reach a same-named module elsewhere
+        target_modules="|".join(re.escape(n) for n in target_modules),
         use_rslora=lora_cfg["use_rslora"],
-        modules_to_save=[family.resolve_module_name(m) for m in lora_cfg["modules_to_save"]]
-        or None,
+        modules_to_save=save,
         task_type="CAUSAL_LM",
     )
 
 
-def apply_lora(model, family: Family, lora_cfg: dict, *, gradient_checkpointing: bool):
+class OffloadedCheckpoint:
+    """Gradient checkpointing whose saved layer inputs live on the CPU (Unsloth's "unsloth"
+    mode, `use_gradient_checkpointing: offload`).
+
+    Non-reentrant `torch.utils.checkpoint` keeps only a layer's inputs for the backward pass and
+    saves them through autograd's saved-tensor mechanism; under this object's
+    `saved_tensors_hooks` they are copied to host memory (pinned on CUDA, asynchronously) and
+    copied back when the backward pass recomputes the layer. Activations inside the layer are
+    recomputed as usual, so the numerics equal plain checkpointing's.
+    """
+
+    def __init__(self):
+        self.offloaded_bytes = 0
+        self.restored = 0
+
+    def _pack(self, t: torch.Tensor):
+        on_gpu = t.device.type != "cpu"
+        host = torch.empty(t.size(), dtype=t.dtype, pin_memory=on_gpu)
+        host.copy_(t, non_blocking=on_gpu)
+        self.offloaded_bytes += t.numel() * t.element_size()
+        return t.device, host
+
+    def _unpack(self, packed) -> torch.Tensor:
+        device, host = packed
+        self.restored += 1
+        return host.to(device, non_blocking=True)
+
+    def __call__(self, function, *args, **kwargs):
+        from torch.utils.checkpoint import checkpoint
+
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
+def enable_gradient_checkpointing(model, mode) -> OffloadedCheckpoint | None:
+    """`mode` False / True / "offload" ("unsloth" is an alias). Returns the offloader."""
+    if mode not in GRADIENT_CHECKPOINTING_MODES:
+        raise ValueError(
+            f"use_gradient_checkpointing must be one of {GRADIENT_CHECKPOINTING_MODES}"
+        )
+    if not mode:
+        return None
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    if mode is True:
+        return None
+    offloader = OffloadedCheckpoint()
+    n = 0
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) and hasattr(
+            module, "_gradient_checkpointing_func"
+        ):
+            module._gradient_checkpointing_func = offloader
+            n += 1
+    if n == 0:
+        raise ValueError(f"{type(model).__name__} has no checkpointed layers to offload")
+    return offloader
+
+
+def apply_lora(model, family: Family, lora_cfg: dict, *, gradient_checkpointing=False):
     """Wrap `model` with LoRA as `FastVisionModel.get_peft_model` would. Returns the PeftModel."""
     from peft import get_peft_model
 
-    config = lora_config(family, lora_cfg)
-    targets = lora_target_names(model.named_modules(), config.target_modules)
+    targets = lora_target_modules(model.named_modules(), family, lora_cfg)
+    save = modules_to_save(model, family, lora_cfg["modules_to_save"])
+    config = lora_config(family, lora_cfg, targets, save)
     log.info("LoRA on %d modules (r=%d, alpha=%s)", len(targets), config.r, config.lora_alpha)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    offloader = enable_gradient_checkpointing(model, gradient_checkpointing)
     torch.manual_seed(lora_cfg["random_state"])
     peft_model = get_peft_model(model, config)
+    peft_model.vlmflow_offloader = offloader
     # LoRA weights train in fp32 whatever the base dtype (PEFT casts their inputs); fully trained
     # modules (modules_to_save) keep the base dtype so that they match their neighbours.
     for name, p in peft_model.named_parameters():
         if p.requires_grad and "lora_" in name and p.dtype != torch.float32:
             p.data = p.data.float()
     return peft_model
+
+
+def build_training_model(cfg: dict, device: torch.device | None = None):
+    """Processor + base model + LoRA from the resolved `model`, `lora` and `train` sections.
+    Returns (peft_model, processor, family). The train rule and bench/ both call this."""
+    model_cfg, lora_cfg, train_cfg = cfg["model"], cfg["lora"], cfg["train"]
+    device = device or pick_device()
+    model, family = load_model(model_cfg, device)
+    processor = load_processor(model_cfg, family)
+    model.config.use_cache = False
+    model = apply_lora(
+        model, family, lora_cfg, gradient_checkpointing=train_cfg["use_gradient_checkpointing"]
+    )
+    return model, processor, family
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .collate import Encoder, collate
+from .collate import IGNORE_INDEX, Encoder, collate
 from .io import atomic_dir, atomic_file, write_json
-from .modeling import apply_lora, count_parameters, load_model, load_processor, pick_device
+from .modeling import build_training_model, count_parameters, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def build_optimizer(params, train_cfg: dict, device: torch.device):
     cls = {
         "adamw_8bit": bnb.optim.AdamW8bit,
         "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "paged_adamw": bnb.optim.PagedAdamW,
         "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
     }[name]
     return cls(groups, lr=lr)
@@ -169,6 +170,68 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
     return json.loads((ckpt / "meta.json").read_text())["step"]
 
 
+# ------------------------------------------------------------------------------------- the step
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+
+
+def train_step(
+    model,
+    micro_batches: list[dict[str, torch.Tensor]],
+    optimizer,
+    scheduler,
+    params: list[torch.Tensor],
+    *,
+    max_grad_norm: float,
+    device: torch.device,
+) -> StepResult:
+    """One optimizer step over `micro_batches` (gradient accumulation).
+
+    The loss is the mean over every answer token of the step (each micro-batch's summed token
+    loss is divided by the step's token count, `num_items_in_batch`), so accumulation gives the
+    same gradient as one big batch. Raises NonFiniteLossError before touching the weights.
+    """
+    n_items = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    n_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    loss_sum = torch.zeros((), device=device)
+    for batch in micro_batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        out = model(**batch, num_items_in_batch=n_items)
+        out.loss.backward()
+        loss_sum += out.loss.detach()
+    loss = float(loss_sum)
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"loss is {loss}")
+    if max_grad_norm > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    else:
+        grads = [p.grad.norm() for p in params if p.grad is not None]
+        grad_norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, tokens=n_tokens)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak accelerator memory allocated by tensors (GiB; None on the CPU) and the process's
+    peak resident host memory (GiB)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {
+        "peak_mem_gib": None if gpu is None else round(gpu, 3),
+        "peak_rss_gib": round(rss, 3),
+    }
+
+
 # ------------------------------------------------------------------------------------- the loop
 @dataclass
 class TrainResult:
@@ -176,6 +239,8 @@ class TrainResult:
     final_loss: float
     resumed_from: int
     log_path: Path
+    model: object = None
+    """The trained PeftModel (for callers that keep using it in-process)."""
 
 
 def train(
@@ -189,18 +254,14 @@ def train(
 
     `cfg` holds the resolved `model`, `lora` and `train` sections.
     """
-    model_cfg, lora_cfg, train_cfg = cfg["model"], cfg["lora"], cfg["train"]
+    model_cfg, train_cfg = cfg["model"], cfg["train"]
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(train_cfg["seed"])
 
     # ---- setup
     device = pick_device()
-    processor = load_processor(model_cfg)
-    model, family = load_model(model_cfg, device)
-    model = apply_lora(
-        model, family, lora_cfg, gradient_checkpointing=train_cfg["use_gradient_checkpointing"]
-    )
+    model, processor, family = build_training_model(cfg, device)
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
     encoder = Encoder(
@@ -208,6 +269,8 @@ def train(
         family,
         max_seq_length=model_cfg["max_seq_length"],
         train_on_responses_only=train_cfg["train_on_responses_only"],
+        min_pixels=model_cfg["min_pixels"],
+        max_pixels=model_cfg["max_pixels"],
     )
     data = EncodedRows(train_rows, encoder, cache=train_cfg["cache_encoded"])
     if len(data) == 0:
@@ -238,46 +301,37 @@ def train(
             collate(
                 [data[i] for i in sample_indices(len(data), train_cfg["seed"], step, m, accum, bs)],
                 encoder.pad_id,
+                family.batch_layout,
             )
             for m in range(accum)
         ]
-        n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
-        n_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-        loss_sum = torch.zeros((), device=device)
-        for batch in micro_batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch, num_items_in_batch=n_items)
-            out.loss.backward()
-            loss_sum += out.loss.detach()
-        loss_value = float(loss_sum)
-        if not math.isfinite(loss_value):
+        try:
+            res = train_step(
+                model,
+                micro_batches,
+                optimizer,
+                scheduler,
+                params,
+                max_grad_norm=train_cfg["max_grad_norm"],
+                device=device,
+            )
+        except NonFiniteLossError as e:
             raise NonFiniteLossError(
-                f"loss is {loss_value} at step {step + 1}; stopped. The last good checkpoint "
-                f"(if any) is kept in {work_dir}. Lower train.learning_rate or check the data."
-            )
-        if train_cfg["max_grad_norm"] > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, train_cfg["max_grad_norm"]))
-        else:
-            grad_norm = float(
-                torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            )
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+                f"{e} at step {step + 1}; stopped. The last good checkpoint (if any) is kept in "
+                f"{work_dir}. Lower train.learning_rate or check the data."
+            ) from None
+        loss_value = res.loss
         dt = time.perf_counter() - t0
         record = {
             "step": step + 1,
-            "loss": round(loss_value, 6),
-            "lr": lr,
-            "grad_norm": round(grad_norm, 6),
-            "tokens": n_tokens,
-            "tokens_per_s": round(n_tokens / dt, 1),
+            "loss": round(res.loss, 6),
+            "lr": res.lr,
+            "grad_norm": round(res.grad_norm, 6),
+            "tokens": res.tokens,
+            "tokens_per_s": round(res.tokens / dt, 1),
             "step_s": round(dt, 4),
             "elapsed_s": round(time.perf_counter() - t_start, 2),
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)
-            if device.type == "cuda"
-            else None,
+            **peak_memory(device),
         }
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -286,9 +340,9 @@ def train(
                 "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s",
                 step + 1,
                 steps,
-                loss_value,
-                lr,
-                grad_norm,
+                res.loss,
+                res.lr,
+                res.grad_norm,
                 record["tokens_per_s"],
             )
         if (
@@ -319,7 +373,11 @@ def train(
         )
         plot_training_log(tmp / "train_log.jsonl", tmp / "loss.png")
     return TrainResult(
-        steps=steps, final_loss=loss_value, resumed_from=start, log_path=out_dir / "train_log.jsonl"
+        steps=steps,
+        final_loss=loss_value,
+        resumed_from=start,
+        log_path=out_dir / "train_log.jsonl",
+        model=model,
     )
 
 

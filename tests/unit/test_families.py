@@ -1,100 +1,64 @@
-import itertools
+"""The family registry itself: lookup by config, the regexes it builds, quantization skips.
+Per-family module sets against real models are in test_family_matrix.py."""
+
+import re
 
 import pytest
-import torch
 
-from vlmflow.families import FAMILIES, lora_target_names
-
-FLAGS = ("vision", "language", "attention", "mlp")
+from vlmflow.families import FAMILIES, family_for_config, family_for_model_type
 
 
-@pytest.fixture(scope="module")
-def qwen_modules(tiny_qwen):
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen)
-    return [(n, m) for n, m in model.named_modules()]
-
-
-def expected_qwen2_5_vl(vision, language, attention, mlp):
-    names = []
-    for b in range(2):
-        if vision and attention:
-            names += [f"model.visual.blocks.{b}.attn.{p}" for p in ("qkv", "proj")]
-        if vision and mlp:
-            names += [
-                f"model.visual.blocks.{b}.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")
-            ]
-    for lyr in range(2):
-        if language and attention:
-            names += [
-                f"model.language_model.layers.{lyr}.self_attn.{p}"
-                for p in ("q_proj", "k_proj", "v_proj", "o_proj")
-            ]
-        if language and mlp:
-            names += [
-                f"model.language_model.layers.{lyr}.mlp.{p}"
-                for p in ("gate_proj", "up_proj", "down_proj")
-            ]
-    return sorted(names)
+class Cfg:
+    def __init__(self, model_type, vision=None):
+        self.model_type = model_type
+        if vision:
+            self.vision_config = Cfg(vision)
 
 
-@pytest.mark.parametrize("flags", list(itertools.product([True, False], repeat=4)))
-def test_qwen2_5_vl_targets_exact_set(qwen_modules, flags):
-    kw = dict(zip(FLAGS, flags))
-    regex = FAMILIES["qwen2_5_vl"].lora_target_regex(**kw)
-    got = sorted(lora_target_names(qwen_modules, regex))
-    assert got == expected_qwen2_5_vl(**kw)
-    # never the projector or the head: those are modules_to_save material
-    assert not any("merger" in n or n == "lm_head" for n in got)
+def test_lookup_by_config_tells_pixtral_from_llava():
+    assert family_for_config(Cfg("llava", "clip_vision_model")).name == "llava"
+    assert family_for_config(Cfg("llava", "pixtral")).name == "pixtral"
+    assert family_for_config(Cfg("smolvlm")).name == "idefics3"
+    assert family_for_config(Cfg("qwen3_vl")).name == "qwen3_vl"
+    with pytest.raises(KeyError, match="'blip2' is not in the family registry"):
+        family_for_model_type("blip2")
 
 
-def test_peft_wraps_exactly_the_registry_selection(tiny_qwen):
-    from transformers import AutoModelForImageTextToText
-
-    from vlmflow.modeling import lora_config
-
-    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen)
-    fam = FAMILIES["qwen2_5_vl"]
-    cfg = {
-        "r": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_rslora": False,
-        "finetune_vision_layers": False,
-        "finetune_language_layers": True,
-        "finetune_attention_modules": True,
-        "finetune_mlp_modules": False,
-        "modules_to_save": ["projector"],
-    }
-    from peft import get_peft_model
-
-    peft_model = get_peft_model(model, lora_config(fam, cfg))
-    wrapped = sorted(
-        n.removeprefix("base_model.model.")
-        for n, m in peft_model.named_modules()
-        if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.ModuleDict)
-    )
-    assert wrapped == expected_qwen2_5_vl(False, True, True, False)
-    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    assert any("visual.merger.modules_to_save" in n for n in trainable)
+def test_target_regex_combines_layers_and_kinds():
+    fam = FAMILIES["mllama"]
+    rx = re.compile(fam.lora_target_regex(vision=False, language=True, attention=True, mlp=False))
+    assert rx.fullmatch("model.language_model.layers.3.cross_attn.k_proj")
+    assert rx.fullmatch("model.language_model.layers.0.self_attn.o_proj")
+    assert not rx.fullmatch("model.language_model.layers.0.mlp.up_proj")
+    assert not rx.fullmatch("model.vision_model.transformer.layers.0.self_attn.q_proj")
+    assert not rx.fullmatch("model.language_model.layers.0.self_attn.q_proj.lora_A")
+    assert fam.lora_target_regex(vision=True, language=True, attention=False, mlp=False) is None
 
 
-def test_flags_selecting_nothing_fail_clearly():
-    from vlmflow.modeling import lora_config
+def test_aliases_and_quantization_skips():
+    fam = FAMILIES["qwen3_vl"]
+    assert fam.resolve_module_name("projector") == [
+        "model.visual.merger",
+        "model.visual.deepstack_merger_list",
+    ]
+    assert fam.resolve_module_name("lm_head") == ["lm_head"]
+    assert fam.resolve_module_name("model.foo") == ["model.foo"]
+    gemma = FAMILIES["gemma3"]
+    assert gemma.unquantized_modules(quantize_vision=False) == [
+        "model.vision_tower",
+        "model.multi_modal_projector",
+        "lm_head",
+    ]
+    assert gemma.unquantized_modules(quantize_vision=True) == ["lm_head"]
 
-    cfg = {
-        "r": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "use_rslora": False,
-        "finetune_vision_layers": False,
-        "finetune_language_layers": False,
-        "finetune_attention_modules": True,
-        "finetune_mlp_modules": True,
-        "modules_to_save": [],
-    }
-    with pytest.raises(ValueError, match="select no module"):
-        lora_config(FAMILIES["qwen2_5_vl"], cfg)
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_entry_is_complete(name):
+    from vlmflow.tiny import BUILDERS
+
+    fam = FAMILIES[name]
+    assert name in BUILDERS  # adding a family = one entry + one tiny builder
+    for rx in (fam.vision_layers, fam.language_layers, fam.vision_attention, fam.vision_mlp):
+        re.compile(rx)
+    assert fam.response_part and fam.end_of_turn and fam.image_tokens
+    assert set(fam.batch_layout.values()) <= {"token", "cat", "sample"}

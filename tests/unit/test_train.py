@@ -9,9 +9,9 @@ from vlmflow.train import read_log, sample_indices, train
 
 def config(model, **train):
     base = {
-        "per_device_train_batch_size": 8,
+        "per_device_train_batch_size": 4,
         "gradient_accumulation_steps": 2,
-        "max_steps": 12,
+        "max_steps": 8,
         "learning_rate": 2e-3,
         "warmup_steps": 1,
         "optim": "adamw_torch",
@@ -41,16 +41,22 @@ def test_data_order_is_a_pure_function_of_step():
 
 def test_train_loss_decreases_and_adapter_reloads(tiny_qwen, digits_rows, tmp_path):
     rows = [r for r in digits_rows if r["split"] == "train"]
-    res = train(config(tiny_qwen), rows, tmp_path / "adapter", tmp_path / "work")
+    res = train(
+        config(tiny_qwen, learning_rate=5e-3), rows, tmp_path / "adapter", tmp_path / "work"
+    )
     log = read_log(tmp_path / "adapter" / "train_log.jsonl")
-    assert [r["step"] for r in log] == list(range(1, 13))
-    first, last = sum(r["loss"] for r in log[:3]) / 3, sum(r["loss"] for r in log[-3:]) / 3
+    assert [r["step"] for r in log] == list(range(1, 9))
+    first, last = sum(r["loss"] for r in log[:2]) / 2, sum(r["loss"] for r in log[-2:]) / 2
     assert last < 0.85 * first, (first, last)
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gib"} <= set(log[0])
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gib", "peak_rss_gib"} <= set(
+        log[0]
+    )
+    assert log[0]["peak_mem_gib"] is None and log[0]["peak_rss_gib"] > 0  # no GPU here
+    assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in log)
     assert (tmp_path / "adapter" / "loss.png").stat().st_size > 1000
     cfg = json.loads((tmp_path / "adapter" / "vlmflow_train_config.json").read_text())
     assert cfg["lora"]["r"] == 8
-    assert res.steps == 12
+    assert res.steps == 8
 
     # plain PEFT loading, no vlmflow code: identical logits to the in-memory trained weights
     from peft import PeftModel
@@ -83,13 +89,14 @@ def test_train_loss_decreases_and_adapter_reloads(tiny_qwen, digits_rows, tmp_pa
 
 
 def test_resume_after_kill_gives_the_same_loss_curve(tiny_qwen, digits_rows, tmp_path):
-    """Tolerance: per-step losses equal to 1e-5 relative (same CPU, same thread count)."""
-    rows = [r for r in digits_rows if r["split"] == "train"]
-    full = config(tiny_qwen, max_steps=8, save_steps=3)
+    """Tolerance: per-step losses equal to 1e-5 relative (same CPU, same thread count; in
+    practice they are bit-identical)."""
+    rows = [r for r in digits_rows if r["split"] == "train"][:48]
+    full = config(tiny_qwen, max_steps=6, save_steps=2, per_device_train_batch_size=3)
     train(full, rows, tmp_path / "a", tmp_path / "wa")
     uninterrupted = read_log(tmp_path / "a" / "train_log.jsonl")
 
-    # "kill" after step 7: run a job that stops early, keeping checkpoints at steps 3 and 6
+    # "kill" right after the checkpoint of step 4 (checkpoints at steps 2 and 4 on disk)
     import vlmflow.train as T
 
     class Killed(Exception):
@@ -101,7 +108,7 @@ def test_resume_after_kill_gives_the_same_loss_curve(tiny_qwen, digits_rows, tmp
     def save_then_maybe_die(work_dir, step, *a, **k):
         out = orig(work_dir, step, *a, **k)
         calls.append(step)
-        if step == 6:
+        if step == 4:
             raise Killed
         return out
 
@@ -113,31 +120,23 @@ def test_resume_after_kill_gives_the_same_loss_curve(tiny_qwen, digits_rows, tmp
         T.save_checkpoint = orig
     assert not (tmp_path / "b").exists()  # no partial output
     res = train(full, rows, tmp_path / "b", tmp_path / "wb")
-    assert res.resumed_from == 6
+    assert calls == [2, 4]
+    assert res.resumed_from == 4
     resumed = read_log(tmp_path / "b" / "train_log.jsonl")
-    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert [r["step"] for r in resumed] == list(range(1, 7))
     for u, r in zip(uninterrupted, resumed):
         assert r["loss"] == pytest.approx(u["loss"], rel=1e-5), (u, r)
         assert r["lr"] == pytest.approx(u["lr"])
 
 
 def test_changed_config_does_not_resume_a_stale_checkpoint(tiny_qwen, digits_rows, tmp_path):
-    rows = [r for r in digits_rows if r["split"] == "train"][:32]
-    train(config(tiny_qwen, max_steps=4, save_steps=2), rows, tmp_path / "a", tmp_path / "w")
+    rows = [r for r in digits_rows if r["split"] == "train"][:8]
+    small = dict(max_steps=2, save_steps=1, per_device_train_batch_size=2)
+    train(config(tiny_qwen, **small), rows, tmp_path / "a", tmp_path / "w")
     res = train(
-        config(tiny_qwen, max_steps=4, save_steps=2, learning_rate=1e-3),
+        config(tiny_qwen, **small, learning_rate=1e-3),
         rows,
         tmp_path / "b",
         tmp_path / "w",
     )
     assert res.resumed_from == 0
-
-
-def test_qlora_4bit_trains_on_cpu(tiny_qwen, digits_rows, tmp_path):
-    pytest.importorskip("bitsandbytes")
-    rows = [r for r in digits_rows if r["split"] == "train"]
-    cfg = config(tiny_qwen, max_steps=6)
-    cfg["model"]["load_in_4bit"] = True
-    train(cfg, rows, tmp_path / "adapter", tmp_path / "work")
-    log = read_log(tmp_path / "adapter" / "train_log.jsonl")
-    assert log[-1]["loss"] < log[0]["loss"]

@@ -1,0 +1,296 @@
+"""The FastVisionModel / SFTConfig knobs beyond the defaults: gradient checkpointing modes,
+target_modules, rsLoRA, random_state, 8-bit loading, attention kernel, remote code, chat-template
+repair, schedulers, optimizers, and the non-finite-loss stop."""
+
+import json
+
+import pytest
+import torch
+
+from vlmflow.collate import Encoder, collate
+from vlmflow.config import resolve_sections
+from vlmflow.families import FAMILIES
+
+
+def sections(model, lora=None, train=None, **model_kw):
+    return resolve_sections(
+        {
+            "model": {"name": model, "max_seq_length": 512, **model_kw},
+            "lora": {"r": 4, "lora_alpha": 8, **(lora or {})},
+            "train": {"use_gradient_checkpointing": False, **(train or {})},
+        },
+        ["model", "lora", "train"],
+    )
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "mllama"])
+def test_offloaded_checkpointing_has_the_numerics_of_true_and_false(family, tiny_model, chat_rows):
+    """Same loss and same gradients (LoRA A and B, vision and language side) with
+    use_gradient_checkpointing false / true / offload; offload moved layer inputs to the host
+    and brought them back. Mllama passes the image states to its cross-attention layers."""
+    from vlmflow.modeling import build_training_model
+
+    results = {}
+    for mode in (False, True, "offload"):
+        cfg = sections(tiny_model(family), train={"use_gradient_checkpointing": mode})
+        model, proc, fam = build_training_model(cfg, torch.device("cpu"))
+        torch.manual_seed(0)
+        with torch.no_grad():  # B starts at zero: make A's gradient non-zero too
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        enc = Encoder(proc, fam, max_seq_length=512)
+        batch = collate([enc(r) for r in chat_rows], enc.pad_id, fam.batch_layout)
+        model.train()
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[mode] = (loss.item(), grads, model.vlmflow_offloader)
+    ref_loss, ref_grads, _ = results[False]
+    assert any("visual" in n or "vision" in n for n, g in ref_grads.items() if g.abs().sum() > 0)
+    for mode in (True, "offload"):
+        loss, grads, _ = results[mode]
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        assert grads.keys() == ref_grads.keys()
+        for n in grads:
+            torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert results[True][2] is None
+    offloader = results["offload"][2]
+    assert offloader.offloaded_bytes > 0 and offloader.restored > 0
+
+
+def test_checkpointing_modes_are_validated():
+    from vlmflow.modeling import enable_gradient_checkpointing
+
+    with pytest.raises(ValueError, match="use_gradient_checkpointing"):
+        enable_gradient_checkpointing(torch.nn.Linear(2, 2), "sometimes")
+
+
+def test_unsloth_is_an_alias_of_offload_in_the_schema():
+    cfg = resolve_sections({"train": {"use_gradient_checkpointing": "unsloth"}}, ["train"])
+    assert cfg["train"]["use_gradient_checkpointing"] == "unsloth"
+    from vlmflow.config import ConfigError
+
+    with pytest.raises(ConfigError, match="use_gradient_checkpointing"):
+        resolve_sections({"train": {"use_gradient_checkpointing": "yes"}}, ["train"])
+
+
+@pytest.fixture(scope="module")
+def qwen_named(tiny_qwen):
+    from transformers import AutoModelForImageTextToText
+
+    return list(AutoModelForImageTextToText.from_pretrained(tiny_qwen).named_modules())
+
+
+def test_target_modules_list_and_regex(qwen_named):
+    from vlmflow.modeling import lora_target_modules
+
+    fam = FAMILIES["qwen2_5_vl"]
+
+    def lora(**kw):
+        return resolve_sections({"lora": kw}, ["lora"])["lora"]
+
+    # a list names linears inside the layers the vision/language flags select
+    got = lora_target_modules(qwen_named, fam, lora(target_modules=["q_proj", "down_proj"]))
+    assert sorted(got) == sorted(
+        [f"model.language_model.layers.{i}.self_attn.q_proj" for i in range(2)]
+        + [f"model.language_model.layers.{i}.mlp.down_proj" for i in range(2)]
+        + [f"model.visual.blocks.{i}.mlp.down_proj" for i in range(2)]
+    )
+    got = lora_target_modules(
+        qwen_named,
+        fam,
+        lora(target_modules=["down_proj"], finetune_vision_layers=False),
+    )
+    assert sorted(got) == [f"model.language_model.layers.{i}.mlp.down_proj" for i in range(2)]
+    # a regex is matched against full names, flags not applied: here also the projector
+    got = lora_target_modules(
+        qwen_named, fam, lora(target_modules=r".*merger\.mlp\.\d+", finetune_vision_layers=False)
+    )
+    assert sorted(got) == ["model.visual.merger.mlp.0", "model.visual.merger.mlp.2"]
+    with pytest.raises(ValueError, match="selects no linear module"):
+        lora_target_modules(qwen_named, fam, lora(target_modules=r"nothing\.here"))
+
+
+def test_rslora_scaling_and_random_state(tiny_qwen):
+    from transformers import AutoModelForImageTextToText
+
+    from vlmflow.modeling import apply_lora
+
+    fam = FAMILIES["qwen2_5_vl"]
+
+    def build(**kw):
+        base = AutoModelForImageTextToText.from_pretrained(tiny_qwen)
+        cfg = resolve_sections({"lora": {"r": 4, "lora_alpha": 8, **kw}}, ["lora"])["lora"]
+        model = apply_lora(base, fam, cfg)
+        q = model.base_model.model.model.language_model.layers[0].self_attn.q_proj
+        return q.scaling["default"], q.lora_A["default"].weight.detach().clone()
+
+    s_plain, a1 = build(random_state=1)
+    s_rs, _ = build(use_rslora=True)
+    assert s_plain == 8 / 4 and s_rs == 8 / 4**0.5
+    _, a1_again = build(random_state=1)
+    _, a2 = build(random_state=2)
+    assert torch.equal(a1, a1_again) and not torch.equal(a1, a2)
+
+
+def test_load_in_8bit_keeps_the_vision_side_in_16_bit_and_trains(tiny_qwen, chat_rows):
+    pytest.importorskip("bitsandbytes")
+    from vlmflow.modeling import build_training_model
+
+    model, proc, fam = build_training_model(
+        sections(tiny_qwen, load_in_8bit=True), torch.device("cpu")
+    )
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
+    assert any(k == "Linear8bitLt" and "language_model" in n for n, k in kinds.items())
+    assert not any(k == "Linear8bitLt" and "visual" in n for n, k in kinds.items())
+    enc = Encoder(proc, fam, max_seq_length=512)
+    loss = model(**collate([enc(r) for r in chat_rows], enc.pad_id)).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_4bit_and_8bit_together_is_an_error(tiny_qwen):
+    from vlmflow.modeling import load_model
+
+    cfg = sections(tiny_qwen, load_in_4bit=True, load_in_8bit=True)["model"]
+    with pytest.raises(ValueError, match="load_in_4bit and model.load_in_8bit"):
+        load_model(cfg, torch.device("cpu"))
+
+
+def test_dtype_and_attention_kernel(tiny_qwen):
+    from vlmflow.modeling import load_model, resolve_dtype
+
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+    cfg = sections(tiny_qwen, attn_implementation="eager", dtype="bfloat16")["model"]
+    model, _ = load_model(cfg, torch.device("cpu"))
+    assert model.config._attn_implementation == "eager"
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_remote_code_never_runs_unless_the_config_allows_it(tmp_path):
+    from vlmflow.modeling import model_family
+
+    marker = tmp_path / "executed"
+    (tmp_path / "configuration_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PretrainedConfig\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
+    )
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}
+        )
+    )
+    cfg = resolve_sections({"model": {"name": str(tmp_path)}}, ["model"])["model"]
+    assert cfg["trust_remote_code"] is False
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        model_family(str(tmp_path), cfg)
+    assert not marker.exists()
+
+
+def test_templates_that_do_not_close_answers_are_replaced(tiny_model, tiny_qwen):
+    from transformers import AutoProcessor
+
+    from vlmflow.modeling import ensure_chat_template
+
+    msgs = [
+        {"role": "user", "content": [{"type": "text", "text": "q"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a"}]},
+    ]
+    llava = AutoProcessor.from_pretrained(tiny_model("llava"))
+    assert not llava.apply_chat_template(msgs, tokenize=False).rstrip().endswith("</s>")
+    assert ensure_chat_template(llava, FAMILIES["llava"]) is True
+    assert llava.apply_chat_template(msgs, tokenize=False) == "USER: q ASSISTANT: a</s>"
+    assert ensure_chat_template(llava, FAMILIES["llava"]) is False
+
+    qwen = AutoProcessor.from_pretrained(tiny_qwen)
+    before = qwen.chat_template
+    assert ensure_chat_template(qwen, FAMILIES["qwen2_5_vl"]) is False
+    assert qwen.chat_template == before
+    qwen.chat_template = "{% for m in messages %}{{ m['role'] }}: x\n{% endfor %}"
+    with pytest.raises(ValueError, match="does not end assistant turns"):
+        ensure_chat_template(qwen, FAMILIES["qwen2_5_vl"])
+
+
+def test_epochs_schedulers_and_optimizers():
+    from vlmflow.train import build_optimizer, build_scheduler, total_steps
+
+    train = resolve_sections({"train": {"max_steps": None, "num_train_epochs": 2}}, ["train"])
+    t = train["train"]
+    t.update(per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    assert total_steps(t, 10) == 5  # ceil(10 samples x 2 epochs / 4 per step)
+    t["num_train_epochs"] = 0.5
+    assert total_steps(t, 10) == 2
+
+    p = [torch.nn.Parameter(torch.zeros(2, 2))]
+    t.update(optim="adamw_torch", learning_rate=1.0, warmup_steps=2, lr_scheduler_type="cosine")
+    opt = build_optimizer(p, t, torch.device("cpu"))
+    sched = build_scheduler(opt, t, 6)
+    lrs = []
+    for _ in range(6):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == [0.0, 0.5, 1.0] and lrs[3] < 1.0 and lrs[5] < lrs[4]
+    t["lr_scheduler_type"] = "constant_with_warmup"
+    sched = build_scheduler(build_optimizer(p, t, torch.device("cpu")), t, 6)
+    assert sched.get_last_lr()[0] == 0.0
+
+    pytest.importorskip("bitsandbytes")
+    names = {
+        "adamw_8bit": "AdamW8bit",
+        "paged_adamw_8bit": "PagedAdamW8bit",
+        "paged_adamw": "PagedAdamW",
+        "paged_adamw_32bit": "PagedAdamW32bit",
+    }
+    for optim, cls in names.items():
+        t["optim"] = optim
+        assert type(build_optimizer(p, t, torch.device("cpu"))).__name__ == cls
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
+    tiny_qwen, chat_rows, tmp_path, monkeypatch
+):
+    import vlmflow.train as T
+
+    cfg = sections(
+        tiny_qwen,
+        train={
+            "per_device_train_batch_size": 3,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 5,
+            "save_steps": 2,
+            "optim": "adamw_torch",
+            "cache_encoded": True,
+        },
+    )
+    orig = T.train_step
+    calls = []
+
+    def poisoned(model, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # step 3: a weight goes bad
+            lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+            with torch.no_grad():
+                lora_b.fill_(float("nan"))
+        return orig(model, *a, **k)
+
+    monkeypatch.setattr(T, "train_step", poisoned)
+    with pytest.raises(T.NonFiniteLossError, match="at step 3"):
+        T.train(cfg, chat_rows, tmp_path / "adapter", tmp_path / "work")
+    assert not (tmp_path / "adapter").exists()
+    ckpts = sorted(p.name for p in (tmp_path / "work").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-00000002"]
+    assert [r["step"] for r in T.read_log(tmp_path / "work" / "train_log.jsonl")] == [1, 2]
+
+    # the kept checkpoint is good: a re-run resumes from it and finishes
+    monkeypatch.setattr(T, "train_step", orig)
+    res = T.train(cfg, chat_rows, tmp_path / "adapter", tmp_path / "work")
+    assert res.resumed_from == 2 and res.steps == 5
+    assert all(
+        torch.isfinite(torch.tensor(r["loss"]))
+        for r in T.read_log(tmp_path / "adapter" / "train_log.jsonl")
+    )
