@@ -111,6 +111,7 @@ def cfg_for(model: str, quant: str, gc: str) -> dict:
                 "optim": "adamw_torch",
                 "learning_rate": 1e-4,
                 "warmup_steps": 0,
+                "lr_scheduler_type": "constant",
                 "max_grad_norm": 0.0,
                 "weight_decay": 0.0,
             },
@@ -187,8 +188,8 @@ def main() -> None:
     a = ap.parse_args()
 
     from vlmflow.collate import Encoder, collate
-    from vlmflow.modeling import load_processor
-    from vlmflow.step import build_training_model, training_step
+    from vlmflow.modeling import build_training_model, load_processor
+    from vlmflow.train import build_optimizer, build_scheduler, train_step
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = cfg_for(a.model, a.quant, a.gc)
@@ -198,10 +199,10 @@ def main() -> None:
         from vlmflow.families import FAMILIES
 
         family = FAMILIES["qwen2_5_vl"]
+        processor = load_processor(cfg["model"], family)
     else:
-        model, family = build_training_model(cfg, dev)
+        model, processor, family = build_training_model(cfg, dev)
     load_s = time.time() - t0
-    processor = load_processor(cfg["model"])
     encoder = Encoder(processor, family, max_seq_length=8192)
     with tempfile.TemporaryDirectory() as tmp:
         if a.case == "fixed":
@@ -220,7 +221,9 @@ def main() -> None:
     padded = sum(b["input_ids"].numel() for b in batches)
     n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
+    # Both sides: AdamW (torch, fused on CUDA), lr 1e-4, no clipping, no decay, constant lr.
+    opt = build_optimizer(params, cfg["train"], dev)
+    sched = build_scheduler(opt, cfg["train"], a.warmup + a.steps)
     model.train()
     losses, times = [], []
     if dev.type == "cuda":
@@ -236,10 +239,12 @@ def main() -> None:
                 micro = model(**b, num_items_in_batch=n_items).loss
                 micro.backward()
                 loss += micro.detach()
-        else:
-            loss = training_step(model, batches, n_items, dev)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:  # the train rule's step: forward/backward of every micro-batch, optimizer step
+            loss = train_step(
+                model, batches, opt, sched, params, max_grad_norm=0.0, device=dev
+            ).loss
         if dev.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t

@@ -119,6 +119,14 @@ def _find_lm_head_owner(model):
     raise ValueError("no lm_head found on the model")
 
 
+def _has_logit_softcapping(model) -> bool:
+    cfg = getattr(model, "config", None)
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        if c is not None and getattr(c, "final_logit_softcapping", None):
+            return True
+    return False
+
+
 @contextlib.contextmanager
 def _head_bypassed(owner):
     head = owner.lm_head
@@ -161,6 +169,8 @@ def label_only_loss(
     batch: the collator's dict (input_ids (B, T), labels (B, T), attention_mask, image tensors).
     """
     labels = batch["labels"]
+    if _has_logit_softcapping(model):  # the head's output is transformed: use the model's loss
+        return model(**batch, num_items_in_batch=num_items_in_batch).loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     owner = _find_lm_head_owner(model)
     with _head_bypassed(owner) as head:

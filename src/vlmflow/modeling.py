@@ -12,6 +12,7 @@ import re
 import torch
 
 from .families import Family, family_for_config, lora_target_names
+from .fast import batched_vision_attention
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +311,9 @@ def build_training_model(cfg: dict, device: torch.device | None = None):
     model, family = load_model(model_cfg, device)
     processor = load_processor(model_cfg, family)
     model.config.use_cache = False
+    patched = batched_vision_attention(model)
+    if patched:
+        log.info("batched window attention in %d vision attention modules", patched)
     model = apply_lora(
         model, family, lora_cfg, gradient_checkpointing=train_cfg["use_gradient_checkpointing"]
     )

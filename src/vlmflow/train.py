@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .collate import IGNORE_INDEX, Encoder, collate
+from .fast import label_only_loss
 from .io import atomic_dir, atomic_file, write_json
 from .modeling import build_training_model, count_parameters, pick_device
 
@@ -200,9 +201,9 @@ def train_step(
     loss_sum = torch.zeros((), device=device)
     for batch in micro_batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        out = model(**batch, num_items_in_batch=n_items)
-        out.loss.backward()
-        loss_sum += out.loss.detach()
+        loss = label_only_loss(model, batch, num_items_in_batch=n_items)
+        loss.backward()
+        loss_sum += loss.detach()
     loss = float(loss_sum)
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
