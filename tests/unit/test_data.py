@@ -5,6 +5,8 @@ import pytest
 from vlmflow import data
 from vlmflow.data import DataError, Source
 
+SPLIT0 = {"val": 0, "test": 0, "seed": 0}
+
 
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -19,8 +21,11 @@ def ok_images(refs):
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"image": "a.png", "instruction": "q", "response": "a"}\n{"image": oops}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl:2: malformed JSON"):
-        data.read_records(p)
+    src = Source(path=str(p), image_root=str(tmp_path))
+    acc, rej = data.seed_to_conversations(src, ok_images([(str(tmp_path), "a.png")]), SPLIT0)
+    assert len(acc) == 1 and rej[0]["row"] == 2
+    assert rej[0]["reason"].startswith(f"malformed_row: {p}:2:11:")
+    assert rej[0]["raw"] == '{"image": oops}\n'
 
 
 def test_missing_column_is_named(tmp_path):
