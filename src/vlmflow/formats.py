@@ -714,28 +714,42 @@ def _typed_part(p, source: Source, where: str):
 
 
 def check_messages(messages: list[dict], n_images: int) -> None:
-    """Raise RowProblem when a conversation cannot be trained on."""
-    if not any(m["role"] == "assistant" for m in messages):
-        raise RowProblem("no_assistant_turn: the conversation has no assistant turn")
-    first_assistant = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    if not any(m["role"] == "user" and m["content"] for m in messages[:first_assistant]):
-        raise RowProblem("empty_prompt: no user text or image before the first answer")
+    """Raise RowProblem when a conversation cannot be trained on (one pass over the parts)."""
+    seen_assistant = False
+    prompt = False
+    next_image = 0
     for i, m in enumerate(messages):
-        texts = [p["text"] for p in m["content"] if p["type"] == "text"]
-        for t in texts:
-            if _has_surrogates(t):
+        role = m["role"]
+        assistant = role == "assistant"
+        answer = ""
+        for p in m["content"]:
+            if p["type"] == "image":
+                if assistant:
+                    raise RowProblem(f"image_in_answer: message {i} (assistant) holds an image")
+                if p["image"] != str(next_image):
+                    raise RowProblem("image_count_mismatch: image parts out of order")
+                next_image += 1
+                continue
+            t = p["text"]
+            if not t.isascii() and _has_surrogates(t):
                 raise RowProblem(
-                    f"invalid_utf8: message {i} ({m['role']}) holds text that is not valid "
-                    "Unicode (lone surrogate)"
+                    f"invalid_utf8: message {i} ({role}) holds text that is not valid Unicode "
+                    "(lone surrogate)"
                 )
-        if m["role"] == "assistant":
-            if any(p["type"] == "image" for p in m["content"]):
-                raise RowProblem(f"image_in_answer: message {i} (assistant) holds an image")
-            if not "".join(texts).strip():
+            if assistant:
+                answer += t
+        if assistant:
+            if not seen_assistant and not prompt:
+                raise RowProblem("empty_prompt: no user text or image before the first answer")
+            seen_assistant = True
+            if not answer.strip():
                 raise RowProblem(f"empty_response: message {i} (assistant) is empty")
-    used = [int(p["image"]) for m in messages for p in m["content"] if p["type"] == "image"]
-    if used != list(range(n_images)):
-        raise RowProblem("image_count_mismatch: image parts do not match the images, in order")
+        elif role == "user" and m["content"]:
+            prompt = True
+    if not seen_assistant:
+        raise RowProblem("no_assistant_turn: the conversation has no assistant turn")
+    if next_image != n_images:
+        raise RowProblem("image_count_mismatch: image parts do not match the images")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,21 +23,24 @@ def referenced_images(sources: list[dict]) -> list[str]:
     """
     from .formats import DataError
 
-    out = set()
+    refs = set()
     for s in sources:
         try:
-            refs = list(iter_image_refs(Source(**s, hash_embedded=False)))
+            refs.update(
+                (r.root, r.value)
+                for r in iter_image_refs(Source(**s, hash_embedded=False))
+                if r.kind == "path"
+            )
         except (DataError, OSError):
             continue
-        for ref in refs:
-            if ref.kind != "path":
-                continue
-            try:
-                path = resolve_in_root(ref.root, ref.value)
-            except PathEscapeError:
-                continue
-            if os.path.isfile(path):
-                out.add(str(path))
+    out = set()
+    for root, rel in refs:
+        try:
+            path = resolve_in_root(root, rel)
+        except PathEscapeError:
+            continue
+        if os.path.isfile(path):
+            out.add(str(path))
     return sorted(out)
 
 
