@@ -23,7 +23,8 @@ rule validate_images:
         cache=dataset_cache_dir,
     shell:
         "python {params.script} --config {params.dataset:q} --cache-dir {params.cache:q} "
-        "--out {output.images} --rejected {output.rejected} --threads {threads} > {log} 2>&1"
+        "--name {wildcards.dataset} --out {output.images} --rejected {output.rejected} "
+        "--threads {threads} > {log} 2>&1"
 
 
 rule format_conversations:

@@ -29,11 +29,12 @@ def main() -> None:
     p.add_argument(
         "--cache-dir", help="blob store and validation cache (default: cache/ beside --out)"
     )
+    p.add_argument("--name", default="", help="dataset name (names its validation cache file)")
     a = p.parse_args()
     setup_logging(a.verbose)
     ds = resolve_dataset(a.config)
     cache = Path(a.cache_dir) if a.cache_dir else Path(a.out).parent / "cache"
-    records = validate_dataset(ds, cache, threads=a.threads)
+    records = validate_dataset(ds, cache, name=a.name, threads=a.threads)
     table = pa.Table.from_pylist([{k: r[k] for k in IMAGE_COLUMNS} for r in records], IMAGES_SCHEMA)
     write_parquet(a.out, table)
     bad = [r for r in records if not r["ok"]]

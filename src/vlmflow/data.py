@@ -469,13 +469,18 @@ def dedupe(accepted: list[dict], rejected: list[dict]) -> list[dict]:
 
 
 def validate_dataset(
-    ds: dict, cache_dir: str | os.PathLike, *, threads: int = 1, progress: bool = True
+    ds: dict,
+    cache_dir: str | os.PathLike,
+    *,
+    name: str = "",
+    threads: int = 1,
+    progress: bool = True,
 ) -> list[dict]:
     """Validate every image a dataset config's usable rows reference; images.parquet rows.
 
     Embedded images are written once into the blob store under `cache_dir`, URLs downloaded
-    into it; verdicts are cached in `cache_dir/validation.parquet` so that a re-run decodes only
-    new or changed files.
+    into it; verdicts are cached in `cache_dir/validation[-name].parquet` (one file per dataset,
+    so that datasets may share a cache_dir) so that a re-run decodes only new or changed files.
     """
     from .fetch import DownloadPolicy
     from .images import BlobStore, ImagePolicy, validate_refs
@@ -494,7 +499,7 @@ def validate_dataset(
         ImagePolicy.from_config(ds["images"]),
         threads=threads,
         cache_dir=cache_dir,
-        cache_file=cache_dir / "validation.parquet",
+        cache_file=cache_dir / (f"validation-{name}.parquet" if name else "validation.parquet"),
         blob_paths=blob_paths,
         download=DownloadPolicy.from_config(ds["images"]["download"]),
         progress=progress,
