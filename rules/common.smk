@@ -6,7 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from vlmflow.config import validate_config  # noqa: E402
-from vlmflow.paths import referenced_images  # noqa: E402
+from vlmflow.paths import cache_dir_of, referenced_images  # noqa: E402
 
 # Every key is checked (and defaults filled) before the job graph is built, so a typo fails here,
 # naming the key.
@@ -40,14 +40,24 @@ def source_files(wildcards):
 
 def dataset_images(wildcards):
     """Every existing image file the dataset's rows reference, so that editing one image
-    re-runs validation and what depends on it. Missing or escaping paths are left to
-    validate_images, which quarantines their rows with a reason."""
-    sources = config["datasets"][wildcards.dataset]["sources"]
+    re-runs validation and what depends on it (embedded and URL images: the source file stands
+    for them). Missing or escaping paths are left to validate_images, which quarantines their
+    rows with a reason. `track_image_files: false` skips this listing (for millions of
+    images)."""
+    ds = config["datasets"][wildcards.dataset]
+    if not ds["track_image_files"]:
+        return []
+    sources = ds["sources"]
     if DEMO_DIGITS and any(
         Path(s["path"]).is_relative_to(DEMO_DIGITS) for s in sources
     ):
         checkpoints.demo_digits.get()
     return referenced_images(sources)
+
+
+def dataset_cache_dir(wildcards):
+    """Blob store and validation cache of a dataset (`cache_dir`, else under results/data)."""
+    return cache_dir_of(wildcards.dataset, config["datasets"][wildcards.dataset])
 
 
 def model_input(wildcards):

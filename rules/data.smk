@@ -1,4 +1,6 @@
-# Data stage: validate every referenced image, then convert sources to conversation Parquet.
+# Data stage. Per dataset (model-independent): validate every referenced image, then convert the
+# sources to canonical conversation Parquet. Per run: count tokens with the run's model and drop
+# (or fail on) samples over max_seq_length.
 
 
 rule validate_images:
@@ -7,6 +9,7 @@ rule validate_images:
         images=dataset_images,
     output:
         images="results/data/{dataset}/images.parquet",
+        rejected="results/data/{dataset}/images_rejected.tsv",
     log:
         "logs/validate_images/{dataset}.log",
     benchmark:
@@ -17,9 +20,11 @@ rule validate_images:
     params:
         script=script("validate_images"),
         dataset=dataset_json,
+        cache=dataset_cache_dir,
     shell:
-        "python {params.script} --config {params.dataset:q} "
-        "--out {output.images} --threads {threads} > {log} 2>&1"
+        "python {params.script} --config {params.dataset:q} --cache-dir {params.cache:q} "
+        "--name {wildcards.dataset} --out {output.images} --rejected {output.rejected} "
+        "--threads {threads} > {log} 2>&1"
 
 
 rule format_conversations:
@@ -31,9 +36,12 @@ rule format_conversations:
         val="results/data/{dataset}/val.parquet",
         test="results/data/{dataset}/test.parquet",
         rejected="results/data/{dataset}/rejected.parquet",
+        rejected_table="results/data/{dataset}/rejected.tsv",
         summary="results/data/{dataset}/summary.json",
     log:
-        "logs/format_conversations/{dataset}.log",
+        log="logs/format_conversations/{dataset}.log",
+        # A copy of rejected.tsv that Snakemake keeps when the job fails (max_bad_fraction).
+        rejected="logs/format_conversations/{dataset}.rejected.tsv",
     benchmark:
         "benchmarks/format_conversations/{dataset}.tsv"
     conda:
@@ -44,5 +52,43 @@ rule format_conversations:
         dataset=dataset_json,
         outdir=subpath(output.summary, parent=True),
     shell:
-        "python {params.script} --config {params.dataset:q} "
-        "--images {input.images} --outdir {params.outdir} > {log} 2>&1"
+        "python {params.script} --config {params.dataset:q} --images {input.images} "
+        "--outdir {params.outdir} --rejects-copy {log.rejected} > {log.log} 2>&1"
+
+
+rule token_budget:
+    input:
+        train=f"results/data/{DATASET}/train.parquet",
+        val=f"results/data/{DATASET}/val.parquet",
+        test=f"results/data/{DATASET}/test.parquet",
+        images=f"results/data/{DATASET}/images.parquet",
+        model=model_input,
+    output:
+        train="results/runs/{run}/data/train.parquet",
+        val="results/runs/{run}/data/val.parquet",
+        test="results/runs/{run}/data/test.parquet",
+        lengths="results/runs/{run}/data/token_lengths.parquet",
+        table="results/runs/{run}/data/token_lengths.tsv",
+        histogram="results/runs/{run}/data/token_lengths.png",
+        rejected="results/runs/{run}/data/rejected.parquet",
+        rejected_table="results/runs/{run}/data/rejected.tsv",
+        summary="results/runs/{run}/data/summary.json",
+    log:
+        log="logs/token_budget/{run}.log",
+        rejected="logs/token_budget/{run}.rejected.tsv",
+    benchmark:
+        "benchmarks/token_budget/{run}.tsv"
+    conda:
+        "../envs/vlmflow.yaml"
+    threads: 1
+    params:
+        script=script("token_budget"),
+        config=as_json("model"),
+        max_bad_fraction=config["datasets"][DATASET]["max_bad_fraction"],
+        datadir=subpath(input.train, parent=True),
+        outdir=subpath(output.summary, parent=True),
+    shell:
+        "python {params.script} --config {params.config:q} --data {params.datadir} "
+        "--images {input.images} --outdir {params.outdir} "
+        "--max-bad-fraction {params.max_bad_fraction} --rejects-copy {log.rejected} "
+        "--threads {threads} > {log.log} 2>&1"

@@ -3,7 +3,7 @@
 
 rule evaluate:
     input:
-        test=f"results/data/{DATASET}/test.parquet",
+        test="results/runs/{run}/data/test.parquet",
         merged="results/runs/{run}/merged",
         model=model_input,
     output:

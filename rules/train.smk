@@ -4,7 +4,7 @@
 
 rule train:
     input:
-        train=f"results/data/{DATASET}/train.parquet",
+        train="results/runs/{run}/data/train.parquet",
         model=model_input,
     output:
         adapter=directory("results/runs/{run}/adapter"),

@@ -1,14 +1,14 @@
-"""Sources → canonical conversations.
+"""Sources → canonical conversations (schema in docs/conversation_schema.md).
 
-Canonical conversation schema (one Parquet row per sample; see docs/conversation_schema.md):
-
-    id        string   stable id: the source's id column, else a hash of source + image + text
+    id        string   stable id: the source's id column, else a hash of the prompt content
     source    string   source name
     messages  list<struct<role: string, content: list<struct<type: string, text: string,
                                                              image: string>>>>
               roles: system | user | assistant; part type: text | image. An image part's
               `image` is the index (as a string) into `images`; `text` is '' for image parts.
-    images    list<string>  image paths as opened (image root joined with the relative path)
+              Image parts appear in the order of `images`.
+    images    list<string>  files as opened by vlmflow.images.load_rgb (under the image root,
+                            or in the dataset's blob store for embedded and downloaded images)
     split     string   train | val | test, from hash(split.seed, id)
 
 Rows that cannot be used are never dropped silently: they go to the rejected table with a
@@ -20,11 +20,27 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
+import os
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .formats import (
+    DataError,
+    ImageRef,
+    RowError,
+    Sample,
+    Source,
+    iter_image_refs,
+    iter_samples,
+    raw_json,
+)
+
+log = logging.getLogger(__name__)
 
 PART = pa.struct([("type", pa.string()), ("text", pa.string()), ("image", pa.string())])
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.list_(PART))])
@@ -42,78 +58,72 @@ REJECTED_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("row", pa.int64()),
         ("id", pa.string()),
+        ("kind", pa.string()),
         ("reason", pa.string()),
         ("raw", pa.string()),
     ]
 )
 SPLITS = ("train", "val", "test")
+ROLES = ("system", "user", "assistant")
+
+__all__ = [
+    "CONVERSATION_SCHEMA",
+    "DataError",
+    "REJECTED_SCHEMA",
+    "SPLITS",
+    "Source",
+    "assign_split",
+    "check_bad_fraction",
+    "format_dataset",
+    "read_conversations",
+    "sources_of",
+    "validate_dataset",
+]
 
 
-class DataError(ValueError):
-    """Input that cannot be read at all (names the file, line or column)."""
+def sources_of(ds: dict) -> list[Source]:
+    """The dataset config's sources. Each row's `source` is the source's `name`, else its file
+    stem, else (when stems collide) its path without the suffix; names must be unique."""
+    out = [Source(**s) for s in ds["sources"]]
+    stems = Counter(Path(s.path).stem for s in out if s.name is None)
+    for s in out:
+        if s.name is None and stems[Path(s.path).stem] > 1:
+            s.default_label = str(Path(s.path).with_suffix(""))
+    seen: dict[str, str] = {}
+    for s in out:
+        if s.label in seen:
+            raise DataError(
+                f"two sources are both named '{s.label}' ({seen[s.label]} and {s.path}); "
+                "give them different `name:`s"
+            )
+        seen[s.label] = s.path
+    return out
 
 
-@dataclass
-class Source:
-    path: str
-    image_root: str
-    name: str | None = None
-    format: str = "seed"
-    columns: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return self.name or Path(self.path).stem
-
-
-def read_records(path: str | Path) -> list[tuple[int, dict]]:
-    """Read a JSON, JSONL, CSV or Parquet file into (row number, record) pairs.
-
-    Row numbers are 1-based line numbers for JSONL/CSV (header = line 1 for CSV) and 1-based
-    positions otherwise. Malformed JSON lines raise DataError naming file and line.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    if suffix in (".jsonl", ".ndjson"):
-        out = []
-        with open(path, encoding="utf-8", errors="strict") as f:
-            try:
-                for lineno, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-                    if not isinstance(rec, dict):
-                        raise DataError(f"{path}:{lineno}: expected a JSON object per line")
-                    out.append((lineno, rec))
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: invalid UTF-8 ({e})") from None
-        return out
-    if suffix == ".json":
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of objects")
-        return list(enumerate(data, start=1))
-    if suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            return [(i, dict(r)) for i, r in enumerate(csv.DictReader(f), start=2)]
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
-    raise DataError(
-        f"{path}: unsupported file type '{suffix}' (use .jsonl, .json, .csv or .parquet)"
-    )
+# ---------------------------------------------------------------------------------------------
+# Ids and splits.
 
 
 def stable_id(source: str, image: str, instruction: str) -> str:
     h = hashlib.sha256(json.dumps([source, image, instruction]).encode()).hexdigest()
     return h[:16]
+
+
+def content_id(source: str, messages: list[dict], images: list[ImageRef]) -> str:
+    """Id derived from what the model is asked (images and non-assistant text), not from the
+    answers: fixing a typo in an answer keeps the row's id and split, and the same question on
+    the same image twice is a duplicate. One image (or none) and one prompt gives the seed's
+    historical formula."""
+    prompts = [
+        "".join(p["text"] for p in m["content"] if p["type"] == "text")
+        for m in messages
+        if m["role"] != "assistant"
+    ]
+    values = [r.value for r in images]
+    if len(prompts) == 1 and len(values) <= 1:
+        return stable_id(source, values[0] if values else "", prompts[0])
+    h = hashlib.sha256(json.dumps([source, values, prompts], ensure_ascii=False).encode())
+    return h.hexdigest()[:16]
 
 
 def assign_split(row_id: str, val: float, test: float, seed: int) -> str:
@@ -127,92 +137,312 @@ def assign_split(row_id: str, val: float, test: float, seed: int) -> str:
     return "train"
 
 
+# ---------------------------------------------------------------------------------------------
+# Conversion.
+
+
+def reason_kind(reason: str) -> str:
+    """The short kind of a reason ('kind: details' → 'kind')."""
+    return reason.split(":", 1)[0]
+
+
+def _lookup(images: dict, ref: ImageRef) -> dict | None:
+    rec = images.get(ref.key)
+    if rec is None and ref.kind == "path":
+        rec = images.get((ref.root, ref.value))  # maps keyed the pre-formats way
+    return rec
+
+
+def convert_source(source: Source, images: dict, split_cfg: dict) -> Iterator[tuple[bool, dict]]:
+    """(True, canonical row) or (False, rejected row) for every row of `source`, in order.
+
+    `images` maps an image key (`ImageRef.key`) to its images.parquet record.
+    """
+    label = source.label
+    for s in iter_samples(source):
+        if isinstance(s, RowError):
+            yield False, _rejected(label, s.row, None, s.reason, s.raw)
+            continue
+        yield _convert(label, s, images, split_cfg)
+
+
+def _convert(label: str, s: Sample, images: dict, split_cfg: dict) -> tuple[bool, dict]:
+    row_id = s.id or content_id(label, s.messages, s.images)
+    paths = []
+    for ref in s.images:
+        info = _lookup(images, ref)
+        if info is None:
+            return False, _rejected(
+                label,
+                s.row,
+                row_id,
+                f"bad_image: {ref.describe()}: not_validated: not in images.parquet "
+                "(re-run validate_images)",
+                s.raw,
+            )
+        if not info["ok"]:
+            kind = "bad_image/" + info["reason"].split(":", 1)[0]
+            reason = f"bad_image: {ref.describe()}: {info['reason']}"
+            return False, _rejected(label, s.row, row_id, reason, s.raw, kind)
+        paths.append(info["resolved"])
+    row = dict(
+        id=row_id,
+        source=label,
+        messages=s.messages,
+        images=paths,
+        split=assign_split(row_id, split_cfg["val"], split_cfg["test"], split_cfg["seed"]),
+        _row=s.row,
+        _raw=s.raw,
+    )
+    return True, row
+
+
+def _rejected(
+    source: str, row: int | None, row_id: str | None, reason: str, raw, kind: str | None = None
+) -> dict:
+    return dict(
+        source=source,
+        row=row,
+        id=row_id,
+        kind=kind or reason_kind(reason),
+        reason=reason,
+        raw=raw if isinstance(raw, str) else raw_json(raw),
+    )
+
+
+def check_row(row: dict) -> None:
+    """The canonical schema's rules beyond column types (checked on every write)."""
+    if not row["id"]:
+        raise ValueError("a conversation row has an empty id")
+    if row["split"] not in SPLITS:
+        raise ValueError(f"row {row['id']}: split {row['split']!r} not in {SPLITS}")
+    used = []
+    for m in row["messages"]:
+        if m["role"] not in ROLES:
+            raise ValueError(f"row {row['id']}: role {m['role']!r} not in {ROLES}")
+        for p in m["content"]:
+            if p["type"] == "image":
+                used.append(int(p["image"]))
+            elif p["type"] != "text" or p["text"] is None:
+                raise ValueError(f"row {row['id']}: bad part {p}")
+    if used != list(range(len(row["images"]))):
+        raise ValueError(f"row {row['id']}: image parts {used} do not index images in order")
+    if not any(m["role"] == "assistant" for m in row["messages"]):
+        raise ValueError(f"row {row['id']}: no assistant turn")
+
+
+def to_table(rows: list[dict]) -> pa.Table:
+    for r in rows:
+        check_row(r)
+    clean = [{k: r[k] for k in CONVERSATION_SCHEMA.names} for r in rows]
+    return pa.Table.from_pylist(clean, schema=CONVERSATION_SCHEMA)
+
+
+def rejected_table(rows: list[dict]) -> pa.Table:
+    rows = [{**r, "kind": r.get("kind") or reason_kind(r["reason"])} for r in rows]
+    return pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA)
+
+
+class _Sink:
+    """Rows streamed into one Parquet file via a temporary file renamed on commit."""
+
+    def __init__(self, path: Path, schema: pa.Schema, to_table, batch: int = 20_000):
+        self.path, self.schema, self.to_table, self.batch = path, schema, to_table, batch
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.writer = pq.ParquetWriter(self.tmp, schema)
+        self.rows: list[dict] = []
+        self.count = 0
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.count += 1
+        if len(self.rows) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(self.to_table(self.rows))
+            self.rows = []
+
+    def commit(self) -> None:
+        self.flush()
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_rejects_tsv(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """The rejects as a tab-separated table a person can read (or open in a spreadsheet)."""
+    from .io import atomic_file
+
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(["source", "row", "id", "kind", "reason", "raw"])
+        for r in rows:
+            w.writerow(
+                [
+                    r["source"],
+                    "" if r["row"] is None else r["row"],
+                    r["id"] or "",
+                    r["kind"],
+                    r["reason"],
+                    r["raw"],
+                ]
+            )
+
+
+def bad_fraction_message(n_in: int, rejected: list[dict], max_bad_fraction: float) -> str:
+    frac = len(rejected) / n_in
+    counts = Counter(r.get("kind") or reason_kind(r["reason"]) for r in rejected)
+    first: dict[str, dict] = {}
+    for r in rejected:
+        first.setdefault(r.get("kind") or reason_kind(r["reason"]), r)
+    detail = ", ".join(f"{k}: {v}" for k, v in counts.most_common())
+    examples = "\n".join(
+        f"  {k}: e.g. {first[k]['source']} row {first[k]['row']}: {first[k]['reason'][:300]}"
+        for k, _ in counts.most_common(10)
+    )
+    return (
+        f"{len(rejected)} of {n_in} rows rejected ({frac:.1%} > max_bad_fraction "
+        f"{max_bad_fraction:.1%}); by reason: {detail}.\n{examples}"
+    )
+
+
+def check_bad_fraction(n_in: int, rejected: list[dict], max_bad_fraction: float) -> None:
+    if n_in == 0:
+        raise DataError("the dataset has no rows")
+    if len(rejected) / n_in > max_bad_fraction:
+        raise DataError(bad_fraction_message(n_in, rejected, max_bad_fraction))
+
+
+def format_dataset(
+    ds: dict,
+    images: dict,
+    outdir: str | os.PathLike,
+    *,
+    rejects_copy: str | os.PathLike | None = None,
+) -> dict:
+    """Convert every source of a dataset config; write {train,val,test}.parquet,
+    rejected.parquet, rejected.tsv and summary.json under `outdir`. Returns the summary.
+
+    Rows stream through (memory does not grow with the dataset except for the set of ids).
+    The rejects are written before the `max_bad_fraction` check, also to `rejects_copy` (a log
+    file, which Snakemake keeps when the job fails), so that a failed run shows why.
+    """
+    outdir = Path(outdir)
+    sources = sources_of(ds)
+    sinks = {s: _Sink(outdir / f"{s}.parquet", CONVERSATION_SCHEMA, to_table) for s in SPLITS}
+    rejected: list[dict] = []
+    seen: dict[str, tuple[str, int]] = {}
+    per_source: dict[str, Counter] = {}
+    n_images = 0
+    try:
+        for src in sources:
+            counts = per_source.setdefault(src.label, Counter())
+            for ok, row in convert_source(src, images, ds["split"]):
+                counts["rows"] += 1
+                if ok and row["id"] in seen:
+                    first_src, first_row = seen[row["id"]]
+                    ok, row = (
+                        False,
+                        _rejected(
+                            row["source"],
+                            row["_row"],
+                            row["id"],
+                            f"duplicate_id: same id as {first_src} row {first_row}",
+                            row["_raw"],
+                        ),
+                    )
+                if not ok:
+                    rejected.append(row)
+                    counts["rejected"] += 1
+                    continue
+                seen[row["id"]] = (row["source"], row["_row"])
+                n_images += len(row["images"])
+                sinks[row["split"]].add(row)
+                counts["accepted"] += 1
+        n_in = sum(c["rows"] for c in per_source.values())
+        write_parquet_table(outdir / "rejected.parquet", rejected_table(rejected))
+        write_rejects_tsv(outdir / "rejected.tsv", rejected)
+        if rejects_copy:
+            write_rejects_tsv(rejects_copy, rejected)
+        if n_in == 0:
+            raise DataError("the dataset has no rows")
+        if len(rejected) / n_in > ds["max_bad_fraction"]:
+            msg = bad_fraction_message(n_in, rejected, ds["max_bad_fraction"])
+            where = rejects_copy or outdir / "rejected.tsv"
+            raise DataError(f"{msg}\nEvery rejected row with its reason: {where}")
+        for sink in sinks.values():
+            sink.commit()
+    except BaseException:
+        for sink in sinks.values():
+            if sink.tmp.exists():
+                sink.discard()
+        raise
+    summary = {
+        "rows_in": n_in,
+        "accepted": n_in - len(rejected),
+        "rejected": len(rejected),
+        "splits": {s: sinks[s].count for s in SPLITS},
+        "images_in_accepted_rows": n_images,
+        "rejected_by_reason": dict(Counter(r["kind"] for r in rejected).most_common()),
+        "sources": {k: dict(v) for k, v in per_source.items()},
+    }
+    from .io import write_json
+
+    write_json(outdir / "summary.json", summary)
+    return summary
+
+
+def write_parquet_table(path: str | os.PathLike, table: pa.Table) -> None:
+    from .io import write_parquet
+
+    write_parquet(path, table)
+
+
+def read_images_table(path: str | os.PathLike) -> dict:
+    """images.parquet → {image key: record}."""
+    from .images import record_key
+
+    return {record_key(r): r for r in pq.read_table(path).to_pylist()}
+
+
+def read_conversations(path: str | Path) -> list[dict]:
+    """Read a conversation Parquet file (checked against CONVERSATION_SCHEMA) as a list of dicts."""
+    table = pq.read_table(path)
+    missing = [n for n in CONVERSATION_SCHEMA.names if n not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: not a conversation file (missing columns {missing})")
+    return table.select(CONVERSATION_SCHEMA.names).to_pylist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers kept for callers of the first API (tests, fixtures).
+
+
+def image_refs(sources: Iterable[Source], on_payload=None) -> list[ImageRef]:
+    out: list[ImageRef] = []
+    for s in sources:
+        out += iter_image_refs(s, on_payload)
+    return out
+
+
 def seed_image_refs(source: Source) -> list[tuple[str, str]]:
-    """(image_root, relative path) of every image a seed-format source references."""
-    col = source.columns.get("image", "image")
-    refs = []
-    for lineno, rec in read_records(source.path):
-        if col not in rec:
-            raise DataError(f"{source.path}:{lineno}: missing required column '{col}'")
-        if rec[col] not in (None, ""):
-            refs.append((source.image_root, str(rec[col])))
-    return refs
+    """(image_root, relative path) of every image file a source's usable rows reference."""
+    return [(r.root, r.value) for r in iter_image_refs(source) if r.kind == "path"]
 
 
 def seed_to_conversations(
-    source: Source, images: dict[tuple[str, str], dict], split_cfg: dict
+    source: Source, images: dict, split_cfg: dict
 ) -> tuple[list[dict], list[dict]]:
-    """Convert one seed-format source. Returns (accepted rows, rejected rows).
-
-    `images` maps (root, relative path) → an image record from `images.validate_images`.
-    """
-    cols = {"id": None, "image": "image", "instruction": "instruction", "response": "response"}
-    cols.update(source.columns)
-    records = read_records(source.path)
-    required = [cols["image"], cols["instruction"], cols["response"]]
-    if records:
-        keys = set().union(*(r.keys() for _, r in records))
-        missing = [c for c in required if c not in keys]
-        if missing:
-            raise DataError(
-                f"{source.path}: missing required column(s) {', '.join(repr(c) for c in missing)}"
-            )
+    """Convert one source into (accepted rows, rejected rows), keeping everything in memory."""
     accepted, rejected = [], []
-    for row, rec in records:
-        image = "" if rec.get(cols["image"]) is None else str(rec[cols["image"]])
-        instruction = "" if rec.get(cols["instruction"]) is None else str(rec[cols["instruction"]])
-        response = "" if rec.get(cols["response"]) is None else str(rec[cols["response"]])
-        if cols["id"] and rec.get(cols["id"]) not in (None, ""):
-            row_id = str(rec[cols["id"]])
-        else:
-            row_id = stable_id(source.label, image, instruction)
-
-        def reject(reason, row=row, row_id=row_id, rec=rec):
-            rejected.append(
-                dict(
-                    source=source.label,
-                    row=row,
-                    id=row_id,
-                    reason=reason,
-                    raw=json.dumps(rec, default=str, ensure_ascii=False),
-                )
-            )
-
-        if not response.strip():
-            reject("empty_response: the response is empty")
-            continue
-        if not instruction.strip() and not image:
-            reject("empty_prompt: neither an instruction nor an image")
-            continue
-        parts = []
-        image_paths = []
-        if image:
-            info = images.get((source.image_root, image))
-            if info is None:
-                reject(f"bad_image: '{image}' was not validated (re-run validate_images)")
-                continue
-            if not info["ok"]:
-                reject(f"bad_image: '{image}': {info['reason']}")
-                continue
-            image_paths.append(info["resolved"])
-            parts.append({"type": "image", "text": "", "image": "0"})
-        if instruction:
-            parts.append({"type": "text", "text": instruction, "image": None})
-        messages = [
-            {"role": "user", "content": parts},
-            {"role": "assistant", "content": [{"type": "text", "text": response, "image": None}]},
-        ]
-        accepted.append(
-            dict(
-                id=row_id,
-                source=source.label,
-                messages=messages,
-                images=image_paths,
-                split=assign_split(row_id, split_cfg["val"], split_cfg["test"], split_cfg["seed"]),
-                _row=row,
-                _raw=rec,
-            )
-        )
+    for ok, row in convert_source(source, images, split_cfg):
+        (accepted if ok else rejected).append(row)
     return accepted, rejected
 
 
@@ -224,12 +454,12 @@ def dedupe(accepted: list[dict], rejected: list[dict]) -> list[dict]:
         if row["id"] in seen:
             src, first = seen[row["id"]]
             rejected.append(
-                dict(
-                    source=row["source"],
-                    row=row["_row"],
-                    id=row["id"],
-                    reason=f"duplicate_id: same id as {src} row {first}",
-                    raw=json.dumps(row["_raw"], default=str, ensure_ascii=False),
+                _rejected(
+                    row["source"],
+                    row["_row"],
+                    row["id"],
+                    f"duplicate_id: same id as {src} row {first}",
+                    row["_raw"],
                 )
             )
             continue
@@ -238,34 +468,39 @@ def dedupe(accepted: list[dict], rejected: list[dict]) -> list[dict]:
     return out
 
 
-def check_bad_fraction(n_in: int, rejected: list[dict], max_bad_fraction: float) -> None:
-    if n_in == 0:
-        raise DataError("the dataset has no rows")
-    frac = len(rejected) / n_in
-    if frac > max_bad_fraction:
-        counts = Counter(r["reason"].split(":", 1)[0] for r in rejected)
-        detail = ", ".join(f"{k}: {v}" for k, v in counts.most_common())
-        raise DataError(
-            f"{len(rejected)} of {n_in} rows rejected ({frac:.1%} > max_bad_fraction "
-            f"{max_bad_fraction:.1%}); by reason: {detail}. See rejected.parquet."
-        )
+def validate_dataset(
+    ds: dict,
+    cache_dir: str | os.PathLike,
+    *,
+    name: str = "",
+    threads: int = 1,
+    progress: bool = True,
+) -> list[dict]:
+    """Validate every image a dataset config's usable rows reference; images.parquet rows.
 
+    Embedded images are written once into the blob store under `cache_dir`, URLs downloaded
+    into it; verdicts are cached in `cache_dir/validation[-name].parquet` (one file per dataset,
+    so that datasets may share a cache_dir) so that a re-run decodes only new or changed files.
+    """
+    from .fetch import DownloadPolicy
+    from .images import BlobStore, ImagePolicy, validate_refs
 
-def to_table(rows: list[dict]) -> pa.Table:
-    clean = [{k: r[k] for k in CONVERSATION_SCHEMA.names} for r in rows]
-    return pa.Table.from_pylist(clean, schema=CONVERSATION_SCHEMA)
+    cache_dir = Path(cache_dir)
+    blobs = BlobStore(cache_dir)
+    blob_paths: dict[str, Path] = {}
 
+    def keep(sha: str, data: bytes) -> None:
+        if sha not in blob_paths:
+            blob_paths[sha] = blobs.put(data, sha)[1]
 
-def rejected_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=REJECTED_SCHEMA)
-
-
-def read_conversations(path: str | Path) -> list[dict]:
-    """Read a conversation Parquet file (checked against CONVERSATION_SCHEMA) as a list of dicts."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    missing = [n for n in CONVERSATION_SCHEMA.names if n not in table.column_names]
-    if missing:
-        raise DataError(f"{path}: not a conversation file (missing columns {missing})")
-    return table.select(CONVERSATION_SCHEMA.names).to_pylist()
+    refs = image_refs(sources_of(ds), keep)
+    return validate_refs(
+        refs,
+        ImagePolicy.from_config(ds["images"]),
+        threads=threads,
+        cache_dir=cache_dir,
+        cache_file=cache_dir / (f"validation-{name}.parquet" if name else "validation.parquet"),
+        blob_paths=blob_paths,
+        download=DownloadPolicy.from_config(ds["images"]["download"]),
+        progress=progress,
+    )

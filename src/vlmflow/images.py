@@ -1,33 +1,60 @@
-"""Image validation: each referenced image is resolved inside its root, size-checked before
-decoding, fully decoded, and described by one row (path, sha256, size, format, ok, reason)."""
+"""Images: the one place that opens an image for the model (`load_rgb`), and the validation that
+guarantees `load_rgb` will work on every image a dataset keeps.
+
+Validation of one file (`inspect_file`): non-empty; identified by Pillow; format allowed; pixel
+count checked from the header *before* decoding (decompression bombs); shorter side >= min_side;
+animated → first frame or rejected (policy); decoded in full (`load()`, so truncated files fail);
+then normalised exactly as `load_rgb` normalises it (first frame, EXIF orientation, CMYK /
+palette / 16-bit / alpha → RGB with alpha composited on white). Width and height are recorded as
+the model sees them (upright).
+
+`validate_refs` runs this over every image a dataset references (files under an image root,
+embedded bytes written once to a content-addressed blob store, URLs downloaded once into it), in
+parallel threads, with a persistent cache keyed by (file, size, mtime, policy) so that a re-run
+decodes only new or changed files.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
+import json
+import logging
 import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps
+import pyarrow as pa
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
-IMAGE_COLUMNS = ["root", "path", "resolved", "sha256", "width", "height", "format", "ok", "reason"]
+log = logging.getLogger(__name__)
 
+# Columns of images.parquet (one row per distinct image reference).
+IMAGE_COLUMNS = [
+    "kind",  # path | url | bytes
+    "root",  # image root of a path reference ('' otherwise)
+    "path",  # relative path as written in the data, the URL, or the sha256 of embedded bytes
+    "resolved",  # the file load_rgb opens ('' when there is none)
+    "sha256",
+    "bytes",
+    "width",  # upright (EXIF orientation applied), as the model sees it
+    "height",
+    "format",
+    "mode",  # Pillow mode as stored (before normalisation)
+    "frames",
+    "notes",  # normalisation applied by load_rgb, e.g. 'CMYK → RGB; exif_orientation 6 applied'
+    "ok",
+    "status",  # ok | converted (ok, pixels normalised) | rejected
+    "reason",  # '' when ok, else 'kind: details'
+]
 
-@dataclass
-class ImageRecord:
-    path: str
-    """The path as written in the data (relative to its image root)."""
-    resolved: str
-    """The path that was opened (image root joined with `path`), '' when it was refused."""
-    sha256: str
-    width: int
-    height: int
-    format: str
-    ok: bool
-    reason: str
-    """'' when ok, else a short machine-readable reason followed by details."""
+ORIENTATION = ExifTags.Base.Orientation
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
 @dataclass(frozen=True)
@@ -35,128 +62,587 @@ class ImagePolicy:
     allowed_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
     max_pixels: int = 89_478_485
     min_side: int = 1
+    animated: str = "first_frame"  # or "reject"
+
+    @classmethod
+    def from_config(cls, images_cfg: dict) -> ImagePolicy:
+        return cls(
+            allowed_formats=tuple(f.upper() for f in images_cfg["allowed_formats"]),
+            max_pixels=images_cfg["max_pixels"],
+            min_side=images_cfg["min_side"],
+            animated=images_cfg["animated"],
+        )
+
+    def fingerprint(self) -> str:
+        """Changes whenever a cached verdict could change (policy or normalisation code)."""
+        blob = json.dumps([asdict(self), _CHECK_VERSION], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Bump when inspect_file/to_rgb change in a way that changes verdicts or recorded fields.
+_CHECK_VERSION = 2
 
 
 class PathEscapeError(ValueError):
     pass
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _real_dir(path: str) -> str:
+    return os.path.realpath(path)
+
+
 def resolve_in_root(root: str | os.PathLike, rel: str) -> Path:
     """Join `rel` to `root` and refuse anything that resolves outside `root`.
 
-    Refused: absolute paths, `..` components, and symlinks whose target leaves the root.
+    Refused: `..` components, absolute paths outside the root, and symlinks (of the file or of
+    any folder on the way) whose target leaves the root. An absolute path inside the root is
+    accepted (datasets written by other tools often store those). Folders are resolved once
+    (cached), files with one lstat: millions of paths cost seconds.
     """
     if not rel:
         raise PathEscapeError("empty path")
-    if os.path.isabs(rel):
-        raise PathEscapeError(
-            f"absolute path '{rel}' is not allowed; give it relative to the image root"
-        )
-    if ".." in Path(rel).parts:
+    if "\0" in rel:
+        raise PathEscapeError("path contains a NUL byte")
+    if ".." in rel.split(os.sep):
         raise PathEscapeError(f"'{rel}' contains '..'")
-    root_real = Path(root).resolve()
-    candidate = (Path(root) / rel).resolve()
-    if candidate != root_real and root_real not in candidate.parents:
-        raise PathEscapeError(
-            f"'{rel}' resolves to '{candidate}', outside the image root '{root_real}'"
-        )
-    return Path(root) / rel
+    root_s = os.fspath(root)
+    joined = rel if os.path.isabs(rel) else os.path.join(root_s, rel)
+    root_real = _real_dir(root_s)
+    head, tail = os.path.split(joined)
+    real = os.path.join(_real_dir(head), tail) if tail else _real_dir(head)
+    if tail and os.path.islink(real):
+        real = os.path.realpath(real)
+    if real != root_real and not real.startswith(root_real.rstrip(os.sep) + os.sep):
+        if os.path.isabs(rel):
+            raise PathEscapeError(
+                f"absolute path '{rel}' is outside the image root '{root_real}'; give paths "
+                "relative to the image root"
+            )
+        raise PathEscapeError(f"'{rel}' resolves to '{real}', outside the image root '{root_real}'")
+    return Path(joined)
 
 
-def check_image(root: str, rel: str, policy: ImagePolicy) -> ImageRecord:
-    """Validate one image. Never raises for bad input: problems come back as `reason`."""
-    rec = ImageRecord(
-        path=rel, resolved="", sha256="", width=0, height=0, format="", ok=False, reason=""
+# ---------------------------------------------------------------------------------------------
+# Normalisation: shared by validation and load_rgb, so that what was validated is what trains.
+
+
+def to_rgb(im: Image.Image) -> tuple[Image.Image, list[str]]:
+    """Normalise an opened image to what the model sees: first frame, EXIF orientation applied,
+    8-bit RGB (16-bit scaled, CMYK/palette/grey converted, alpha composited on white).
+
+    Returns (image, notes); notes name each change that alters pixels or geometry. `im` itself is
+    returned (not copied) when it is already upright 8-bit RGB.
+    """
+    notes = []
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:
+        im.seek(0)
+        notes.append(f"animated ({frames} frames): first frame used")
+    orientation = im.getexif().get(ORIENTATION, 1)
+    if orientation in range(2, 9):
+        im = ImageOps.exif_transpose(im)
+        notes.append(f"exif_orientation {orientation} applied")
+    mode = im.mode
+    if mode == "RGB":
+        return im, notes
+    if mode in _SIXTEEN_BIT or mode in ("I", "F"):
+        im = _high_depth_to_l(im)
+        notes.append(f"{mode} → 8-bit")
+        return im.convert("RGB"), notes
+    has_alpha = mode in _ALPHA_MODES or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        notes.append(f"{mode} alpha composited on white")
+        return Image.alpha_composite(white, rgba).convert("RGB"), notes
+    if mode == "CMYK":
+        notes.append("CMYK → RGB")
+    elif mode not in ("L", "P", "1"):
+        notes.append(f"{mode} → RGB")
+    return im.convert("RGB"), notes
+
+
+def _high_depth_to_l(im: Image.Image) -> Image.Image:
+    """16-bit / 32-bit grey → 8-bit grey by scaling (Pillow's own convert clips at 255, which
+    turns a mid-grey 16-bit image white)."""
+    import numpy as np
+
+    arr = np.asarray(im).astype(np.float64)
+    if im.mode in _SIXTEEN_BIT:
+        top = 65535.0
+    else:
+        hi = float(arr.max()) if arr.size else 0.0
+        top = 255.0 if hi <= 255 else 65535.0 if hi <= 65535 else hi
+    out = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open an image for the model: first frame, EXIF orientation applied, 8-bit RGB with alpha
+    composited on white. The collator opens every training image through this function."""
+    im = Image.open(path)
+    rgb, _ = to_rgb(im)
+    rgb.load()
+    if rgb is im and getattr(im, "n_frames", 1) > 1:
+        rgb = im.copy()
+    if rgb is not im:
+        im.close()
+    return rgb
+
+
+# ---------------------------------------------------------------------------------------------
+# One file.
+
+
+def _empty_record(**kw) -> dict:
+    rec = dict(
+        kind="path",
+        root="",
+        path="",
+        resolved="",
+        sha256="",
+        bytes=0,
+        width=0,
+        height=0,
+        format="",
+        mode="",
+        frames=0,
+        notes="",
+        ok=False,
+        status="rejected",
+        reason="",
     )
-    try:
-        path = resolve_in_root(root, rel)
-    except PathEscapeError as e:
-        rec.reason = f"path_escape: {e}"
-        return rec
-    rec.resolved = str(path)
-    if not path.is_file():
-        rec.reason = (
-            "missing: file not found" if not path.exists() else "missing: not a regular file"
-        )
-        return rec
-    data = path.read_bytes()
-    rec.sha256 = hashlib.sha256(data).hexdigest()
-    if not data:
-        rec.reason = "empty_file: zero bytes"
-        return rec
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
-            rec.format = im.format or ""
-            rec.width, rec.height = im.size
-            if rec.format not in policy.allowed_formats:
-                rec.reason = f"format_not_allowed: {rec.format or 'unknown'} (allowed: {', '.join(policy.allowed_formats)})"
-                return rec
-            if im.width * im.height > policy.max_pixels:
-                rec.reason = (
-                    f"too_many_pixels: {im.width}x{im.height} > max_pixels {policy.max_pixels}"
-                )
-                return rec
-            if min(im.size) < policy.min_side:
-                rec.reason = f"too_small: shorter side {min(im.size)} < min_side {policy.min_side}"
-                return rec
-            im.load()  # full decode: catches truncated files that verify() lets through
-    except Image.DecompressionBombError as e:
-        rec.reason = f"too_many_pixels: {e}"
-        return rec
-    except Exception as e:  # PIL raises many types for corrupt data
-        rec.reason = f"decode_error: {type(e).__name__}: {e}"
-        return rec
-    rec.ok = True
+    rec.update(kw)
     return rec
 
 
-def _check_many(args):
-    root, rels, policy = args
-    return [{"root": root, **asdict(check_image(root, rel, policy))} for rel in rels]
+def _sniff(data: bytes) -> str:
+    head = data[:64].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<svg")):
+        return " (the file holds HTML/XML text)"
+    try:
+        data[:256].decode("utf-8")
+        return " (the file looks like text)"
+    except UnicodeDecodeError:
+        return ""
+
+
+def inspect_bytes(data: bytes, policy: ImagePolicy) -> dict:
+    """Validate one image's bytes. Never raises for bad input: problems come back as `reason`.
+
+    Returns the file-level fields of an images.parquet row (sha256, bytes, width, height, format,
+    mode, frames, notes, ok, status, reason).
+    """
+    rec = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "width": 0,
+        "height": 0,
+        "format": "",
+        "mode": "",
+        "frames": 0,
+        "notes": "",
+        "ok": False,
+        "status": "rejected",
+        "reason": "",
+    }
+    if not data:
+        rec["reason"] = "empty_file: zero bytes"
+        return rec
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit is checked below, from the header, before decoding.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            rec["format"] = im.format or ""
+            rec["mode"] = im.mode
+            rec["frames"] = getattr(im, "n_frames", 1)
+            w, h = im.size
+            rec["width"], rec["height"] = w, h
+            if rec["format"] not in policy.allowed_formats:
+                rec["reason"] = (
+                    f"format_not_allowed: {rec['format'] or 'unknown'} (allowed: "
+                    f"{', '.join(policy.allowed_formats)})"
+                )
+                return rec
+            if w * h > policy.max_pixels:
+                rec["reason"] = f"too_many_pixels: {w}x{h} > max_pixels {policy.max_pixels}"
+                return rec
+            if min(w, h) < policy.min_side:
+                rec["reason"] = f"too_small: shorter side {min(w, h)} < min_side {policy.min_side}"
+                return rec
+            if rec["frames"] > 1 and policy.animated == "reject":
+                rec["reason"] = f"animated: {rec['frames']} frames (images.animated: reject)"
+                return rec
+            ImageFile.LOAD_TRUNCATED_IMAGES = False  # some libraries switch it on globally
+            im.load()  # full decode: catches truncated files that verify() lets through
+            rgb, notes = to_rgb(im)
+            rgb.load()
+    except Image.DecompressionBombError as e:
+        rec["reason"] = f"too_many_pixels: {e}"
+        return rec
+    except UnidentifiedImageError:
+        rec["reason"] = f"not_an_image: Pillow cannot identify the data{_sniff(data)}"
+        return rec
+    except Exception as e:  # Pillow raises many types for corrupt data
+        rec["reason"] = f"decode_error: {type(e).__name__}: {e}"
+        return rec
+    rec["width"], rec["height"] = rgb.size
+    rec["notes"] = "; ".join(notes)
+    rec["ok"] = True
+    rec["status"] = "converted" if notes else "ok"
+    return rec
+
+
+def inspect_file(path: str | os.PathLike, policy: ImagePolicy) -> dict:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return {**_empty_record(), "reason": f"unreadable: {e.strerror or e}"}
+    return inspect_bytes(data, policy)
+
+
+@dataclass
+class ImageRecord:
+    path: str
+    resolved: str
+    sha256: str
+    width: int
+    height: int
+    format: str
+    ok: bool
+    reason: str
+    notes: str = ""
+    status: str = "rejected"
+    mode: str = ""
+    frames: int = 0
+    bytes: int = 0
+
+
+def check_image(root: str, rel: str, policy: ImagePolicy) -> ImageRecord:
+    """Validate one image `rel` under `root` (no cache). Never raises for bad input."""
+    rec = check_path(root, rel, policy)
+    return ImageRecord(
+        path=rel,
+        resolved=rec["resolved"],
+        sha256=rec["sha256"],
+        width=rec["width"],
+        height=rec["height"],
+        format=rec["format"],
+        ok=rec["ok"],
+        reason=rec["reason"],
+        notes=rec["notes"],
+        status=rec["status"],
+        mode=rec["mode"],
+        frames=rec["frames"],
+        bytes=rec["bytes"],
+    )
+
+
+def check_path(root: str, rel: str, policy: ImagePolicy) -> dict:
+    """A full images.parquet row for a path reference (no cache)."""
+    base = _empty_record(kind="path", root=root, path=rel)
+    try:
+        path = resolve_in_root(root, rel)
+    except PathEscapeError as e:
+        base["reason"] = f"path_escape: {e}"
+        return base
+    base["resolved"] = str(path)
+    if not path.is_file():
+        base["reason"] = (
+            "missing: file not found" if not path.exists() else "missing: not a regular file"
+        )
+        return base
+    return {**base, **inspect_file(path, policy)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Many references: blob store, URL cache, incremental validation cache, threads.
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image reference of a sample. `kind` path: `value` is relative to `root`; url: `value`
+    is the http(s) URL; bytes: `value` is the sha256 of the embedded bytes (stored in the blob
+    store by `BlobStore.put`)."""
+
+    kind: str
+    root: str
+    value: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.kind, self.root, self.value)
+
+    def describe(self) -> str:
+        if self.kind == "bytes":
+            return f"embedded image sha256:{self.value[:12]}"
+        return f"'{self.value}'"
+
+
+def record_key(rec: dict) -> tuple[str, str, str]:
+    return (rec["kind"], rec["root"], rec["path"])
+
+
+_MAGIC = [
+    (b"\x89PNG", ".png"),
+    (b"\xff\xd8\xff", ".jpg"),
+    (b"GIF8", ".gif"),
+    (b"BM", ".bmp"),
+    (b"II*\x00", ".tif"),
+    (b"MM\x00*", ".tif"),
+]
+
+
+def guess_ext(data: bytes) -> str:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    for magic, ext in _MAGIC:
+        if data.startswith(magic):
+            return ext
+    return ".bin"
+
+
+class BlobStore:
+    """Content-addressed files: `<dir>/blobs/<sha[:2]>/<sha><ext>`, each written once, atomically.
+    Embedded images and downloaded URLs land here, so that downstream steps see file paths."""
+
+    def __init__(self, cache_dir: str | os.PathLike):
+        self.dir = Path(cache_dir) / "blobs"
+
+    def path_for(self, sha: str, ext: str) -> Path:
+        return self.dir / sha[:2] / f"{sha}{ext}"
+
+    def put(self, data: bytes, sha: str | None = None) -> tuple[str, Path]:
+        sha = sha or hashlib.sha256(data).hexdigest()
+        path = self.path_for(sha, guess_ext(data))
+        if not (path.is_file() and path.stat().st_size == len(data)):
+            from .io import atomic_file
+
+            with atomic_file(path) as tmp:
+                tmp.write_bytes(data)
+        return sha, path
+
+
+class ValidationCache:
+    """Verdicts of earlier runs, keyed by (resolved file, size, mtime_ns, policy fingerprint).
+
+    Stored as one Parquet file; rewritten atomically at the end of each run with the entries of
+    the files referenced in that run.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, policy: ImagePolicy):
+        self.path = Path(path) if path else None
+        self.policy_fp = policy.fingerprint()
+        self.entries: dict[str, dict] = {}
+        self.fresh: dict[str, dict] = {}
+        if self.path and self.path.is_file():
+            import pyarrow.parquet as pq
+
+            try:
+                for rec in pq.read_table(self.path).to_pylist():
+                    if rec.get("policy") == self.policy_fp:
+                        self.entries[rec["resolved_key"]] = rec
+            except Exception as e:  # a damaged cache is only a slower run
+                log.warning("ignoring unreadable validation cache %s: %s", self.path, e)
+
+    @staticmethod
+    def stat_key(path: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def get(self, path: str, st: tuple[int, int]) -> dict | None:
+        rec = self.entries.get(path)
+        if rec is None or (rec["size_key"], rec["mtime_key"]) != st:
+            return None
+        self.fresh[path] = rec
+        return {k: rec[k] for k in _FILE_FIELDS}
+
+    def put(self, path: str, st: tuple[int, int], rec: dict) -> None:
+        self.fresh[path] = {
+            "resolved_key": path,
+            "size_key": st[0],
+            "mtime_key": st[1],
+            "policy": self.policy_fp,
+            **{k: rec[k] for k in _FILE_FIELDS},
+        }
+
+    def save(self) -> None:
+        if not self.path:
+            return
+        from .io import write_parquet
+
+        rows = list(self.fresh.values())
+        schema = pa.schema(
+            [
+                ("resolved_key", pa.string()),
+                ("size_key", pa.int64()),
+                ("mtime_key", pa.int64()),
+                ("policy", pa.string()),
+                *[(k, _field_type(k)) for k in _FILE_FIELDS],
+            ]
+        )
+        write_parquet(self.path, pa.Table.from_pylist(rows, schema=schema))
+
+
+_FILE_FIELDS = [
+    "sha256",
+    "bytes",
+    "width",
+    "height",
+    "format",
+    "mode",
+    "frames",
+    "notes",
+    "ok",
+    "status",
+    "reason",
+]
+
+
+_INT_FIELDS = {"bytes", "width", "height", "frames"}
+
+
+def _field_type(name: str) -> pa.DataType:
+    if name == "ok":
+        return pa.bool_()
+    return pa.int64() if name in _INT_FIELDS else pa.string()
+
+
+IMAGES_SCHEMA = pa.schema([(k, _field_type(k)) for k in IMAGE_COLUMNS])
+
+
+def validate_refs(
+    refs: Iterable[ImageRef],
+    policy: ImagePolicy,
+    *,
+    threads: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+    cache_file: str | os.PathLike | None = None,
+    blob_paths: dict[str, Path] | None = None,
+    download=None,
+    progress: bool = True,
+) -> list[dict]:
+    """Validate image references; one images.parquet row (dict) per distinct reference, in order
+    of first occurrence.
+
+    Path references are resolved inside their root; URL references are downloaded (once) into the
+    blob store under `cache_dir` with the `download` policy (`vlmflow.fetch.DownloadPolicy`);
+    bytes references must already be in the blob store (`BlobStore.put`; `blob_paths` maps their
+    sha256 to the file it wrote). Files whose (path, size, mtime) and policy match an entry of
+    `cache_file` are not read again. Decoding runs on `threads` threads (Pillow, hashlib and file
+    reads release the GIL).
+    """
+    from tqdm import tqdm
+
+    unique = list(dict.fromkeys(refs))
+    blobs = BlobStore(cache_dir) if cache_dir else None
+    blob_paths = blob_paths or {}
+    cache = ValidationCache(cache_file, policy)
+    out: list[dict] = []
+    todo: list[tuple[int, str, tuple[int, int]]] = []
+
+    fetched = {}
+    urls = [r.value for r in unique if r.kind == "url"]
+    if urls:
+        from .fetch import DownloadPolicy, fetch_all
+
+        if blobs is None:
+            raise ValueError("URL images need a cache_dir")
+        fetched = fetch_all(urls, blobs, download or DownloadPolicy(), threads, progress)
+
+    hits = 0
+    for ref in unique:
+        rec = _empty_record(kind=ref.kind, root=ref.root, path=ref.value)
+        path = None
+        if ref.kind == "path":
+            try:
+                path = str(resolve_in_root(ref.root, ref.value))
+            except PathEscapeError as e:
+                rec["reason"] = f"path_escape: {e}"
+        elif ref.kind == "bytes":
+            found = blob_paths.get(ref.value) or (_find_blob(blobs, ref.value) if blobs else None)
+            if found is None:
+                rec["reason"] = "missing: embedded image not in the blob store"
+            else:
+                path = str(found)
+        elif ref.kind == "url":
+            got = fetched[ref.value]
+            if got.error:
+                rec["reason"] = got.error
+            else:
+                path = str(got.path)
+        else:
+            rec["reason"] = f"bad_image_ref: unknown kind {ref.kind!r}"
+        if path is not None:
+            rec["resolved"] = path
+            st = ValidationCache.stat_key(path)
+            if st is None or not os.path.isfile(path):
+                rec["reason"] = (
+                    "missing: file not found"
+                    if not os.path.lexists(path)
+                    else "missing: not a regular file"
+                )
+            else:
+                hit = cache.get(path, st)
+                if hit is not None:
+                    rec.update(hit)
+                    hits += 1
+                else:
+                    todo.append((len(out), path, st))
+        out.append(rec)
+
+    bar = tqdm(total=len(todo), desc="decode images", unit="img", disable=not progress)
+
+    def work(chunk):
+        return [(i, path, st, inspect_file(path, policy)) for i, path, st in chunk]
+
+    chunks = [todo[i : i + 8] for i in range(0, len(todo), 8)]
+    pool = None
+    if threads <= 1 or len(chunks) <= 1:
+        results = map(work, chunks)
+    else:
+        pool = ThreadPoolExecutor(max_workers=threads)
+        results = (f.result() for f in as_completed([pool.submit(work, c) for c in chunks]))
+    try:
+        for res in results:
+            for i, path, st, file_rec in res:
+                out[i].update(file_rec)
+                cache.put(path, st, file_rec)
+            bar.update(len(res))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        bar.close()
+    cache.save()
+    log.info(
+        "%d image references: %d decoded, %d verdicts reused from the validation cache",
+        len(out),
+        len(todo),
+        hits,
+    )
+    return out
+
+
+def _find_blob(blobs: BlobStore, sha: str) -> Path | None:
+    folder = blobs.dir / sha[:2]
+    for cand in folder.glob(f"{sha}.*") if folder.is_dir() else ():
+        return cand
+    return None
 
 
 def validate_images(
     refs: list[tuple[str, str]], policy: ImagePolicy, threads: int = 1, progress: bool = True
 ) -> list[dict]:
-    """Validate (image_root, relative_path) pairs in parallel; one dict per distinct pair.
-
-    Order follows `refs` (first occurrence). Uses `threads` processes, in chunks.
-    """
-    from tqdm import tqdm
-
-    unique = list(dict.fromkeys(refs))
-    chunk = 64
-    jobs = []
-    for i in range(0, len(unique), chunk):
-        part = unique[i : i + chunk]
-        by_root: dict[str, list[str]] = {}
-        for root, rel in part:
-            by_root.setdefault(root, []).append(rel)
-        jobs += [(root, rels, policy) for root, rels in by_root.items()]
-    out: list[dict] = []
-    bar = tqdm(total=len(unique), desc="validate images", unit="img", disable=not progress)
-    if threads <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            res = _check_many(job)
-            out += res
-            bar.update(len(res))
-    else:
-        with ProcessPoolExecutor(max_workers=threads) as pool:
-            for res in pool.map(_check_many, jobs):
-                out += res
-                bar.update(len(res))
-    bar.close()
-    return out
-
-
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image for the model: EXIF orientation applied, converted to RGB (alpha on white)."""
-    im = Image.open(path)
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(bg, im)
-    return im.convert("RGB")
+    """Validate (image_root, relative_path) pairs (no cache); one dict per distinct pair."""
+    return validate_refs(
+        [ImageRef("path", root, rel) for root, rel in refs],
+        policy,
+        threads=threads,
+        progress=progress,
+    )

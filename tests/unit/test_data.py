@@ -5,6 +5,8 @@ import pytest
 from vlmflow import data
 from vlmflow.data import DataError, Source
 
+SPLIT0 = {"val": 0, "test": 0, "seed": 0}
+
 
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -19,8 +21,11 @@ def ok_images(refs):
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"image": "a.png", "instruction": "q", "response": "a"}\n{"image": oops}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl:2: malformed JSON"):
-        data.read_records(p)
+    src = Source(path=str(p), image_root=str(tmp_path))
+    acc, rej = data.seed_to_conversations(src, ok_images([(str(tmp_path), "a.png")]), SPLIT0)
+    assert len(acc) == 1 and rej[0]["row"] == 2
+    assert rej[0]["reason"].startswith(f"malformed_row: {p}:2:11:")
+    assert rej[0]["raw"] == '{"image": oops}\n'
 
 
 def test_missing_column_is_named(tmp_path):
@@ -101,3 +106,57 @@ def test_conversation_table_round_trip(tmp_path, digits_rows):
         back[0]["messages"][1]["content"][0]["text"]
         == digits_rows[0]["messages"][1]["content"][0]["text"]
     )
+
+
+def test_source_names_label_rows_and_must_be_unique(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        write_jsonl(
+            tmp_path / sub / "data.jsonl", [{"image": "", "instruction": "q", "response": "r"}]
+        )
+    paths = [str(tmp_path / s / "data.jsonl") for s in ("a", "b")]
+    labels = [s.label for s in data.sources_of({"sources": [{"path": p} for p in paths]})]
+    assert labels == [str(tmp_path / "a" / "data"), str(tmp_path / "b" / "data")]
+    one = data.sources_of({"sources": [{"path": paths[0]}]})
+    assert one[0].label == "data"
+    with pytest.raises(DataError, match="two sources are both named 'x'"):
+        data.sources_of({"sources": [{"path": p, "name": "x"} for p in paths]})
+
+
+def test_referenced_images_lists_existing_files_of_every_format(tmp_path):
+    from PIL import Image
+
+    from vlmflow.paths import referenced_images
+
+    for n in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / n)
+    (tmp_path / "outside").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "outside" / "x.png")
+    write_jsonl(
+        tmp_path / "seed.jsonl",
+        [
+            {"image": ["a.png", "missing.png"], "instruction": "q", "response": "r"},
+            {"image": "../outside/x.png", "instruction": "q", "response": "r"},
+            {"image": "http://127.0.0.1:9/u.png", "instruction": "q", "response": "r"},
+        ],
+    )
+    write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {
+                "conversations": [
+                    {"from": "human", "value": "<image><image>"},
+                    {"from": "gpt", "value": "x"},
+                ],
+                "images": ["b.png", "data:image/png;base64,AAAA"],
+            },
+            # No assistant turn: a rejected row references nothing.
+            {"conversations": [{"from": "human", "value": "<image>"}], "images": ["c.png"]},
+        ],
+    )
+    sources = [
+        {"path": str(tmp_path / "seed.jsonl"), "image_root": str(tmp_path)},
+        {"path": str(tmp_path / "chat.jsonl"), "format": "sharegpt"},
+        {"path": str(tmp_path / "nope.jsonl")},  # unreadable: left to validate_images
+    ]
+    assert referenced_images(sources) == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]

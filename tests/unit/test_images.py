@@ -1,17 +1,23 @@
 import io
+import os
 import struct
 import zlib
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
+from vlmflow import images
 from vlmflow.images import (
+    BlobStore,
     ImagePolicy,
+    ImageRef,
     PathEscapeError,
     check_image,
     load_rgb,
     resolve_in_root,
     validate_images,
+    validate_refs,
 )
 
 
@@ -32,6 +38,13 @@ def png_header_only(width, height):
     )
 
 
+def upright_two_colour():
+    """40x20: left half red, right half blue."""
+    im = Image.new("RGB", (40, 20), (255, 0, 0))
+    im.paste((0, 0, 255), (20, 0, 40, 20))
+    return im
+
+
 @pytest.fixture
 def root(tmp_path):
     r = tmp_path / "root"
@@ -42,11 +55,30 @@ def root(tmp_path):
     (r / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (r / "empty.png").write_bytes(b"")
     (r / "text.jpg").write_text("not an image at all")
+    (r / "page.jpg").write_text("<!DOCTYPE html><html><body>404</body></html>")
     (r / "bomb.png").write_bytes(png_header_only(50_000, 50_000))
     Image.new("RGB", (8, 8)).save(r / "pic.bmp")
+    Image.new("CMYK", (16, 8), (0, 255, 255, 0)).save(r / "cmyk.jpg", quality=95)
+    Image.fromarray(np.full((6, 10), 32896, dtype=np.uint16)).save(r / "gray16.png")
+    pal = Image.new("P", (10, 10), 0)
+    pal.putpalette([0, 255, 0] + [0, 0, 0] * 255)
+    pal.paste(1, (5, 0, 10, 10))
+    pal.save(r / "palette.png", transparency=1)
+    Image.new("LA", (4, 4), (0, 0)).save(r / "la.png")
+    stored = upright_two_colour().transpose(Image.Transpose.ROTATE_90)  # 20x40 on disk
+    exif = Image.Exif()
+    exif[images.ORIENTATION] = 6
+    stored.save(r / "rotated.jpg", exif=exif, quality=95)
+    frames = [Image.new("RGB", (12, 12), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(r / "anim.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
     outside = tmp_path / "secret.png"
     Image.new("RGB", (8, 8)).save(outside)
     (r / "link.png").symlink_to(outside)
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere" / "x.png")
+    (r / "dirlink").symlink_to(tmp_path / "elsewhere")
+    (r / "sub").mkdir()
+    (r / "sub" / "inside.png").symlink_to(r / "ok.png")
     return r
 
 
@@ -56,26 +88,51 @@ def root(tmp_path):
         ("ok.png", ""),
         ("truncated.jpg", "decode_error"),
         ("empty.png", "empty_file"),
-        ("text.jpg", "decode_error"),
+        ("text.jpg", "not_an_image"),
+        ("page.jpg", "not_an_image"),
         ("bomb.png", "too_many_pixels"),
         ("pic.bmp", "format_not_allowed"),
         ("missing.png", "missing"),
         ("../secret.png", "path_escape"),
         ("link.png", "path_escape"),
+        ("dirlink/x.png", "path_escape"),
+        ("sub/inside.png", ""),  # a symlink that stays inside the root is fine
     ],
 )
 def test_check_image_reasons(root, rel, reason):
     rec = check_image(str(root), rel, ImagePolicy())
-    assert rec.ok == (reason == "")
+    assert rec.ok == (reason == ""), rec.reason
     assert rec.reason.split(":")[0] == reason
     if rec.ok:
         assert (rec.width, rec.height, rec.format) == (40, 30, "PNG")
-        assert len(rec.sha256) == 64
+        assert len(rec.sha256) == 64 and rec.status == "ok"
 
 
-def test_absolute_path_is_refused(root):
-    with pytest.raises(PathEscapeError, match="absolute"):
-        resolve_in_root(root, str(root / "ok.png"))
+def test_bad_inputs_say_what_is_wrong(root):
+    html = check_image(str(root), "page.jpg", ImagePolicy())
+    assert "HTML" in html.reason
+    bomb = check_image(str(root), "bomb.png", ImagePolicy())
+    assert "50000x50000" in bomb.reason or "exceeds limit" in bomb.reason
+    bmp = check_image(str(root), "pic.bmp", ImagePolicy())
+    assert "BMP" in bmp.reason and "PNG, JPEG, WEBP" in bmp.reason
+
+
+def test_pixel_limit_is_checked_before_decoding(root, monkeypatch):
+    # 100x100 = 10,000 pixels; the header says so, and load() must never be reached.
+    Image.new("RGB", (100, 100)).save(root / "big.png")
+    calls = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: calls.append(1))
+    rec = check_image(str(root), "big.png", ImagePolicy(max_pixels=9_999))
+    assert rec.reason.startswith("too_many_pixels: 100x100 > max_pixels 9999")
+    assert calls == []
+
+
+def test_absolute_paths(root, tmp_path):
+    with pytest.raises(PathEscapeError, match="absolute path .* outside the image root"):
+        resolve_in_root(root, str(tmp_path / "secret.png"))
+    assert resolve_in_root(root, str(root / "ok.png")) == root / "ok.png"  # inside: accepted
+    rec = check_image(str(root), str(tmp_path / "secret.png"), ImagePolicy())
+    assert rec.reason.startswith("path_escape")
 
 
 def test_min_side(root):
@@ -83,17 +140,117 @@ def test_min_side(root):
     assert not rec.ok and rec.reason.startswith("too_small")
 
 
+def test_cmyk_is_converted(root):
+    rec = check_image(str(root), "cmyk.jpg", ImagePolicy())
+    assert rec.ok and rec.status == "converted" and "CMYK" in rec.notes
+    px = load_rgb(root / "cmyk.jpg").getpixel((8, 4))
+    assert px[0] > 220 and px[1] < 40 and px[2] < 40  # red stays red
+
+
+def test_16_bit_png_is_scaled_not_clipped(root):
+    rec = check_image(str(root), "gray16.png", ImagePolicy())
+    assert rec.ok and rec.mode.startswith("I") and "8-bit" in rec.notes
+    # Pillow's own convert("RGB") clips 32896 to 255 (white); we scale: 32896/257 = 128.
+    assert Image.open(root / "gray16.png").convert("RGB").getpixel((0, 0)) == (255, 255, 255)
+    assert load_rgb(root / "gray16.png").getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_palette_transparency_goes_on_white(root):
+    rec = check_image(str(root), "palette.png", ImagePolicy())
+    assert rec.ok and "alpha composited on white" in rec.notes
+    im = load_rgb(root / "palette.png")
+    assert im.getpixel((1, 1)) == (0, 255, 0) and im.getpixel((8, 1)) == (255, 255, 255)
+    assert load_rgb(root / "la.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_rotated_jpeg_comes_out_upright(root):
+    assert Image.open(root / "rotated.jpg").size == (20, 40)  # stored rotated
+    rec = check_image(str(root), "rotated.jpg", ImagePolicy())
+    assert rec.ok and (rec.width, rec.height) == (40, 20) and "exif_orientation 6" in rec.notes
+    im = load_rgb(root / "rotated.jpg")
+    assert im.size == (40, 20)
+    left, right = im.getpixel((5, 10)), im.getpixel((35, 10))
+    assert left[0] > 200 and left[2] < 60, left  # red on the left
+    assert right[2] > 200 and right[0] < 60, right  # blue on the right
+
+
+def test_animated_gif_first_frame_or_reject(root):
+    gif_ok = ImagePolicy(allowed_formats=("PNG", "GIF"), animated="first_frame")
+    rec = check_image(str(root), "anim.gif", gif_ok)
+    assert rec.ok and rec.frames == 2 and "first frame" in rec.notes
+    assert load_rgb(root / "anim.gif").getpixel((5, 5)) == (255, 0, 0)
+    rec = check_image(
+        str(root), "anim.gif", ImagePolicy(allowed_formats=("GIF",), animated="reject")
+    )
+    assert not rec.ok and rec.reason.startswith("animated: 2 frames")
+    assert check_image(str(root), "anim.gif", ImagePolicy()).reason.startswith("format_not_allowed")
+
+
+def test_validation_and_load_rgb_agree(root):
+    """Every accepted image opens with load_rgb at exactly the recorded (upright) size."""
+    policy = ImagePolicy(allowed_formats=("PNG", "JPEG", "GIF"))
+    names = [n for n in os.listdir(root) if (root / n).is_file()]
+    recs = validate_images([(str(root), n) for n in names], policy, progress=False)
+    accepted = [r for r in recs if r["ok"]]
+    assert len(accepted) >= 7
+    for r in accepted:
+        im = load_rgb(r["resolved"])
+        assert im.mode == "RGB" and im.size == (r["width"], r["height"]), r["path"]
+
+
 def test_validate_images_parallel_matches_serial(root):
-    refs = [(str(root), n) for n in ("ok.png", "text.jpg", "missing.png", "ok.png")]
+    refs = [(str(root), n) for n in ("ok.png", "text.jpg", "missing.png", "ok.png", "cmyk.jpg")]
+    refs += [(str(root), f"copy{i}.png") for i in range(40)]
+    for i in range(40):
+        Image.new("RGB", (8 + i, 8), (i, i, i)).save(root / f"copy{i}.png")
     serial = validate_images(refs, ImagePolicy(), threads=1, progress=False)
     parallel = validate_images(refs, ImagePolicy(), threads=2, progress=False)
     assert serial == parallel
-    assert [r["path"] for r in serial] == ["ok.png", "text.jpg", "missing.png"]  # deduplicated
-    assert [r["ok"] for r in serial] == [True, False, False]
+    assert [r["path"] for r in serial[:4]] == ["ok.png", "text.jpg", "missing.png", "cmyk.jpg"]
+    assert [r["ok"] for r in serial[:4]] == [True, False, False, True]
+    assert [r["width"] for r in serial[4:]] == [8 + i for i in range(40)]
 
 
-def test_load_rgb_composites_alpha_on_white(tmp_path):
-    im = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
-    im.save(tmp_path / "a.png")
-    out = load_rgb(tmp_path / "a.png")
-    assert out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255)
+def test_incremental_cache_decodes_only_new_or_changed_files(tmp_path, monkeypatch):
+    for i in range(30):
+        Image.new("RGB", (10, 10), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    decoded = []
+    real = images.inspect_file
+    monkeypatch.setattr(images, "inspect_file", lambda p, pol: decoded.append(p) or real(p, pol))
+    cache = tmp_path / "cache" / "validation.parquet"
+
+    def run(n, policy=None):
+        policy = policy or ImagePolicy()
+        decoded.clear()
+        refs = [ImageRef("path", str(tmp_path), f"{i}.png") for i in range(n)]
+        return validate_refs(refs, policy, threads=2, cache_file=cache, progress=False)
+
+    first = run(30)
+    assert len(decoded) == 30 and all(r["ok"] for r in first)
+    assert run(30) == first and decoded == []
+    Image.new("RGB", (12, 10)).save(tmp_path / "31.png")
+    Image.new("RGB", (10, 10)).save(tmp_path / "30.png")
+    (tmp_path / "5.png").write_bytes(b"broken now")  # changed in place
+    again = run(32)
+    assert sorted(os.path.basename(p) for p in decoded) == ["30.png", "31.png", "5.png"]
+    assert again[5]["reason"].startswith("not_an_image") and again[31]["width"] == 12
+    run(32, ImagePolicy(min_side=11))  # another policy: nothing reused
+    assert len(decoded) == 32
+
+
+def test_embedded_bytes_go_to_the_blob_store_once(tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (9, 7), (1, 2, 3)).save(buf, "PNG")
+    blobs = BlobStore(tmp_path / "cache")
+    sha, path = blobs.put(buf.getvalue())
+    mtime = path.stat().st_mtime_ns
+    assert blobs.put(buf.getvalue()) == (sha, path) and path.stat().st_mtime_ns == mtime
+    assert path.suffix == ".png" and path.parent.name == sha[:2]
+    recs = validate_refs(
+        [ImageRef("bytes", "", sha), ImageRef("bytes", "", "0" * 64)],
+        ImagePolicy(),
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    assert recs[0]["ok"] and recs[0]["resolved"] == str(path) and recs[0]["sha256"] == sha
+    assert recs[1]["reason"].startswith("missing")

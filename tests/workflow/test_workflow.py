@@ -66,14 +66,38 @@ def test_every_output_is_there_and_consistent(workflow_run):
     w = workflow_run
     data = w / "results/data/digits"
     images = pq.read_table(data / "images.parquet").to_pandas()
-    assert len(images) == 123 and images["ok"].sum() == 120
+    # 120 digit files, 3 bad references, 4 embedded images of the ShareGPT source.
+    assert len(images) == 127 and images["ok"].sum() == 124
+    assert (images["kind"] == "bytes").sum() == 4
     reasons = sorted(r.split(":")[0] for r in images.loc[~images["ok"], "reason"])
-    assert reasons == ["decode_error", "missing", "path_escape"]
+    assert reasons == ["missing", "not_an_image", "path_escape"]
+    assert len((data / "images_rejected.tsv").read_text().splitlines()) == 4
     rejected = pq.read_table(data / "rejected.parquet").to_pandas()
     splits = {s: pq.read_table(data / f"{s}.parquet").num_rows for s in ("train", "val", "test")}
-    assert sum(splits.values()) + len(rejected) == 123  # nothing silently dropped
+    assert sum(splits.values()) + len(rejected) == 126  # nothing silently dropped
     assert len(rejected) == 3 and all(rejected["reason"].str.startswith("bad_image"))
     assert min(splits.values()) > 0
+    # Embedded images became files in the dataset's blob store, and reach training from there.
+    conv = [
+        r
+        for s in ("train", "val", "test")
+        for r in pq.read_table(data / f"{s}.parquet").to_pylist()
+    ]
+    multi = [r for r in conv if len(r["images"]) == 2]
+    assert len(multi) == 1 and all("/cache/blobs/" in p for p in multi[0]["images"])
+
+    # The run's token budget: the long ShareGPT sample is dropped, the rest kept.
+    run_data = w / "results/runs/test/data"
+    too_long = pq.read_table(run_data / "rejected.parquet").to_pandas()
+    assert list(too_long["kind"]) == ["too_long"]
+    run_splits = {
+        s: pq.read_table(run_data / f"{s}.parquet").num_rows for s in ("train", "val", "test")
+    }
+    assert sum(run_splits.values()) == sum(splits.values()) - 1
+    lengths = pq.read_table(run_data / "token_lengths.parquet").to_pandas()
+    assert len(lengths) == sum(splits.values()) and lengths["total"].max() > 256
+    assert (run_data / "token_lengths.png").stat().st_size > 0
+    assert "max_seq_length 256" in (run_data / "token_lengths.tsv").read_text()
 
     adapter = w / "results/runs/test/adapter"
     for f in (
@@ -93,14 +117,15 @@ def test_every_output_is_there_and_consistent(workflow_run):
     merged = w / "results/runs/test/merged"
     assert (merged / "model.safetensors").exists() and (merged / "config.json").exists()
     metrics = json.loads((w / "results/runs/test/eval/metrics.json").read_text())
-    assert metrics["n"] == splits["test"]
+    assert metrics["n"] == run_splits["test"]
     assert set(metrics) >= {"base", "tuned", "delta", "n", "settings"}
     preds = pq.read_table(w / "results/runs/test/eval/predictions.parquet").to_pandas()
-    assert len(preds) == splits["test"]
+    assert len(preds) == run_splits["test"]
     assert {"id", "image", "question", "reference", "base_answer", "tuned_answer"} <= set(preds)
     for step in (
         "validate_images/digits",
         "format_conversations/digits",
+        "token_budget/test",
         "train/test",
         "merge/test",
         "evaluate/test",
@@ -132,6 +157,7 @@ def test_editing_one_image_reruns_only_the_stages_downstream(workflow_run):
     assert planned_jobs(res) == {
         "validate_images": 1,
         "format_conversations": 1,
+        "token_budget": 1,
         "train": 1,
         "merge": 1,
         "evaluate": 1,

@@ -1,0 +1,866 @@
+"""Source files → samples: canonical messages plus the image references they use.
+
+Two independent choices describe a source:
+
+- the file type, detected from `path`: `.jsonl`/`.ndjson` (one object per line), `.json` (a list
+  of objects), `.csv`/`.tsv` (header row), `.parquet`, or a folder written by
+  `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk` (its Arrow files are read
+  directly; image features come as `{bytes, path}` structs);
+- the row layout, `format:` in the config:
+  - `seed`: one sample per row with `image`, `instruction`, `response` (names mappable). `image`
+    may be a list (multi-image; a JSON list string in CSV); `instruction`/`response` may be
+    equal-length lists (multi-turn).
+  - `messages`: chat messages with typed parts, `{"type": "image", "image": ...}` /
+    `{"type": "text", "text": ...}` (also OpenAI `image_url` parts and string contents). An image
+    part without a value takes the next entry of the row's `images` column (TRL/HF style).
+  - `sharegpt`: `conversations` or `messages` with `from`/`value` or `role`/`content`, `<image>`
+    placeholders in the text and an `images` list (LLaMA-Factory; LLaVA's single `image` too).
+
+An image value may be a path relative to the source's image root, an http(s) URL, a
+`data:image/...;base64,` URI, raw bytes, or a dict `{bytes, path}` (HF datasets), `{url}`,
+`{path}` or `{base64}`.
+
+Row problems never raise: they come back as `RowError(row, reason, raw)` with reason
+`kind: details`; file problems (unreadable file, missing column) raise `DataError` naming the
+file, line and column.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .images import ImageRef
+
+PLACEHOLDER = "<image>"
+ROLES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "system": "system",
+}
+FORMATS = ("seed", "messages", "sharegpt")
+DEFAULT_COLUMNS = {
+    "id": None,
+    "image": "image",
+    "instruction": "instruction",
+    "response": "response",
+    "system": None,
+    "messages": None,
+    "images": None,
+}
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_PEEK_ROWS = 1000
+
+
+class DataError(ValueError):
+    """Input that cannot be read at all (names the file, line or column)."""
+
+
+class RowProblem(ValueError):
+    """A row that cannot be used; the message is its reason ('kind: details')."""
+
+
+@dataclass
+class RowError:
+    row: int
+    reason: str
+    raw: object
+
+
+@dataclass
+class Source:
+    path: str
+    image_root: str | None = None
+    name: str | None = None
+    format: str = "seed"
+    columns: dict = field(default_factory=dict)
+    hash_embedded: bool = field(default=True, repr=False)
+    """False: embedded images are neither decoded nor hashed (job-graph time listing)."""
+    default_label: str | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise DataError(f"{self.path}: unknown format '{self.format}' (one of {FORMATS})")
+        unknown = set(self.columns) - set(DEFAULT_COLUMNS)
+        if unknown:
+            raise DataError(f"{self.path}: unknown column keys {sorted(unknown)}")
+        self.columns = {**DEFAULT_COLUMNS, **{k: v for k, v in self.columns.items()}}
+
+    @property
+    def label(self) -> str:
+        return self.name or self.default_label or Path(self.path).stem
+
+    @property
+    def root(self) -> str:
+        """Folder that relative image paths start from (default: the data file's folder)."""
+        if self.image_root is not None:
+            return self.image_root
+        p = Path(self.path)
+        return str(p if p.is_dir() else p.parent)
+
+
+@dataclass
+class Sample:
+    row: int
+    raw: dict
+    messages: list[dict]
+    """Canonical messages; an image part's `image` is the index (as a string) into `images`."""
+    images: list[ImageRef]
+    payloads: dict[str, bytes] = field(default_factory=dict)
+    """sha256 → bytes of embedded images (written to the blob store by validate_images)."""
+    id: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# File types.
+
+
+class Reader:
+    """Rows of one data file as (row number, record | RowError). `columns` is the header or
+    schema when the file type has one (CSV, Parquet, Arrow), else None."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        p = self.path
+        if p.is_dir():
+            self.kind = "hf_disk"
+            self.files = _hf_disk_files(p)
+        elif not p.is_file():
+            raise DataError(f"{p}: data file not found")
+        else:
+            suffix = p.suffix.lower()
+            kinds = {
+                ".jsonl": "jsonl",
+                ".ndjson": "jsonl",
+                ".json": "json",
+                ".csv": "csv",
+                ".tsv": "csv",
+                ".parquet": "parquet",
+                ".arrow": "arrow",
+            }
+            if suffix not in kinds:
+                raise DataError(
+                    f"{p}: unsupported file type '{suffix}' (use .jsonl, .json, .csv, .tsv, "
+                    ".parquet, or a datasets.save_to_disk folder)"
+                )
+            self.kind = kinds[suffix]
+            self.files = [p]
+        self.columns: list[str] | None = None
+        if self.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                self.columns = pq.ParquetFile(p).schema_arrow.names
+            except Exception as e:
+                raise DataError(f"{p}: not a readable Parquet file ({e})") from None
+        elif self.kind in ("hf_disk", "arrow"):
+            self.columns = _arrow_schema(self.files[0]).names if self.files else []
+        elif self.kind == "csv":
+            self.columns = self._csv_header()
+
+    def rows(self) -> Iterator[tuple[int, dict | RowError]]:
+        return getattr(self, f"_rows_{'arrow' if self.kind == 'hf_disk' else self.kind}")()
+
+    def _rows_jsonl(self):
+        path = self.path
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield (
+                        lineno,
+                        RowError(
+                            lineno,
+                            f"invalid_utf8: {path}:{lineno}: byte 0x{raw[e.start]:02x} at column "
+                            f"{e.start + 1} is not valid UTF-8",
+                            raw[:2000].decode("utf-8", "replace"),
+                        ),
+                    )
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield (
+                        lineno,
+                        RowError(
+                            lineno,
+                            f"malformed_row: {path}:{lineno}:{e.colno}: {e.msg}",
+                            line[:2000],
+                        ),
+                    )
+                    continue
+                if not isinstance(rec, dict):
+                    yield (
+                        lineno,
+                        RowError(
+                            lineno,
+                            f"malformed_row: {path}:{lineno}: expected a JSON object, got "
+                            f"{type(rec).__name__}",
+                            line[:2000],
+                        ),
+                    )
+                    continue
+                yield lineno, rec
+
+    def _rows_json(self):
+        path = self.path
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            raise DataError(
+                f"{path}:{line}: byte 0x{data[e.start]:02x} is not valid UTF-8 (a .json file is "
+                "read as a whole; use JSONL to quarantine single bad rows)"
+            ) from None
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg})") from None
+        if not isinstance(obj, list):
+            raise DataError(f"{path}: expected a JSON list of objects, got {type(obj).__name__}")
+        for i, rec in enumerate(obj, start=1):
+            if isinstance(rec, dict):
+                yield i, rec
+            else:
+                yield (
+                    i,
+                    RowError(
+                        i,
+                        f"malformed_row: {path}: item {i} is a {type(rec).__name__}, not an object",
+                        rec,
+                    ),
+                )
+
+    def _csv_header(self) -> list[str]:
+        delim = "\t" if self.path.suffix.lower() == ".tsv" else ","
+        with open(self.path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+            try:
+                return next(csv.reader(f, delimiter=delim))
+            except StopIteration:
+                return []
+            except csv.Error as e:
+                raise DataError(f"{self.path}:1: malformed CSV header ({e})") from None
+
+    def _rows_csv(self):
+        path = self.path
+        delim = "\t" if path.suffix.lower() == ".tsv" else ","
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+            reader = csv.reader(f, delimiter=delim)
+            try:
+                header = next(reader)
+            except StopIteration:
+                return
+            start = reader.line_num + 1
+            while True:
+                try:
+                    cells = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    raise DataError(f"{path}:{start}: malformed CSV ({e})") from None
+                row, start = start, reader.line_num + 1
+                if not cells:
+                    continue
+                raw = dict(zip(header, cells))
+                if len(cells) != len(header):
+                    yield (
+                        row,
+                        RowError(
+                            row,
+                            f"malformed_row: {path}:{row}: {len(cells)} fields, header has "
+                            f"{len(header)}",
+                            delim.join(cells),
+                        ),
+                    )
+                    continue
+                bad = next((k for k, v in raw.items() if _has_surrogates(v)), None)
+                if bad is not None:
+                    yield (
+                        row,
+                        RowError(
+                            row,
+                            f"invalid_utf8: {path}:{row}: column '{bad}' holds bytes that are not "
+                            "valid UTF-8",
+                            {
+                                k: v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                                for k, v in raw.items()
+                            },
+                        ),
+                    )
+                    continue
+                yield row, raw
+
+    def _rows_parquet(self):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(self.path)
+        yield from _batches_to_rows(
+            self.path, (pa.Table.from_batches([b]) for b in pf.iter_batches(batch_size=256))
+        )
+
+    def _rows_arrow(self):
+        import pyarrow as pa
+
+        def tables():
+            for f in self.files:
+                with pa.memory_map(str(f)) as mm:
+                    reader = _open_arrow(mm, f)
+                    for batch in reader:
+                        yield pa.Table.from_batches([batch])
+
+        yield from _batches_to_rows(self.path, tables())
+
+
+def _has_surrogates(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _batches_to_rows(path, tables):
+    i = 0
+    for table in tables:
+        try:
+            recs = table.to_pylist()
+        except UnicodeDecodeError:
+            recs = []
+            for j in range(table.num_rows):
+                try:
+                    recs.append(table.slice(j, 1).to_pylist()[0])
+                except UnicodeDecodeError as e:
+                    recs.append(
+                        RowError(i + j + 1, f"invalid_utf8: {path}: row {i + j + 1}: {e}", None)
+                    )
+        for rec in recs:
+            i += 1
+            if isinstance(rec, RowError):
+                yield i, rec
+            else:
+                yield i, rec
+
+
+def _open_arrow(mm, f):
+    import pyarrow as pa
+
+    try:
+        return pa.ipc.open_stream(mm)
+    except pa.ArrowInvalid:
+        mm.seek(0)
+        try:
+            return pa.ipc.open_file(mm)
+        except pa.ArrowInvalid as e:
+            raise DataError(f"{f}: not an Arrow file ({e})") from None
+
+
+def _arrow_schema(f):
+    import pyarrow as pa
+
+    with pa.memory_map(str(f)) as mm:
+        return _open_arrow(mm, f).schema
+
+
+def _hf_disk_files(folder: Path) -> list[Path]:
+    """Arrow files of a `save_to_disk` folder (a Dataset, or every split of a DatasetDict)."""
+    if (folder / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{folder}/dataset_dict.json: unreadable ({e})") from None
+        return [f for s in splits for f in _hf_disk_files(folder / s)]
+    state = folder / "state.json"
+    if not state.is_file():
+        raise DataError(
+            f"{folder}: a folder source must be written by datasets' save_to_disk "
+            "(state.json or dataset_dict.json not found)"
+        )
+    try:
+        files = [folder / d["filename"] for d in json.loads(state.read_text())["_data_files"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{state}: unreadable ({e})") from None
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"{folder}: data files listed in state.json are missing: {missing}")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Values.
+
+
+def text_value(rec: dict, col: str, *, required: bool = True) -> str:
+    if col not in rec or rec[col] is None:
+        if required:
+            raise RowProblem(f"missing_field: no '{col}'")
+        return ""
+    return _as_text(rec[col], f"'{col}'")
+
+
+def _as_text(v, where: str) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    raise RowProblem(f"bad_field: {where} is a {type(v).__name__}, expected text")
+
+
+def image_ref(value, source: Source, where: str) -> tuple[ImageRef, bytes | None]:
+    """One image value → (reference, embedded bytes or None)."""
+    if not source.hash_embedded and not isinstance(value, str | dict):
+        return ImageRef("bytes", "", ""), None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        return ImageRef("bytes", "", hashlib.sha256(data).hexdigest()), data
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            b = value["bytes"]
+            if not source.hash_embedded:
+                return ImageRef("bytes", "", ""), None
+            if isinstance(b, str):
+                return _b64(b, where)
+            return image_ref(b, source, where)
+        for key in ("path", "url", "image", "image_url"):
+            if value.get(key) not in (None, ""):
+                inner = value[key]
+                if key == "image_url" and isinstance(inner, dict):
+                    inner = inner.get("url")
+                return image_ref(inner, source, where)
+        if value.get("base64"):
+            if not source.hash_embedded:
+                return ImageRef("bytes", "", ""), None
+            return _b64(value["base64"], where)
+        raise RowProblem(f"bad_image_ref: {where} has none of bytes/path/url/base64")
+    if not isinstance(value, str):
+        raise RowProblem(f"bad_image_ref: {where} is a {type(value).__name__}")
+    value = value.strip()
+    if not value:
+        raise RowProblem(f"bad_image_ref: {where} is empty")
+    if value.startswith("data:"):
+        head, _, payload = value.partition(",")
+        if ";base64" not in head:
+            raise RowProblem(f"bad_image_ref: {where}: data URI is not base64")
+        if not source.hash_embedded:
+            return ImageRef("bytes", "", ""), None
+        return _b64(payload, where)
+    m = _SCHEME.match(value)
+    if m:
+        scheme = m.group(1).lower()
+        if scheme not in ("http", "https"):
+            raise RowProblem(
+                f"bad_image_ref: {where}: URL scheme '{scheme}' is not allowed (http, https)"
+            )
+        return ImageRef("url", "", value), None
+    return ImageRef("path", source.root, value), None
+
+
+def _b64(text: str, where: str) -> tuple[ImageRef, bytes]:
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RowProblem(f"bad_image_ref: {where}: invalid base64 ({e})") from None
+    return ImageRef("bytes", "", hashlib.sha256(data).hexdigest()), data
+
+
+def image_list(value, source: Source, where: str, *, csv_cell: bool = False) -> list:
+    """A column holding zero, one or several images → list of (ref, payload)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return []
+    if csv_cell and isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RowProblem(f"bad_field: {where} starts with '[' but is not a JSON list") from None
+    if isinstance(value, (list, tuple)):
+        return [image_ref(v, source, f"{where}[{i}]") for i, v in enumerate(value)]
+    return [image_ref(value, source, where)]
+
+
+def split_placeholders(text: str) -> list[str | None]:
+    """Text → pieces, None marking each `<image>` placeholder (empty text pieces dropped)."""
+    out: list[str | None] = []
+    for i, piece in enumerate(text.split(PLACEHOLDER)):
+        if i:
+            out.append(None)
+        if piece.strip():
+            out.append(piece)
+    return out
+
+
+def text_part(text: str) -> dict:
+    return {"type": "text", "text": text, "image": None}
+
+
+def image_part(index: int) -> dict:
+    return {"type": "image", "text": "", "image": str(index)}
+
+
+class _Images:
+    """Collects a sample's images in order of their parts."""
+
+    def __init__(self):
+        self.refs: list[ImageRef] = []
+        self.payloads: dict[str, bytes] = {}
+
+    def add(self, ref_payload) -> dict:
+        ref, payload = ref_payload
+        if payload is not None:
+            self.payloads[ref.value] = payload
+        self.refs.append(ref)
+        return image_part(len(self.refs) - 1)
+
+
+def _role(value, where: str) -> str:
+    if not isinstance(value, str) or value.lower() not in ROLES:
+        raise RowProblem(
+            f"unknown_role: {where} has role {value!r} (known: {', '.join(sorted(ROLES))})"
+        )
+    return ROLES[value.lower()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts.
+
+
+def parse_seed(rec: dict, source: Source, csv_cells: bool) -> tuple[list[dict], _Images]:
+    c = source.columns
+    images = image_list(rec.get(c["image"]), source, f"'{c['image']}'", csv_cell=csv_cells)
+    instr, resp = rec.get(c["instruction"]), rec.get(c["response"])
+    if isinstance(instr, (list, tuple)) or isinstance(resp, (list, tuple)):
+        if not (isinstance(instr, (list, tuple)) and isinstance(resp, (list, tuple))):
+            raise RowProblem("bad_field: instruction and response must both be lists for turns")
+        if len(instr) != len(resp):
+            raise RowProblem(f"turn_mismatch: {len(instr)} instructions but {len(resp)} responses")
+        turns = [
+            (_as_text(i, f"'{c['instruction']}'[{n}]"), _as_text(r, f"'{c['response']}'[{n}]"))
+            for n, (i, r) in enumerate(zip(instr, resp))
+        ]
+    else:
+        turns = [
+            (
+                text_value(rec, c["instruction"], required=False),
+                text_value(rec, c["response"], required=False),
+            )
+        ]
+    messages = []
+    if c["system"]:
+        system = text_value(rec, c["system"], required=False)
+        if system.strip():
+            messages.append({"role": "system", "content": [text_part(system)]})
+    imgs = _Images()
+    placeholders = sum(t.count(PLACEHOLDER) for t, _ in turns)
+    if placeholders and placeholders != len(images):
+        raise RowProblem(
+            f"image_count_mismatch: {placeholders} {PLACEHOLDER} placeholders but "
+            f"{len(images)} images"
+        )
+    queue = iter(images)
+    for n, (user, answer) in enumerate(turns):
+        if placeholders:
+            parts = [
+                text_part(p) if p is not None else imgs.add(next(queue))
+                for p in split_placeholders(user)
+            ]
+        else:
+            parts = [imgs.add(x) for x in images] if n == 0 else []
+            if user:
+                parts.append(text_part(user))
+        messages.append({"role": "user", "content": parts})
+        messages.append({"role": "assistant", "content": [text_part(answer)]})
+    return messages, imgs
+
+
+def _messages_column(rec_keys, source: Source, fmt: str) -> str:
+    """The configured conversation column, else `messages` / `conversations` (whichever the
+    row or file has; per row, so that files mixing both work)."""
+    col = source.columns["messages"]
+    if col:
+        return col
+    order = ("messages", "conversations") if fmt == "messages" else ("conversations", "messages")
+    for name in order:
+        if name in rec_keys:
+            return name
+    return order[0]
+
+
+def _images_column(rec: dict, source: Source) -> str | None:
+    col = source.columns["images"]
+    if col:
+        return col
+    for name in ("images", "image"):
+        if name in rec:
+            return name
+    return None
+
+
+def _load_turns(rec: dict, col: str) -> list:
+    turns = rec.get(col)
+    if isinstance(turns, str):
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError as e:
+            raise RowProblem(f"bad_field: '{col}' is a string but not JSON ({e.msg})") from None
+    if turns is None:
+        raise RowProblem(f"missing_field: no '{col}'")
+    if not isinstance(turns, (list, tuple)) or not all(isinstance(t, dict) for t in turns):
+        raise RowProblem(f"bad_field: '{col}' must be a list of message objects")
+    return list(turns)
+
+
+def _turn_fields(turn: dict, i: int, col: str) -> tuple[str, object]:
+    if "role" in turn or "content" in turn:
+        role, content = turn.get("role"), turn.get("content")
+    elif "from" in turn or "value" in turn:
+        role, content = turn.get("from"), turn.get("value")
+    else:
+        raise RowProblem(f"bad_field: {col}[{i}] has neither role/content nor from/value")
+    return _role(role, f"{col}[{i}]"), content
+
+
+def parse_messages(rec: dict, source: Source, fmt: str, msg_col: str) -> tuple[list[dict], _Images]:
+    """`messages` (typed parts) and `sharegpt` (<image> placeholders) layouts."""
+    turns = _load_turns(rec, msg_col)
+    img_col = _images_column(rec, source)
+    listed = image_list(rec.get(img_col), source, f"'{img_col}'") if img_col is not None else []
+    # Parts are first collected as text parts, ("ref", (ref, payload)) for inline images, or
+    # None for a slot that takes the next image of the `images` column; indices are assigned
+    # afterwards in reading order (the order the processor matches images to image tokens).
+    staged: list[tuple[str, list]] = []
+    if source.columns["system"]:
+        system = text_value(rec, source.columns["system"], required=False)
+        if system.strip():
+            staged.append(("system", [text_part(system)]))
+    for i, turn in enumerate(turns):
+        role, content = _turn_fields(turn, i, msg_col)
+        where = f"{msg_col}[{i}]"
+        parts: list = []
+        if content is None:
+            content = ""
+        if isinstance(content, str):
+            parts += [text_part(p) if p is not None else None for p in split_placeholders(content)]
+        elif fmt == "messages" and isinstance(content, (list, tuple)):
+            for j, p in enumerate(content):
+                parts.append(_typed_part(p, source, f"{where}.content[{j}]"))
+        else:
+            raise RowProblem(f"bad_field: {where} content is a {type(content).__name__}")
+        staged.append((role, parts))
+    slots = sum(p is None for _, parts in staged for p in parts)
+    if slots != len(listed):
+        what = f"{PLACEHOLDER} placeholders" if fmt == "sharegpt" else "image parts without a value"
+        raise RowProblem(
+            f"image_count_mismatch: {slots} {what} but {len(listed)} images in "
+            f"'{img_col or 'images'}'"
+        )
+    queue = iter(listed)
+    imgs = _Images()
+    messages = []
+    for role, parts in staged:
+        content = []
+        for p in parts:
+            if p is None:
+                content.append(imgs.add(next(queue)))
+            elif isinstance(p, tuple):
+                content.append(imgs.add(p[1]))
+            else:
+                content.append(p)
+        messages.append({"role": role, "content": content})
+    return messages, imgs
+
+
+_VALUE_KEYS = ("image", "image_url", "url", "path", "bytes")
+
+
+def _typed_part(p, source: Source, where: str):
+    if isinstance(p, str):
+        return text_part(p)
+    if not isinstance(p, dict):
+        raise RowProblem(f"bad_field: {where} is a {type(p).__name__}")
+    kind = p.get("type") or ("text" if "text" in p else "image")
+    if kind == "text":
+        return text_part(text_value(p, "text", required=False))
+    if kind in ("image", "image_url"):
+        value = next((p[k] for k in _VALUE_KEYS if p.get(k) not in (None, "")), None)
+        if value is None and p.get("base64"):
+            value = {"base64": p["base64"]}
+        if value is None:
+            return None
+        return ("ref", image_ref(value, source, where))
+    raise RowProblem(f"unsupported_part: {where} has type {kind!r} (text and image only)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks shared by every layout.
+
+
+def check_messages(messages: list[dict], n_images: int) -> None:
+    """Raise RowProblem when a conversation cannot be trained on (one pass over the parts)."""
+    seen_assistant = False
+    prompt = False
+    next_image = 0
+    for i, m in enumerate(messages):
+        role = m["role"]
+        assistant = role == "assistant"
+        answer = ""
+        for p in m["content"]:
+            if p["type"] == "image":
+                if assistant:
+                    raise RowProblem(f"image_in_answer: message {i} (assistant) holds an image")
+                if p["image"] != str(next_image):
+                    raise RowProblem("image_count_mismatch: image parts out of order")
+                next_image += 1
+                continue
+            t = p["text"]
+            if not t.isascii() and _has_surrogates(t):
+                raise RowProblem(
+                    f"invalid_utf8: message {i} ({role}) holds text that is not valid Unicode "
+                    "(lone surrogate)"
+                )
+            if assistant:
+                answer += t
+        if assistant:
+            if not seen_assistant and not prompt:
+                raise RowProblem("empty_prompt: no user text or image before the first answer")
+            seen_assistant = True
+            if not answer.strip():
+                raise RowProblem(f"empty_response: message {i} (assistant) is empty")
+        elif role == "user" and m["content"]:
+            prompt = True
+    if not seen_assistant:
+        raise RowProblem("no_assistant_turn: the conversation has no assistant turn")
+    if next_image != n_images:
+        raise RowProblem("image_count_mismatch: image parts do not match the images")
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver.
+
+
+def required_columns(source: Source, columns: set[str]) -> list[str]:
+    c = source.columns
+    if source.format == "seed":
+        return [c["image"], c["instruction"], c["response"]]
+    return [_messages_column(columns, source, source.format)]
+
+
+def _check_columns(source: Source, columns: set[str], how: str) -> None:
+    missing = [c for c in required_columns(source, columns) if c not in columns]
+    if missing:
+        keys = {v: k for k, v in source.columns.items() if v}
+        names = ", ".join(f"'{m}'" for m in missing)
+        hint = "; ".join(f"map it with columns.{keys.get(m, 'messages')}" for m in missing[:1])
+        raise DataError(
+            f"{source.path}: missing required column(s) {names} for format '{source.format}' "
+            f"({how}: {', '.join(sorted(columns)) or 'none'}); {hint}"
+        )
+
+
+def iter_samples(source: Source) -> Iterator[Sample | RowError]:
+    """Every row of a source, as a Sample or a RowError (never silently skipped).
+
+    Raises DataError when the file cannot be read or a required column is absent from the file
+    (header/schema, or the first 1,000 rows of JSON/JSONL).
+    """
+    reader = Reader(source.path)
+    rows = reader.rows()
+    if reader.columns is not None:
+        columns = set(reader.columns)
+        _check_columns(source, columns, "columns found")
+        peeked: list = []
+    else:
+        peeked = []
+        for item in rows:
+            peeked.append(item)
+            if len(peeked) >= _PEEK_ROWS:
+                break
+        columns = set().union(*(r.keys() for _, r in peeked if isinstance(r, dict)))
+        if any(isinstance(r, dict) for _, r in peeked):
+            _check_columns(source, columns, f"keys in the first {len(peeked)} rows")
+    msg_col = None if source.format == "seed" else _messages_column(columns, source, source.format)
+    csv_cells = reader.kind == "csv"
+    id_col = source.columns["id"]
+
+    def all_rows():
+        yield from peeked
+        yield from rows
+
+    for row, rec in all_rows():
+        if isinstance(rec, RowError):
+            yield rec
+            continue
+        try:
+            if source.format == "seed":
+                messages, imgs = parse_seed(rec, source, csv_cells)
+            else:
+                col = msg_col if msg_col in rec else _messages_column(rec, source, source.format)
+                messages, imgs = parse_messages(rec, source, source.format, col)
+            check_messages(messages, len(imgs.refs))
+        except RowProblem as e:
+            yield RowError(row, str(e), rec)
+            continue
+        row_id = None
+        if id_col and rec.get(id_col) not in (None, ""):
+            row_id = str(rec[id_col])
+        yield Sample(row, rec, messages, imgs.refs, imgs.payloads, row_id)
+
+
+def raw_json(raw) -> str:
+    """A row as short JSON for the rejects tables (bytes summarised, long strings cut)."""
+
+    def shrink(v):
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            return f"<{len(v)} bytes>"
+        if isinstance(v, str):
+            v = v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            return v if len(v) <= 500 else v[:500] + f"...<{len(v)} chars>"
+        if isinstance(v, dict):
+            return {str(k): shrink(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [shrink(x) for x in v]
+        return v
+
+    return json.dumps(shrink(raw), default=str, ensure_ascii=False)
+
+
+def iter_image_refs(source: Source, on_payload=None) -> Iterator[ImageRef]:
+    """Every image reference of a source's usable rows (bad rows have none to validate).
+    `on_payload(sha, data)` is called for each embedded image (to store it)."""
+    for s in iter_samples(source):
+        if isinstance(s, RowError):
+            continue
+        if on_payload is not None:
+            for sha, data in s.payloads.items():
+                on_payload(sha, data)
+        yield from s.images
+
+
+__all__ = [
+    "DataError",
+    "ImageRef",
+    "RowError",
+    "RowProblem",
+    "Sample",
+    "Source",
+    "iter_image_refs",
+    "iter_samples",
+]

@@ -1,0 +1,538 @@
+"""Every source format through the real data stage (validate_dataset → format_dataset), and
+every bad row: quarantined with its reason, or a clear error naming file, line and column."""
+
+import base64
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from vlmflow.config import resolve_dataset
+from vlmflow.data import (
+    DataError,
+    format_dataset,
+    read_conversations,
+    read_images_table,
+    validate_dataset,
+)
+from vlmflow.formats import Source, iter_samples
+from vlmflow.images import IMAGE_COLUMNS, IMAGES_SCHEMA, load_rgb
+from vlmflow.io import write_parquet
+
+
+def png(colour, size=(12, 10)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+RED, GREEN, BLUE = png((255, 0, 0)), png((0, 255, 0)), png((0, 0, 255))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    img = tmp_path / "img"
+    img.mkdir()
+    (img / "red.png").write_bytes(RED)
+    (img / "green.png").write_bytes(GREEN)
+    (img / "blue.png").write_bytes(BLUE)
+    return tmp_path
+
+
+def jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def stage(tmp_path, sources, **ds):
+    """Run validate + format on a dataset config; returns (rows, rejected, summary)."""
+    ds = {"max_bad_fraction": 1, **ds}
+    cfg = resolve_dataset({"sources": sources, "split": {"val": 0, "test": 0}, **ds})
+    recs = validate_dataset(cfg, tmp_path / "cache", threads=2, progress=False)
+    table = pa.Table.from_pylist([{k: r[k] for k in IMAGE_COLUMNS} for r in recs], IMAGES_SCHEMA)
+    write_parquet(tmp_path / "out" / "images.parquet", table)
+    summary = format_dataset(
+        cfg, read_images_table(tmp_path / "out" / "images.parquet"), tmp_path / "out"
+    )
+    rows = read_conversations(tmp_path / "out" / "train.parquet")
+    rejected = pq.read_table(tmp_path / "out" / "rejected.parquet").to_pylist()
+    assert summary["rows_in"] == len(rows) + len(rejected)  # nothing silently dropped
+    return rows, rejected, summary
+
+
+def colours(row):
+    return [load_rgb(p).getpixel((0, 0)) for p in row["images"]]
+
+
+def roles_and_parts(row):
+    return [
+        (m["role"], [p["text"] if p["type"] == "text" else f"<{p['image']}>" for p in m["content"]])
+        for m in row["messages"]
+    ]
+
+
+def test_seed_multi_image_and_multi_turn(folder):
+    src = jsonl(
+        folder / "seed.jsonl",
+        [
+            {
+                "image": ["img/red.png", "img/blue.png"],
+                "instruction": ["compare", "and now?"],
+                "response": ["red vs blue", "same"],
+                "sys": "be brief",
+            },
+            {"image": "img/green.png", "instruction": "<image> colour? <image>", "response": "x"},
+            {
+                "image": ["img/green.png", "img/red.png"],
+                "instruction": "left <image> right <image>",
+                "response": "green, red",
+            },
+        ],
+    )
+    rows, rejected, _ = stage(
+        folder, [{"path": src, "columns": {"system": "sys"}}]
+    )  # image_root defaults to the data file's folder
+    assert [r["reason"].split(":")[0] for r in rejected] == ["image_count_mismatch"]
+    assert "2 <image> placeholders but 1 images" in rejected[0]["reason"]
+    multi = next(r for r in rows if len(r["messages"]) == 5)
+    assert roles_and_parts(multi) == [
+        ("system", ["be brief"]),
+        ("user", ["<0>", "<1>", "compare"]),
+        ("assistant", ["red vs blue"]),
+        ("user", ["and now?"]),
+        ("assistant", ["same"]),
+    ]
+    assert colours(multi) == [(255, 0, 0), (0, 0, 255)]
+    placed = next(r for r in rows if len(r["messages"]) == 2)
+    assert roles_and_parts(placed)[0] == ("user", ["left ", "<0>", " right ", "<1>"])
+    assert colours(placed) == [(0, 255, 0), (255, 0, 0)]
+
+
+def test_messages_typed_parts_every_image_kind(folder):
+    b64 = base64.b64encode(GREEN).decode()
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "sys"},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": "img/red.png"},
+                        {"type": "text", "text": "and"},
+                        {"type": "image", "image": f"data:image/png;base64,{b64}"},
+                        {"type": "image_url", "image_url": {"url": "img/blue.png"}},
+                    ],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": "three"}]},
+                {"role": "user", "content": [{"type": "text", "text": "more?"}]},
+                {"role": "assistant", "content": "no"},
+            ]
+        },
+        # TRL/HF style: value-less image parts take the `images` column in order.
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image"},
+                        {"type": "text", "text": "q"},
+                        {"type": "image"},
+                    ],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": "a"}]},
+            ],
+            "images": ["img/blue.png", {"base64": b64}],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "video", "video": "v.mp4"}]},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}]},
+                {"role": "assistant", "content": "a"},
+            ],
+            "images": [],
+        },
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": "data:image/png;base64,@@@"}],
+                },
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "image": "ftp://h/x.png"}]},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+    ]
+    ok, rejected, _ = stage(
+        folder,
+        [
+            {
+                "path": jsonl(folder / "m.jsonl", rows),
+                "format": "messages",
+                "image_root": str(folder),
+            }
+        ],
+    )
+    assert [r["row"] for r in rejected] == [3, 4, 5, 6]
+    assert [r["kind"] for r in rejected] == [
+        "unsupported_part",
+        "image_count_mismatch",
+        "bad_image_ref",
+        "bad_image_ref",
+    ]
+    assert "invalid base64" in rejected[2]["reason"] and "'ftp'" in rejected[3]["reason"]
+    first = next(r for r in ok if len(r["images"]) == 3)
+    assert roles_and_parts(first) == [
+        ("system", ["sys"]),
+        ("user", ["<0>", "and", "<1>", "<2>"]),
+        ("assistant", ["three"]),
+        ("user", ["more?"]),
+        ("assistant", ["no"]),
+    ]
+    assert colours(first) == [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    assert "/blobs/" in first["images"][1]  # the embedded image became a file
+    second = next(r for r in ok if len(r["images"]) == 2)
+    assert roles_and_parts(second)[0] == ("user", ["<0>", "q", "<1>"])
+    assert colours(second) == [(0, 0, 255), (0, 255, 0)]
+
+
+def test_sharegpt_llamafactory_and_llava_styles(folder):
+    rows = [
+        {
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat colour?"},
+                {"from": "gpt", "value": "red"},
+                {"from": "human", "value": "And this one? <image>"},
+                {"from": "gpt", "value": "blue"},
+            ],
+            "images": ["img/red.png", "img/blue.png"],
+            "system": "S",
+        },
+        {
+            "id": "llava-1",
+            "image": "img/green.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nColour?"},
+                {"from": "gpt", "value": "green"},
+            ],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "<image><image> two?"},
+                {"role": "assistant", "content": "yes"},
+            ],
+            "images": ["img/red.png"],
+        },
+        {"conversations": [{"from": "human", "value": "<image> hi"}], "images": ["img/red.png"]},
+        {
+            "conversations": [
+                {"from": "human", "value": "<image> hi"},
+                {"from": "gpt", "value": "   "},
+            ],
+            "images": ["img/red.png"],
+        },
+        {"conversations": [{"from": "observation", "value": "x"}, {"from": "gpt", "value": "y"}]},
+    ]
+    ok, rejected, _ = stage(
+        folder,
+        [
+            {
+                "path": jsonl(folder / "s.jsonl", rows),
+                "format": "sharegpt",
+                "columns": {"system": "system", "id": "id"},
+            }
+        ],
+    )
+    assert [(r["row"], r["kind"]) for r in rejected] == [
+        (3, "image_count_mismatch"),
+        (4, "no_assistant_turn"),
+        (5, "empty_response"),
+        (6, "unknown_role"),
+    ]
+    assert "2 <image> placeholders but 1 images" in rejected[0]["reason"]
+    multi = next(r for r in ok if len(r["images"]) == 2)
+    assert roles_and_parts(multi) == [
+        ("system", ["S"]),
+        ("user", ["<0>", "\nWhat colour?"]),
+        ("assistant", ["red"]),
+        ("user", ["And this one? ", "<1>"]),
+        ("assistant", ["blue"]),
+    ]
+    assert colours(multi) == [(255, 0, 0), (0, 0, 255)]
+    llava = next(r for r in ok if r["id"] == "llava-1")
+    assert colours(llava) == [(0, 255, 0)]
+
+
+def test_parquet_with_embedded_bytes_and_hf_struct(folder):
+    table = pa.table(
+        {
+            "image": [RED, BLUE, b"not an image"],
+            "picture": [
+                {"bytes": GREEN, "path": None},
+                {"bytes": None, "path": "img/red.png"},
+                {"bytes": None, "path": "img/red.png"},
+            ],
+            "question": ["a", "b", "c"],
+            "answer": ["1", "2", "3"],
+        }
+    )
+    pq.write_table(table, folder / "e.parquet")
+    rows, rejected, _ = stage(
+        folder,
+        [
+            {
+                "path": str(folder / "e.parquet"),
+                "name": "bytes",
+                "columns": {"instruction": "question", "response": "answer"},
+            },
+            {
+                "path": str(folder / "e.parquet"),
+                "name": "structs",
+                "columns": {"image": "picture", "instruction": "question", "response": "answer"},
+            },
+        ],
+    )
+    got = sorted((r["source"], r["messages"][0]["content"][1]["text"], colours(r)[0]) for r in rows)
+    assert got == [
+        ("bytes", "a", (255, 0, 0)),
+        ("bytes", "b", (0, 0, 255)),
+        ("structs", "a", (0, 255, 0)),
+        ("structs", "b", (255, 0, 0)),
+        ("structs", "c", (255, 0, 0)),
+    ]
+    assert [(r["source"], r["row"], r["kind"]) for r in rejected] == [
+        ("bytes", 3, "bad_image/not_an_image")
+    ]
+    images = pq.read_table(folder / "out" / "images.parquet").to_pylist()
+    assert {r["kind"] for r in images} == {"bytes", "path"}
+    # Embedded images are written once, content-addressed, and not rewritten on a re-run.
+    blobs = sorted((folder / "cache" / "blobs").rglob("*.png"))
+    mtimes = [b.stat().st_mtime_ns for b in blobs]
+    stage(
+        folder,
+        [
+            {
+                "path": str(folder / "e.parquet"),
+                "columns": {"instruction": "question", "response": "answer"},
+            }
+        ],
+    )
+    assert [b.stat().st_mtime_ns for b in blobs] == mtimes and len(blobs) == 3
+
+
+def test_datasets_save_to_disk_folder(folder):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": RED, "path": None}, {"bytes": BLUE, "path": None}],
+            "messages": [
+                [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image"}, {"type": "text", "text": "c?"}],
+                    },
+                    {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+                ],
+                [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image"}, {"type": "text", "text": "c?"}],
+                    },
+                    {"role": "assistant", "content": [{"type": "text", "text": "blue"}]},
+                ],
+            ],
+        }
+    ).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(folder / "hf"))
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(folder / "hfd"))
+    rows, rejected, summary = stage(
+        folder,
+        [
+            {"path": str(folder / "hf"), "format": "messages", "columns": {"images": "image"}},
+            {"path": str(folder / "hfd"), "format": "messages", "columns": {"images": "image"}},
+        ],
+    )
+    assert summary["sources"]["hf"] == {"rows": 2, "accepted": 2}
+    # The DatasetDict repeats sample 0 in its test split: same content, same id → duplicate.
+    assert [(r["source"], r["row"], r["kind"]) for r in rejected] == [("hfd", 3, "duplicate_id")]
+    assert sorted(colours(r)[0] for r in rows) == [(0, 0, 255)] * 2 + [(255, 0, 0)] * 2
+
+
+def test_csv_and_json_sources(folder):
+    (folder / "d.csv").write_text(
+        'img,q,a\nimg/red.png,what?,red\n"[""img/red.png"", ""img/blue.png""]",two?,both\n'
+        "img/blue.png,three fields,too,many\n"
+    )
+    (folder / "d.json").write_text(
+        json.dumps(
+            [
+                {"image": "img/green.png", "instruction": "q", "response": "green"},
+                ["not", "an", "object"],
+            ]
+        )
+    )
+    rows, rejected, _ = stage(
+        folder,
+        [
+            {
+                "path": str(folder / "d.csv"),
+                "columns": {"image": "img", "instruction": "q", "response": "a"},
+            },
+            {"path": str(folder / "d.json"), "name": "j"},
+        ],
+    )
+    assert sorted(len(r["images"]) for r in rows) == [1, 1, 2]
+    assert [(r["source"], r["row"], r["kind"]) for r in rejected] == [
+        ("d", 4, "malformed_row"),
+        ("j", 2, "malformed_row"),
+    ]
+    assert "4 fields, header has 3" in rejected[0]["reason"]
+
+
+# --- bad input: clear errors ------------------------------------------------------------------
+
+
+def test_malformed_jsonl_line_is_quarantined_naming_file_and_line(folder):
+    p = folder / "d.jsonl"
+    p.write_text('{"image": "img/red.png", "instruction": "q", "response": "a"}\n{"image": oops}\n')
+    rows, rejected, _ = stage(folder, [{"path": str(p)}], max_bad_fraction=0.5)
+    assert len(rows) == 1 and rejected[0]["row"] == 2
+    assert rejected[0]["reason"].startswith(f"malformed_row: {p}:2:11: Expecting value")
+
+
+def test_malformed_json_file_names_line_and_column(folder):
+    (folder / "d.json").write_text('[\n  {"image": "a.png",\n   "instruction": }\n]')
+    with pytest.raises(DataError, match=r"d\.json:3:19: malformed JSON"):
+        list(iter_samples(Source(path=str(folder / "d.json"))))
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "csv", "parquet"])
+def test_missing_required_column_is_named(folder, ext):
+    rows = [{"image": "img/red.png", "instruction": "q", "answer": "a"}]
+    path = folder / f"d.{ext}"
+    if ext == "jsonl":
+        jsonl(path, rows)
+    elif ext == "csv":
+        path.write_text("image,instruction,answer\nimg/red.png,q,a\n")
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(DataError) as e:
+        list(iter_samples(Source(path=str(path))))
+    msg = str(e.value)
+    assert str(path) in msg and "'response'" in msg and "columns.response" in msg
+    assert "answer" in msg  # lists what the file has
+
+
+def test_invalid_utf8_is_quarantined_with_line_and_column(folder):
+    good = b'{"image": "img/red.png", "instruction": "q", "response": "ok"}\n'
+    bad = b'{"image": "img/red.png", "instruction": "caf\xe9", "response": "x"}\n'
+    surrogate = b'{"image": "img/blue.png", "instruction": "q", "response": "\\udc80"}\n'
+    (folder / "d.jsonl").write_bytes(good + bad + surrogate)
+    (folder / "d.csv").write_bytes(b"image,instruction,response\nimg/red.png,caf\xe9,x\n")
+    rows, rejected, _ = stage(
+        folder,
+        [{"path": str(folder / "d.jsonl")}, {"path": str(folder / "d.csv"), "name": "c"}],
+        max_bad_fraction=1,
+    )
+    assert len(rows) == 1
+    reasons = [r["reason"] for r in rejected]
+    assert reasons[0].startswith(f"invalid_utf8: {folder / 'd.jsonl'}:2: byte 0xe9 at column 45")
+    assert reasons[1].startswith("invalid_utf8: message 1 (assistant)")
+    assert reasons[2].startswith(f"invalid_utf8: {folder / 'd.csv'}:2: column 'instruction'")
+
+
+def test_bad_images_quarantine_their_rows(folder):
+    (folder / "img" / "broken.png").write_bytes(RED[:30])
+    (folder / "outside.png").write_bytes(RED)
+    src = jsonl(
+        folder / "d.jsonl",
+        [
+            {"image": "red.png", "instruction": "q", "response": "a"},
+            {"image": ["red.png", "broken.png"], "instruction": "q2", "response": "a"},
+            {"image": "../outside.png", "instruction": "q3", "response": "a"},
+            {"image": str(folder / "outside.png"), "instruction": "q4", "response": "a"},
+            {"image": "nope.png", "instruction": "q5", "response": "a"},
+        ],
+    )
+    rows, rejected, summary = stage(
+        folder, [{"path": src, "image_root": str(folder / "img")}], max_bad_fraction=1
+    )
+    assert len(rows) == 1
+    assert [r["kind"] for r in rejected] == [
+        "bad_image/not_an_image",
+        "bad_image/path_escape",
+        "bad_image/path_escape",
+        "bad_image/missing",
+    ]
+    assert rejected[0]["reason"].startswith("bad_image: 'broken.png': not_an_image")
+    assert "'../outside.png'" in rejected[1]["reason"]
+    assert summary["rejected_by_reason"]["bad_image/path_escape"] == 2
+    tsv = (folder / "out" / "rejected.tsv").read_text().splitlines()
+    assert tsv[0].split("\t") == ["source", "row", "id", "kind", "reason", "raw"]
+    assert len(tsv) == 5 and tsv[1].split("\t")[1] == "2"
+
+
+def test_duplicates_and_the_bad_fraction_gate(folder, tmp_path):
+    src = jsonl(
+        folder / "d.jsonl",
+        [
+            {"image": "img/red.png", "instruction": "q", "response": "a"},
+            {"image": "img/red.png", "instruction": "q", "response": "other answer"},
+            {"image": "img/blue.png", "instruction": "q", "response": ""},
+            {"image": "img/blue.png", "instruction": "q", "response": "fine"},
+        ],
+    )
+    cfg = resolve_dataset({"sources": [{"path": src}], "max_bad_fraction": 0.25})
+    recs = validate_dataset(cfg, folder / "cache", progress=False)
+    images = {(r["kind"], r["root"], r["path"]): r for r in recs}
+    copy = tmp_path / "logs" / "rejected.tsv"
+    with pytest.raises(DataError) as e:
+        format_dataset(cfg, images, folder / "out", rejects_copy=copy)
+    msg = str(e.value)
+    assert "2 of 4 rows rejected (50.0% > max_bad_fraction 25.0%)" in msg
+    assert "duplicate_id: 1" in msg and "empty_response: 1" in msg
+    assert "d row 2: duplicate_id: same id as d row 1" in msg  # an example per reason
+    assert str(copy) in msg
+    # The rejects are written before failing (also to the copy Snakemake keeps), splits are not.
+    assert len(pq.read_table(folder / "out" / "rejected.parquet")) == 2
+    assert len(copy.read_text().splitlines()) == 3
+    assert not (folder / "out" / "train.parquet").exists()
+    assert not list((folder / "out").glob(".*tmp*"))
+
+
+def test_splits_do_not_move_when_rows_are_appended(folder):
+    rows = [{"image": "img/red.png", "instruction": f"q{i}", "response": "a"} for i in range(300)]
+    cfg = {"split": {"val": 0.1, "test": 0.2, "seed": 0}}
+    src = jsonl(folder / "d.jsonl", rows)
+
+    def splits():
+        ds = resolve_dataset({"sources": [{"path": src}], **cfg})
+        recs = validate_dataset(ds, folder / "cache", progress=False)
+        format_dataset(ds, {(r["kind"], r["root"], r["path"]): r for r in recs}, folder / "o")
+        return {
+            r["id"]: s
+            for s in ("train", "val", "test")
+            for r in read_conversations(folder / "o" / f"{s}.parquet")
+        }
+
+    before = splits()
+    jsonl(
+        folder / "d.jsonl",
+        rows
+        + [{"image": "img/blue.png", "instruction": f"n{i}", "response": "b"} for i in range(50)],
+    )
+    after = splits()
+    assert len(after) == 350 and all(after[k] == v for k, v in before.items())
+    assert 30 < sum(v == "test" for v in before.values()) < 100
