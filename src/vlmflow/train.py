@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 
 from .collate import Encoder, collate
+from .distributed import DistContext
 from .io import atomic_dir, atomic_file, write_json
 from .modeling import apply_lora, count_parameters, load_model, load_processor, pick_device
+from .preempt import Preempted
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +54,14 @@ def sample_indices(n: int, seed: int, step: int, micro: int, accum: int, batch: 
     return out
 
 
-def total_steps(train_cfg: dict, n_samples: int) -> int:
+def total_steps(train_cfg: dict, n_samples: int, world_size: int = 1) -> int:
     if train_cfg["max_steps"] is not None:
         return train_cfg["max_steps"]
-    per_step = train_cfg["per_device_train_batch_size"] * train_cfg["gradient_accumulation_steps"]
+    per_step = (
+        train_cfg["per_device_train_batch_size"]
+        * train_cfg["gradient_accumulation_steps"]
+        * world_size
+    )
     return max(1, math.ceil(n_samples * train_cfg["num_train_epochs"] / per_step))
 
 
@@ -184,10 +190,15 @@ def train(
     out_dir: str | os.PathLike,
     work_dir: str | os.PathLike,
     data_files: list[str] = (),
+    preempt=None,
+    dist_ctx: DistContext | None = None,
 ) -> TrainResult:
     """Fine-tune with LoRA and write the adapter to `out_dir`.
 
-    `cfg` holds the resolved `model`, `lora` and `train` sections.
+    `cfg` holds the resolved `model`, `lora` and `train` sections. `preempt` (a
+    `preempt.PreemptionHandler`) is checked at every step boundary: when it was signalled, a
+    checkpoint is written and `Preempted` is raised. `dist_ctx` (from
+    `distributed.init_distributed`) makes this one of several data-parallel ranks.
     """
     model_cfg, lora_cfg, train_cfg = cfg["model"], cfg["lora"], cfg["train"]
     out_dir, work_dir = Path(out_dir), Path(work_dir)
@@ -195,7 +206,8 @@ def train(
     torch.manual_seed(train_cfg["seed"])
 
     # ---- setup
-    device = pick_device()
+    ctx = dist_ctx if dist_ctx is not None else DistContext(device=pick_device())
+    device = ctx.device
     processor = load_processor(model_cfg)
     model, family = load_model(model_cfg, device)
     model = apply_lora(
@@ -212,7 +224,7 @@ def train(
     data = EncodedRows(train_rows, encoder, cache=train_cfg["cache_encoded"])
     if len(data) == 0:
         raise ValueError("the train split is empty")
-    steps = total_steps(train_cfg, len(data))
+    steps = total_steps(train_cfg, len(data), ctx.world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, train_cfg, device)
     scheduler = build_scheduler(optimizer, train_cfg, steps)
@@ -222,11 +234,14 @@ def train(
     if ckpt is not None:
         start = load_checkpoint(ckpt, model, optimizer, scheduler)
         log.info("resumed from %s (step %d)", ckpt, start)
+    ctx.broadcast_params(params)
     log_path = work_dir / "train_log.jsonl"
-    _truncate_log(log_path, start)
+    if ctx.is_main:
+        _truncate_log(log_path, start)
 
     # ---- train
     bs, accum = train_cfg["per_device_train_batch_size"], train_cfg["gradient_accumulation_steps"]
+    global_bs = bs * ctx.world_size  # each rank takes its shard of every global micro-batch
     model.train()
     loss_value = float("nan")
     t_start = time.perf_counter()
@@ -236,20 +251,26 @@ def train(
         t0 = time.perf_counter()
         micro_batches = [
             collate(
-                [data[i] for i in sample_indices(len(data), train_cfg["seed"], step, m, accum, bs)],
+                [
+                    data[i]
+                    for i in ctx.shard(
+                        sample_indices(len(data), train_cfg["seed"], step, m, accum, global_bs)
+                    )
+                ],
                 encoder.pad_id,
             )
             for m in range(accum)
         ]
-        n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
-        n_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        n_items = ctx.sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches))
+        n_tokens = ctx.sum(sum(int(b["attention_mask"].sum()) for b in micro_batches))
         loss_sum = torch.zeros((), device=device)
         for batch in micro_batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             out = model(**batch, num_items_in_batch=n_items)
             out.loss.backward()
             loss_sum += out.loss.detach()
-        loss_value = float(loss_sum)
+        ctx.all_reduce_grads(params)
+        loss_value = float(ctx.sum(loss_sum))
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
                 f"loss is {loss_value} at step {step + 1}; stopped. The last good checkpoint "
@@ -279,8 +300,9 @@ def train(
             if device.type == "cuda"
             else None,
         }
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if ctx.is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         if (step + 1) % train_cfg["logging_steps"] == 0 or step + 1 == steps:
             log.info(
                 "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s",
@@ -291,14 +313,26 @@ def train(
                 grad_norm,
                 record["tokens_per_s"],
             )
+        saved = False
         if (
             train_cfg["save_steps"]
             and (step + 1) % train_cfg["save_steps"] == 0
             and step + 1 < steps
         ):
-            save_checkpoint(work_dir, step + 1, model, optimizer, scheduler, fp)
+            if ctx.is_main:
+                save_checkpoint(work_dir, step + 1, model, optimizer, scheduler, fp)
+            saved = True
+        if step + 1 < steps and ctx.any(preempt is not None and preempt.requested):
+            ckpt = work_dir / f"checkpoint-{step + 1:08d}"
+            if ctx.is_main and not saved:
+                ckpt = save_checkpoint(work_dir, step + 1, model, optimizer, scheduler, fp)
+            ctx.barrier()  # no rank exits before the checkpoint is complete
+            raise Preempted(getattr(preempt, "signame", "stop request"), step + 1, steps, ckpt)
 
     # ---- save
+    if not ctx.is_main:
+        ctx.barrier()
+        return TrainResult(steps, loss_value, start, out_dir / "train_log.jsonl")
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -314,10 +348,12 @@ def train(
                 "total_parameters": total,
                 "family": family.name,
                 "device": str(device),
+                "world_size": ctx.world_size,
                 "train_samples": len(data),
             },
         )
         plot_training_log(tmp / "train_log.jsonl", tmp / "loss.png")
+    ctx.barrier()
     return TrainResult(
         steps=steps, final_loss=loss_value, resumed_from=start, log_path=out_dir / "train_log.jsonl"
     )
