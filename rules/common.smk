@@ -5,9 +5,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from vlmflow.cluster import job_resources  # noqa: E402
+from vlmflow.cluster import job_resources, launch_prefix  # noqa: E402
 from vlmflow.config import validate_config  # noqa: E402
-from vlmflow.distributed import launch_prefix  # noqa: E402
 from vlmflow.hub import is_hub_id, marker_path  # noqa: E402
 from vlmflow.paths import referenced_images  # noqa: E402
 
@@ -90,10 +89,13 @@ def gpu_resources(gpus, nodes=1, time_limit_signal=False):
 
 
 def train_launcher():
-    """python, torchrun (N GPUs) or srun + torchrun (M nodes): see vlmflow.distributed."""
+    """python, torchrun (N GPUs) or srun + torchrun (M nodes): see vlmflow.cluster."""
     t = config["train"]
     return launch_prefix(
-        t["gpus"], t["nodes"], max(60, config["resources"]["time_limit_signal_s"])
+        t["gpus"],
+        t["nodes"],
+        max(60, config["resources"]["time_limit_signal_s"]),
+        t["threads"],
     )
 
 

@@ -1,4 +1,6 @@
-"""What a job asks the cluster for, computed from the config's `resources` section.
+"""What a job asks the cluster for, and how training processes are started on it.
+
+Nothing here imports torch: rules/common.smk imports this module on every snakemake start.
 
 Rules call `job_resources(...)` in their `resources:` block (through rules/common.smk), so that
 partitions, GPU model, memory and wall time come from the config (or the profile's
@@ -9,12 +11,20 @@ workstation only `gpu` (checked against `--resources gpu=N`) matters.
 
 from __future__ import annotations
 
+import argparse
 import os
+import shlex
+import subprocess
+import sys
 from collections.abc import Callable
 
 # Exit code of a training run stopped by SIGTERM/SIGUSR1 after writing its checkpoint
 # (EX_TEMPFAIL: "try again"): the retried job resumes from that checkpoint.
 EXIT_PREEMPTED = 75
+# Signals torchrun forwards to its workers (torchrun's default set + SIGUSR1, which a cluster or
+# a user may send to ask for a checkpoint); the workers get `shutdown_timeout_s` to write it.
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+RDZV_BASE_PORT = 29500
 
 
 def _per_attempt(base: int) -> Callable[..., int]:
@@ -77,12 +87,96 @@ def slurm_context(environ: dict | None = None) -> str | None:
     env = os.environ if environ is None else environ
     if "SLURM_JOB_ID" not in env:
         return None
-    keys = [
-        ("job", "SLURM_JOB_ID"),
-        ("partition", "SLURM_JOB_PARTITION"),
-        ("node", "SLURMD_NODENAME"),
-        ("gpus", "SLURM_JOB_GPUS"),
-        ("CUDA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"),
-        ("restarts", "SLURM_RESTART_COUNT"),
+    fields = {
+        "job": env.get("SLURM_JOB_ID"),
+        "partition": env.get("SLURM_JOB_PARTITION"),
+        "node": env.get("SLURMD_NODENAME"),
+        "gpus": env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS"),
+        "CUDA_VISIBLE_DEVICES": env.get("CUDA_VISIBLE_DEVICES"),
+        "restarts": env.get("SLURM_RESTART_COUNT"),
+    }
+    return "SLURM " + " ".join(f"{k}={v if v else '-'}" for k, v in fields.items())
+
+
+# ------------------------------------------------------------------------------------ launching
+# `launch_prefix()` is what the train rule runs its script with: `python` for one process,
+# `torchrun --standalone` for N GPUs on one node, and for M nodes `srun` starting this module on
+# each node, which calls torchrun with a c10d rendezvous on the job's first node.
+def launch_prefix(
+    gpus: int, nodes: int = 1, shutdown_timeout_s: int = 300, threads: int = 1
+) -> str:
+    """The command that starts a training script: `<prefix> scripts/train.py ...`.
+
+    For several nodes the srun step names its CPUs, GPUs and memory itself: the plugin's job
+    step drops the SLURM_* variables (SLURM_GPUS, SLURM_CPUS_PER_TASK, ...) srun would inherit.
+    """
+    if nodes > 1:
+        gres = f" --gres=gpu:{gpus}" if gpus > 0 else ""
+        return (
+            f"srun --nodes={nodes} --ntasks-per-node=1 --cpus-per-task={threads}{gres} "
+            f"--mem=0 --kill-on-bad-exit=1 "
+            f"python -m vlmflow.cluster --nnodes={nodes} --nproc-per-node={max(gpus, 1)} "
+            f"--shutdown-timeout={shutdown_timeout_s}"
+        )
+    if gpus > 1:
+        return (
+            f"torchrun --standalone --nnodes=1 --nproc-per-node={gpus} "
+            f"--signals-to-handle={TORCHRUN_SIGNALS} --shutdown-timeout={shutdown_timeout_s}"
+        )
+    return "python"
+
+
+def slurm_torchrun_args(
+    nnodes: int, nproc_per_node: int, shutdown_timeout_s: int, environ=None, hostnames=None
+) -> list[str]:
+    """torchrun arguments for one node of a multi-node SLURM job: a c10d rendezvous on the
+    job's first node, on a port derived from the job id (two jobs sharing a node don't clash)."""
+    env = os.environ if environ is None else environ
+    job = env["SLURM_JOB_ID"]
+    if hostnames is None:
+        hostnames = subprocess.run(
+            ["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+    port = RDZV_BASE_PORT + int(job) % 1000
+    return [
+        f"--nnodes={nnodes}",
+        f"--nproc-per-node={nproc_per_node}",
+        f"--node-rank={env.get('SLURM_NODEID', '0')}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={hostnames[0]}:{port}",
+        f"--rdzv-id={job}",
+        f"--signals-to-handle={TORCHRUN_SIGNALS}",
+        f"--shutdown-timeout={shutdown_timeout_s}",
     ]
-    return "SLURM " + " ".join(f"{k}={env.get(v, '-')}" for k, v in keys)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m vlmflow.cluster --nnodes M --nproc-per-node N [...] -- script args`:
+    torchrun for one node of a multi-node SLURM job (started once per node by srun)."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--nnodes", type=int, required=True)
+    p.add_argument("--nproc-per-node", type=int, required=True)
+    p.add_argument("--shutdown-timeout", type=int, default=300)
+    p.add_argument("--dry-run", action="store_true", help="print the torchrun command only")
+    p.add_argument("script", nargs=argparse.REMAINDER)
+    a = p.parse_args(argv)
+    script = a.script[1:] if a.script[:1] == ["--"] else a.script
+    if not script:
+        p.error("no training script given")
+    args = [
+        *slurm_torchrun_args(a.nnodes, a.nproc_per_node, a.shutdown_timeout),
+        *script,
+    ]
+    if a.dry_run:
+        print("torchrun " + shlex.join(args))
+        return
+    from torch.distributed.run import main as torchrun
+
+    torchrun(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,31 +15,20 @@ needs, and every one of them is a no-op in a single process:
 - rank 0 alone logs, checkpoints and saves; `any` makes every rank stop at the same step when
   one of them is asked to (preemption).
 
-Launch: `launch_prefix()` builds the command the train rule runs: `python` for one process,
-`torchrun --standalone` for N GPUs on one node, and for M nodes `srun` starting this module on
-each node (`python -m vlmflow.distributed ...`), which calls torchrun with a c10d rendezvous on
-the job's first node.
+How the ranks are started (torchrun, srun for several nodes) is in `vlmflow.cluster`.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import logging
 import os
-import shlex
-import subprocess
-import sys
 from dataclasses import dataclass, field
 
 import torch
 
 log = logging.getLogger(__name__)
 
-# Signals torchrun forwards to its workers (torchrun's default set + SIGUSR1, which a cluster or
-# a user may send to ask for a checkpoint) and how long it waits for them to write it.
-TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-RDZV_BASE_PORT = 29500
 _BUCKET_BYTES = 256 * 2**20
 
 
@@ -175,76 +164,3 @@ def init_distributed(timeout_s: int = 1800) -> DistContext:
         "distributed: %d ranks (%d per node), backend %s", world, local_world, dist.get_backend()
     )
     return ctx
-
-
-# ------------------------------------------------------------------------------------ launching
-def launch_prefix(gpus: int, nodes: int = 1, shutdown_timeout_s: int = 300) -> str:
-    """The command that starts a training script: `<prefix> scripts/train.py ...`."""
-    if nodes > 1:
-        return (
-            f"srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 "
-            f"python -m vlmflow.distributed --nnodes={nodes} --nproc-per-node={max(gpus, 1)} "
-            f"--shutdown-timeout={shutdown_timeout_s}"
-        )
-    if gpus > 1:
-        return (
-            f"torchrun --standalone --nnodes=1 --nproc-per-node={gpus} "
-            f"--signals-to-handle={TORCHRUN_SIGNALS} --shutdown-timeout={shutdown_timeout_s}"
-        )
-    return "python"
-
-
-def slurm_torchrun_args(
-    nnodes: int, nproc_per_node: int, shutdown_timeout_s: int, environ=None, hostnames=None
-) -> list[str]:
-    """torchrun arguments for one node of a multi-node SLURM job: a c10d rendezvous on the
-    job's first node, on a port derived from the job id (two jobs sharing a node don't clash)."""
-    env = os.environ if environ is None else environ
-    job = env["SLURM_JOB_ID"]
-    if hostnames is None:
-        hostnames = subprocess.run(
-            ["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.split()
-    port = RDZV_BASE_PORT + int(job) % 1000
-    return [
-        f"--nnodes={nnodes}",
-        f"--nproc-per-node={nproc_per_node}",
-        f"--node-rank={env.get('SLURM_NODEID', '0')}",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={hostnames[0]}:{port}",
-        f"--rdzv-id={job}",
-        f"--signals-to-handle={TORCHRUN_SIGNALS}",
-        f"--shutdown-timeout={shutdown_timeout_s}",
-    ]
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m vlmflow.distributed --nnodes M --nproc-per-node N [...] -- script args`:
-    torchrun for one node of a multi-node SLURM job (started once per node by srun)."""
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--nnodes", type=int, required=True)
-    p.add_argument("--nproc-per-node", type=int, required=True)
-    p.add_argument("--shutdown-timeout", type=int, default=300)
-    p.add_argument("--dry-run", action="store_true", help="print the torchrun command only")
-    p.add_argument("script", nargs=argparse.REMAINDER)
-    a = p.parse_args(argv)
-    script = a.script[1:] if a.script[:1] == ["--"] else a.script
-    if not script:
-        p.error("no training script given")
-    args = [
-        *slurm_torchrun_args(a.nnodes, a.nproc_per_node, a.shutdown_timeout),
-        *script,
-    ]
-    if a.dry_run:
-        print("torchrun " + shlex.join(args))
-        return
-    from torch.distributed.run import main as torchrun
-
-    torchrun(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from vlmflow.cluster import launch_prefix, main, slurm_torchrun_args
 from vlmflow.config import resolve_sections
 from vlmflow.data import to_table
-from vlmflow.distributed import DistContext, launch_prefix, main, slurm_torchrun_args
+from vlmflow.distributed import DistContext
 from vlmflow.train import read_log, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,9 +47,9 @@ def test_launch_prefix_per_topology():
     two = launch_prefix(2, 1, 300)
     assert two.startswith("torchrun --standalone --nnodes=1 --nproc-per-node=2 ")
     assert "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in two
-    multi = launch_prefix(4, 2, 300)
-    assert multi.startswith("srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 ")
-    assert "python -m vlmflow.distributed --nnodes=2 --nproc-per-node=4" in multi
+    multi = launch_prefix(4, 2, 300, threads=16)
+    assert multi.startswith("srun --nodes=2 --ntasks-per-node=1 --cpus-per-task=16 --gres=gpu:4 ")
+    assert "python -m vlmflow.cluster --nnodes=2 --nproc-per-node=4" in multi
 
 
 def test_multi_node_rendezvous_on_the_first_node(capsys):
@@ -62,7 +63,7 @@ def test_launcher_module_dry_run(monkeypatch, capsys):
     monkeypatch.setenv("SLURM_JOB_ID", "17")
     monkeypatch.setenv("SLURM_NODEID", "0")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "n1")
-    import vlmflow.distributed as D
+    import vlmflow.cluster as D
 
     monkeypatch.setattr(
         D, "slurm_torchrun_args", lambda n, p, t: [f"--nnodes={n}", f"--nproc-per-node={p}"]
