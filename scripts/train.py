@@ -9,10 +9,13 @@ to lower.
 
 import logging
 import sys
+import time
+from pathlib import Path
 
 import torch
 
 from vlmflow.cli import parser, run, setup_logging
+from vlmflow.cluster import slurm_context
 from vlmflow.config import resolve_sections
 from vlmflow.data import read_conversations
 from vlmflow.distributed import init_distributed
@@ -42,6 +45,9 @@ def main() -> None:
         )
     except Preempted as e:
         log.warning("%s", e)
+        if ctx.is_main:  # the rule's log is rewritten by the retry; this history is kept
+            with open(Path(a.work_dir) / "preemptions.log", "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {slurm_context() or ''} {e}\n")
         sys.exit(EXIT_PREEMPTED)
     except torch.cuda.OutOfMemoryError:
         log.error("%s", oom_advice(cfg, ctx.world_size), exc_info=a.verbose)
