@@ -18,6 +18,7 @@ wildcard_constraints:
 
 
 include: "rules/demo.smk"
+include: "rules/fetch_model.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/merge.smk"

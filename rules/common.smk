@@ -5,12 +5,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
+from vlmflow.cluster import job_resources, launch_prefix  # noqa: E402
 from vlmflow.config import validate_config  # noqa: E402
+from vlmflow.hub import is_hub_id, marker_path  # noqa: E402
 from vlmflow.paths import cache_dir_of, referenced_images  # noqa: E402
 
 # Every key is checked (and defaults filled) before the job graph is built, so a typo fails here,
 # naming the key.
 validate_config(config)
+
+# Jobs read base models from the Hugging Face cache only: a hub model is put there by rule
+# fetch_model (which alone goes online), on the login node. An explicit HF_HUB_OFFLINE wins.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RUN = config["run"]["name"]
 DATASET = config["run"]["dataset"]
@@ -61,12 +67,46 @@ def dataset_cache_dir(wildcards):
 
 
 def model_input(wildcards):
-    """The base model folder when it is local (a tiny one is built by a rule); nothing for a
-    hub id."""
+    """The base model folder when it is local (a tiny one is built by a rule); for a hub id, the
+    marker of rule fetch_model, which puts the model into the Hugging Face cache."""
     name = config["model"]["name"]
     if name.startswith(TINY_MODEL_PREFIX) or Path(name).is_dir():
         return [name]
+    if is_hub_id(name):
+        return [marker_path(name, config["model"]["revision"])]
     return []
+
+
+def model_source_json():
+    """What rule fetch_model needs: the model's hub id, revision and remote-code permission."""
+    m = config["model"]
+    keys = ("name", "revision", "trust_remote_code")
+    return json.dumps({"model": {k: m[k] for k in keys}}, sort_keys=True)
+
+
+# ---- cluster resources (config section `resources`; see vlmflow.cluster)
+def cpu_resources():
+    """resources: of a job without GPUs."""
+    return job_resources(config["resources"])
+
+
+def gpu_resources(gpus, nodes=1, time_limit_signal=False):
+    """resources: of a job with `gpus` GPUs per node (CPU resources when gpus is 0)."""
+    signal_s = config["resources"]["time_limit_signal_s"] if time_limit_signal else 0
+    return job_resources(
+        config["resources"], gpus=gpus, nodes=nodes, time_limit_signal_s=signal_s
+    )
+
+
+def train_launcher():
+    """python, torchrun (N GPUs) or srun + torchrun (M nodes): see vlmflow.cluster."""
+    t = config["train"]
+    return launch_prefix(
+        t["gpus"],
+        t["nodes"],
+        max(60, config["resources"]["time_limit_signal_s"]),
+        t["threads"],
+    )
 
 
 def final_outputs():

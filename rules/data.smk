@@ -17,6 +17,8 @@ rule validate_images:
     conda:
         "../envs/vlmflow.yaml"
     threads: workflow.cores
+    resources:
+        **cpu_resources(),
     params:
         script=script("validate_images"),
         dataset=dataset_json,
@@ -47,6 +49,8 @@ rule format_conversations:
     conda:
         "../envs/vlmflow.yaml"
     threads: 1
+    resources:
+        **cpu_resources(),
     params:
         script=script("format_conversations"),
         dataset=dataset_json,

@@ -14,6 +14,8 @@ if DEMO_DIGITS:
         conda:
             "../envs/vlmflow.yaml"
         threads: 1
+        resources:
+            **cpu_resources(),
         params:
             script=script("make_demo_data"),
             folder=subpath(output.data, parent=True),
@@ -34,6 +36,8 @@ rule build_tiny_model:
     conda:
         "../envs/vlmflow.yaml"
     threads: 1
+    resources:
+        **cpu_resources(),
     params:
         script=script("build_tiny_model"),
         seed=0,

@@ -17,11 +17,11 @@ rule evaluate:
         "../envs/vlmflow.yaml"
     threads: config["eval"]["threads"]
     resources:
-        gpu=config["eval"]["gpus"],
+        **gpu_resources(config["eval"]["gpus"]),
     params:
         script=script("evaluate"),
         config=as_json("model", "eval"),
     shell:
-        "python {params.script} --config {params.config:q} "
+        "exec python {params.script} --config {params.config:q} "
         "--test {input.test} --tuned {input.merged} --metrics {output.metrics} "
         "--predictions {output.predictions} --threads {threads} > {log} 2>&1"

@@ -14,6 +14,8 @@ rule merge:
     conda:
         "../envs/vlmflow.yaml"
     threads: 2
+    resources:
+        **cpu_resources(),
     params:
         script=script("merge"),
         config=as_json("model", "export"),

@@ -16,12 +16,17 @@ rule train:
         "../envs/vlmflow.yaml"
     threads: config["train"]["threads"]
     resources:
-        gpu=config["train"]["gpus"],
+        **gpu_resources(
+            config["train"]["gpus"], config["train"]["nodes"], time_limit_signal=True
+        ),
     params:
         script=script("train"),
         config=as_json("model", "lora", "train"),
         work_dir="results/runs/{run}/work/train",
+        launch=train_launcher(),
+    # `exec`: SLURM's SIGTERM (time limit, preemption) reaches the training process itself,
+    # which checkpoints and exits 75; the retried job resumes.
     shell:
-        "python {params.script} --config {params.config:q} "
+        "exec {params.launch} {params.script} --config {params.config:q} "
         "--train {input.train} --out {output.adapter} --work-dir {params.work_dir} "
         "--threads {threads} > {log} 2>&1"

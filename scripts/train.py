@@ -1,13 +1,25 @@
 #!/usr/bin/env python
-"""Fine-tune a VLM with LoRA/QLoRA on a conversation Parquet file; write a PEFT adapter."""
+"""Fine-tune a VLM with LoRA/QLoRA on a conversation Parquet file; write a PEFT adapter.
+
+Runs as one process, or as one rank of several under torchrun (data-parallel over GPUs/nodes).
+SIGTERM/SIGUSR1 (SLURM's time-limit warning, preemption) end it cleanly at the next step with a
+checkpoint and exit code 75; running it again resumes. CUDA out-of-memory ends with the settings
+to lower.
+"""
 
 import logging
+import sys
+import time
+from pathlib import Path
 
 import torch
 
 from vlmflow.cli import parser, run, setup_logging
+from vlmflow.cluster import slurm_context
 from vlmflow.config import resolve_sections
 from vlmflow.data import read_conversations
+from vlmflow.distributed import init_distributed
+from vlmflow.preempt import EXIT_PREEMPTED, Preempted, PreemptionHandler, oom_advice
 from vlmflow.train import train
 
 log = logging.getLogger("vlmflow.train")
@@ -21,10 +33,29 @@ def main() -> None:
     a = p.parse_args()
     setup_logging(a.verbose)
     cfg = resolve_sections(a.config, ["model", "lora", "train"])
-    torch.set_num_threads(a.threads)
+    preempt = PreemptionHandler()
+    ctx = init_distributed()
+    # the rule's threads are per node: share them among this node's ranks
+    torch.set_num_threads(max(1, a.threads // ctx.local_world_size))
     rows = read_conversations(a.train)
     log.info("%d training samples from %s", len(rows), a.train)
-    res = train(cfg, rows, a.out, a.work_dir, data_files=[a.train])
+    try:
+        res = train(
+            cfg, rows, a.out, a.work_dir, data_files=[a.train], preempt=preempt, dist_ctx=ctx
+        )
+    except Preempted as e:
+        log.warning("%s", e)
+        if ctx.is_main:  # the rule's log is rewritten by the retry; this history is kept
+            with open(Path(a.work_dir) / "preemptions.log", "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {slurm_context() or ''} {e}\n")
+        sys.exit(EXIT_PREEMPTED)
+    except torch.cuda.OutOfMemoryError:
+        log.error("%s", oom_advice(cfg, ctx.world_size), exc_info=a.verbose)
+        print(f"error: {oom_advice(cfg, ctx.world_size)}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        ctx.close()
+        preempt.close()
     log.info("done: %d steps, final loss %.4f", res.steps, res.final_loss)
 
 

@@ -1,4 +1,8 @@
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 # No network anywhere in the tests: every model and processor is built locally.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -63,3 +67,40 @@ def trained_adapter(tiny_qwen, digits_rows, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "adapter"
     train(cfg, [r for r in digits_rows if r["split"] == "train"], out, out.parent / "work")
     return str(out)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ["Snakefile", "rules", "scripts", "src", "config", "envs", ".test"]
+
+
+def copy_workflow(dest: Path, extra=()) -> Path:
+    """A copy of the workflow (what a user's checkout holds) to run snakemake in."""
+    for name in [*WORKFLOW_FILES, *extra]:
+        src = ROOT / name
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def workflow_copy():
+    """copy_workflow(dest, extra=()) for tests that run snakemake themselves."""
+    return copy_workflow
+
+
+@pytest.fixture(scope="session")
+def local_test_run(tmp_path_factory):
+    """The .test config run once by the real `snakemake --cores 2` on this machine: the workflow
+    tests check it, the SLURM test compares its own outputs against it."""
+    work = copy_workflow(tmp_path_factory.mktemp("wf"))
+    bin_dir = Path(sys.executable).parent
+    res = subprocess.run(
+        [str(bin_dir / "snakemake"), "--cores", "2", "--configfile", ".test/config.yaml"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{bin_dir}:{os.environ['PATH']}"),
+        timeout=900,
+    )
+    assert res.returncode == 0, f"local run failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    return work

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from .cluster import slurm_context
 from .config import ConfigError, load_config_arg
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
@@ -21,6 +22,9 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("httpx", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    where = slurm_context()  # which job, partition and GPUs this step ran on
+    if where:
+        logging.getLogger("vlmflow").info("%s", where)
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -23,9 +23,11 @@ from pathlib import Path
 import torch
 
 from .collate import IGNORE_INDEX, Encoder, collate
+from .distributed import DistContext
 from .fast import label_only_loss
 from .io import atomic_dir, atomic_file, write_json
 from .modeling import build_training_model, count_parameters, pick_device
+from .preempt import Preempted
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +55,14 @@ def sample_indices(n: int, seed: int, step: int, micro: int, accum: int, batch: 
     return out
 
 
-def total_steps(train_cfg: dict, n_samples: int) -> int:
+def total_steps(train_cfg: dict, n_samples: int, world_size: int = 1) -> int:
     if train_cfg["max_steps"] is not None:
         return train_cfg["max_steps"]
-    per_step = train_cfg["per_device_train_batch_size"] * train_cfg["gradient_accumulation_steps"]
+    per_step = (
+        train_cfg["per_device_train_batch_size"]
+        * train_cfg["gradient_accumulation_steps"]
+        * world_size
+    )
     return max(1, math.ceil(n_samples * train_cfg["num_train_epochs"] / per_step))
 
 
@@ -189,6 +195,7 @@ def train_step(
     *,
     max_grad_norm: float,
     device: torch.device,
+    ctx: DistContext | None = None,
 ) -> StepResult:
     """One optimizer step over `micro_batches` (gradient accumulation).
 
@@ -196,15 +203,19 @@ def train_step(
     loss is divided by the step's token count, `num_items_in_batch`), so accumulation gives the
     same gradient as one big batch. Raises NonFiniteLossError before touching the weights.
     """
-    n_items = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
-    n_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    ctx = ctx if ctx is not None else DistContext(device=device)
+    # Under data parallelism the counts are global, so every rank's loss is its share of the
+    # global mean and the all-reduced (summed) gradient equals the single-process gradient.
+    n_items = ctx.sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches))
+    n_tokens = ctx.sum(sum(int(b["attention_mask"].sum()) for b in micro_batches))
     loss_sum = torch.zeros((), device=device)
     for batch in micro_batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         loss = label_only_loss(model, batch, num_items_in_batch=n_items)
         loss.backward()
         loss_sum += loss.detach()
-    loss = float(loss_sum)
+    ctx.all_reduce_grads(params)
+    loss = float(ctx.sum(loss_sum))
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"loss is {loss}")
@@ -250,10 +261,15 @@ def train(
     out_dir: str | os.PathLike,
     work_dir: str | os.PathLike,
     data_files: list[str] = (),
+    preempt=None,
+    dist_ctx: DistContext | None = None,
 ) -> TrainResult:
     """Fine-tune with LoRA and write the adapter to `out_dir`.
 
-    `cfg` holds the resolved `model`, `lora` and `train` sections.
+    `cfg` holds the resolved `model`, `lora` and `train` sections. `preempt` (a
+    `preempt.PreemptionHandler`) is checked at every step boundary: when it was signalled, a
+    checkpoint is written and `Preempted` is raised. `dist_ctx` (from
+    `distributed.init_distributed`) makes this one of several data-parallel ranks.
     """
     model_cfg, train_cfg = cfg["model"], cfg["train"]
     out_dir, work_dir = Path(out_dir), Path(work_dir)
@@ -261,7 +277,8 @@ def train(
     torch.manual_seed(train_cfg["seed"])
 
     # ---- setup
-    device = pick_device()
+    ctx = dist_ctx if dist_ctx is not None else DistContext(device=pick_device())
+    device = ctx.device
     model, processor, family = build_training_model(cfg, device)
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
@@ -276,7 +293,7 @@ def train(
     data = EncodedRows(train_rows, encoder, cache=train_cfg["cache_encoded"])
     if len(data) == 0:
         raise ValueError("the train split is empty")
-    steps = total_steps(train_cfg, len(data))
+    steps = total_steps(train_cfg, len(data), ctx.world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, train_cfg, device)
     scheduler = build_scheduler(optimizer, train_cfg, steps)
@@ -286,11 +303,14 @@ def train(
     if ckpt is not None:
         start = load_checkpoint(ckpt, model, optimizer, scheduler)
         log.info("resumed from %s (step %d)", ckpt, start)
+    ctx.broadcast_params(params)
     log_path = work_dir / "train_log.jsonl"
-    _truncate_log(log_path, start)
+    if ctx.is_main:
+        _truncate_log(log_path, start)
 
     # ---- train
     bs, accum = train_cfg["per_device_train_batch_size"], train_cfg["gradient_accumulation_steps"]
+    global_bs = bs * ctx.world_size  # each rank takes its shard of every global micro-batch
     model.train()
     loss_value = float("nan")
     t_start = time.perf_counter()
@@ -300,7 +320,12 @@ def train(
         t0 = time.perf_counter()
         micro_batches = [
             collate(
-                [data[i] for i in sample_indices(len(data), train_cfg["seed"], step, m, accum, bs)],
+                [
+                    data[i]
+                    for i in ctx.shard(
+                        sample_indices(len(data), train_cfg["seed"], step, m, accum, global_bs)
+                    )
+                ],
                 encoder.pad_id,
                 family.batch_layout,
             )
@@ -315,6 +340,7 @@ def train(
                 params,
                 max_grad_norm=train_cfg["max_grad_norm"],
                 device=device,
+                ctx=ctx,
             )
         except NonFiniteLossError as e:
             raise NonFiniteLossError(
@@ -334,8 +360,9 @@ def train(
             "elapsed_s": round(time.perf_counter() - t_start, 2),
             **peak_memory(device),
         }
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if ctx.is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         if (step + 1) % train_cfg["logging_steps"] == 0 or step + 1 == steps:
             log.info(
                 "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s",
@@ -346,14 +373,26 @@ def train(
                 res.grad_norm,
                 record["tokens_per_s"],
             )
+        saved = False
         if (
             train_cfg["save_steps"]
             and (step + 1) % train_cfg["save_steps"] == 0
             and step + 1 < steps
         ):
-            save_checkpoint(work_dir, step + 1, model, optimizer, scheduler, fp)
+            if ctx.is_main:
+                save_checkpoint(work_dir, step + 1, model, optimizer, scheduler, fp)
+            saved = True
+        if step + 1 < steps and ctx.any(preempt is not None and preempt.requested):
+            ckpt = work_dir / f"checkpoint-{step + 1:08d}"
+            if ctx.is_main and not saved:
+                ckpt = save_checkpoint(work_dir, step + 1, model, optimizer, scheduler, fp)
+            ctx.barrier()  # no rank exits before the checkpoint is complete
+            raise Preempted(getattr(preempt, "signame", "stop request"), step + 1, steps, ckpt)
 
     # ---- save
+    if not ctx.is_main:
+        ctx.barrier()
+        return TrainResult(steps, loss_value, start, out_dir / "train_log.jsonl")
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -369,10 +408,12 @@ def train(
                 "total_parameters": total,
                 "family": family.name,
                 "device": str(device),
+                "world_size": ctx.world_size,
                 "train_samples": len(data),
             },
         )
         plot_training_log(tmp / "train_log.jsonl", tmp / "loss.png")
+    ctx.barrier()
     return TrainResult(
         steps=steps,
         final_loss=loss_value,

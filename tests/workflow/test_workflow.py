@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-COPY = ["Snakefile", "rules", "scripts", "src", "config", "envs", ".test"]
 pytestmark = pytest.mark.workflow
 
 
@@ -53,13 +50,9 @@ def planned_jobs(res) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def workflow_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("wf")
-    for name in COPY:
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
-    snakemake(work)
-    return work
+def workflow_run(local_test_run):
+    """The .test run (tests/conftest.py), shared with the SLURM test."""
+    return local_test_run
 
 
 def test_every_output_is_there_and_consistent(workflow_run):

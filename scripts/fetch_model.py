@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Download the base model (model.name, model.revision) into the Hugging Face cache and write a
+marker JSON naming the snapshot. Run where the internet is reachable (the login node)."""
+
+import logging
+
+from vlmflow.cli import parser, run, setup_logging
+from vlmflow.config import resolve_sections
+from vlmflow.hub import HubError, fetch
+from vlmflow.io import write_json
+
+log = logging.getLogger("vlmflow.fetch_model")
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--out", required=True, help="marker JSON to write")
+    a = p.parse_args()
+    setup_logging(a.verbose)
+    m = resolve_sections(a.config, ["model"])["model"]
+    try:
+        info = fetch(m["name"], m["revision"], trust_remote_code=m["trust_remote_code"])
+    except HubError as e:
+        raise SystemExit(f"error: {e}") from e
+    write_json(a.out, info)
+    log.info(
+        "%s @ %s: %d files, %.1f MB in %s",
+        info["repo_id"],
+        info["commit"],
+        len(info["files"]),
+        info["bytes"] / 1e6,
+        info["snapshot"],
+    )
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,155 @@
+"""Dry runs through profiles/slurm (no cluster needed): what the train job asks SLURM for and the
+command it runs, for 2 GPUs on one node and for 2 nodes x 4 GPUs; rule fetch_model appears for
+a hub model only. The sbatch flags come from the executor plugin's own code."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.workflow
+
+
+class Res(dict):
+    __getattr__ = dict.__getitem__
+
+
+def dry_run(work: Path, overlay: dict) -> str:
+    (work / "overlay.json").write_text(json.dumps(overlay))
+    res = subprocess.run(
+        [
+            str(BIN / "snakemake"),
+            "-n",
+            "-p",
+            "--profile",
+            "profiles/slurm",
+            "--configfile",
+            ".test/config.yaml",
+            "overlay.json",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}"),
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout + res.stderr
+
+
+def job_block(text: str, rule: str) -> tuple[dict, str]:
+    """The resources and shell command a dry run prints for `rule`."""
+    block = text.split(f"\nrule {rule}:", 1)[1].split("\nrule ", 1)[0]
+    line = re.search(r"resources: (.*)", block)[1]
+    res = {}
+    for kv in line.split(", "):
+        k, v = kv.split("=", 1)
+        res[k] = int(v) if v.isdigit() else v
+    shell = re.search(r"\n(exec .*)", block)[1]
+    return res, shell
+
+
+def sbatch_flags(res: dict, threads: int) -> str:
+    job = SimpleNamespace(resources=Res(res), threads=threads, name="train")
+    params = dict(
+        run_uuid="uuid",
+        slurm_logfile="x.log",
+        comment_str="rule_train",
+        account="",
+        partition=f"-p {res['slurm_partition']}",
+        workdir="/w",
+    )
+    return get_submit_command(job, params) + set_gres_string(job)
+
+
+@pytest.fixture(scope="module")
+def work(workflow_copy, tmp_path_factory):
+    return workflow_copy(tmp_path_factory.mktemp("dry"), extra=["profiles"])
+
+
+GPU = {"partition": "gpu", "gpu_model": "h100", "mem_mb": 200000, "runtime": 1440}
+
+
+def test_two_gpus_one_node(work):
+    text = dry_run(work, {"train": {"gpus": 2, "threads": 16}, "resources": {"gpu": GPU}})
+    assert "fetch_model" not in text  # a local (tiny) model: nothing to fetch
+    res, shell = job_block(text, "train")
+    assert (res["gpu"], res["gpu_model"], res["slurm_partition"]) == (2, "h100", "gpu")
+    assert res["mem_mb"] == 200000 and res["runtime"] == 1440  # attempt 1
+    argv = shlex.split(shell)
+    assert argv[:5] == ["exec", "torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=2"]
+    assert "scripts/train.py" in argv
+    flags = sbatch_flags(res, 16)
+    print("sbatch", flags)
+    for f in ("-p gpu", "--gpus=h100:2", "--cpus-per-task=16", "--mem 200000", "-t 1440"):
+        assert f in flags, flags
+    assert "--signal=TERM@180" in flags and "--ntasks-per-gpu" not in flags
+
+
+def test_two_nodes_four_gpus_each_with_a_hub_model(work):
+    overlay = {
+        "model": {"name": "Qwen/Qwen2.5-VL-7B-Instruct", "load_in_4bit": True},
+        "train": {"gpus": 4, "nodes": 2, "threads": 32},
+        "resources": {"gpu": GPU},
+    }
+    text = dry_run(work, overlay)
+    # the model is fetched on the login node (a localrule), then read from the HF cache
+    assert re.search(r"\nlocalrule fetch_model:", text), text[-3000:]
+    assert "resources/hub/Qwen/Qwen2.5-VL-7B-Instruct/default.json" in text
+    assert "HF_HUB_OFFLINE=0 python scripts/fetch_model.py" in text
+    res, shell = job_block(text, "train")
+    assert (
+        "resources/hub/Qwen/Qwen2.5-VL-7B-Instruct/default.json"
+        in text.split("\nrule train:", 1)[1].split("\n    output", 1)[0]
+    )
+    assert (res["nodes"], res["tasks"], res["tasks_per_gpu"], res["mpi"]) == (2, 2, 0, "srun")
+    assert res["gres"] == "gpu:h100:4" and "gpu" not in res
+    argv = shlex.split(shell)
+    assert argv[:2] == ["exec", "srun"]
+    assert {"--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=32", "--gres=gpu:4"} <= set(argv)
+    i = argv.index("vlmflow.cluster")
+    assert argv[i + 1 : i + 3] == ["--nnodes=2", "--nproc-per-node=4"]
+    flags = sbatch_flags(res, 32)
+    print("sbatch", flags)
+    for f in ("-p gpu", "--nodes=2", "--ntasks=2", "--gres=gpu:h100:4", "--cpus-per-task=32"):
+        assert f in flags, flags
+    assert "--gpus" not in flags and "--ntasks-per-gpu" not in flags
+
+    # what each node's task then runs (SLURM environment of node 1 of job 777)
+    env = dict(
+        os.environ,
+        SLURM_JOB_ID="777",
+        SLURM_NODEID="1",
+        SLURM_JOB_NODELIST="gpu[01-02]",
+        PYTHONPATH=str(ROOT / "src"),
+    )
+    cmd = argv[argv.index("python") :]
+    cmd[0] = str(BIN / "python")
+    script = cmd.index("scripts/train.py")
+    fake_scontrol = work / "bin"
+    fake_scontrol.mkdir(exist_ok=True)
+    (fake_scontrol / "scontrol").write_text("#!/bin/sh\nprintf 'gpu01\\ngpu02\\n'\n")
+    (fake_scontrol / "scontrol").chmod(0o755)
+    env["PATH"] = f"{fake_scontrol}:{env['PATH']}"
+    out = subprocess.run(
+        [*cmd[:script], "--dry-run", "--", *cmd[script:]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    ).stdout
+    print(out)
+    assert out.startswith("torchrun --nnodes=2 --nproc-per-node=4 --node-rank=1 ")
+    assert "--rdzv-backend=c10d --rdzv-endpoint=gpu01:30277 --rdzv-id=777" in out
+    assert "scripts/train.py --config" in out
