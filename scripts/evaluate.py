@@ -14,7 +14,6 @@ import pandas as pd
 import torch
 
 from vlmflow.cli import parser, run, setup_logging
-from vlmflow.collate import Encoder
 from vlmflow.config import resolve_sections
 from vlmflow.data import read_conversations
 from vlmflow.evaluate import (
@@ -23,6 +22,7 @@ from vlmflow.evaluate import (
     generation_kwargs,
     is_adapter,
     load_for_eval,
+    make_encoder,
     question_of,
     reference_of,
     score,
@@ -34,7 +34,7 @@ log = logging.getLogger("vlmflow.evaluate")
 
 def answers_of(model_cfg: dict, eval_cfg: dict, rows: list[dict], tuned: str | None):
     model, processor, family = load_for_eval(model_cfg, tuned)
-    encoder = Encoder(processor, family, max_seq_length=model_cfg["max_seq_length"])
+    encoder = make_encoder(processor, family, model_cfg)
     torch.manual_seed(eval_cfg["seed"])
     answers, stats = generate_answers(
         model,

@@ -253,6 +253,24 @@ def generate_answers(
     return answers, stats
 
 
+def make_encoder(processor, family, model_cfg: dict) -> Encoder:
+    """The Encoder the model was trained with (pixel limits passed where the Encoder resizes
+    images itself)."""
+    import inspect
+
+    accepted = inspect.signature(Encoder).parameters
+    pixels = {k: model_cfg[k] for k in ("min_pixels", "max_pixels") if k in accepted}
+    return Encoder(processor, family, max_seq_length=model_cfg["max_seq_length"], **pixels)
+
+
+def collate_batch(items: list[dict], pad_id: int, family) -> dict:
+    """`collate` with the family's batch layout where the registry defines one."""
+    from .collate import collate
+
+    layout = getattr(family, "batch_layout", None)
+    return collate(items, pad_id, layout) if layout else collate(items, pad_id)
+
+
 def is_adapter(folder) -> bool:
     from pathlib import Path
 

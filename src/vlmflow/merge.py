@@ -601,6 +601,17 @@ def save_processor(model_cfg: dict, adapter_dir: Path, out_dir: Path) -> None:
     processor.save_pretrained(out_dir)
 
 
+def unquantized_modules(family) -> list[str]:
+    """Modules that stay 16-bit in a 4-bit export, as in QLoRA training: the vision tower, the
+    projector and lm_head."""
+    if hasattr(family, "unquantized_modules"):
+        return list(family.unquantized_modules(quantize_vision=False))
+    names = []
+    for x in (family.vision_tower, family.projector, family.lm_head):
+        names += [x] if isinstance(x, str) else list(x)
+    return names
+
+
 def quantize_4bit(src: Path, out_dir: Path, model_cfg: dict, export_dtype: torch.dtype) -> None:
     """Load the 16-bit merge in NF4 (as QLoRA training does) and save it quantized."""
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
@@ -616,7 +627,7 @@ def quantize_4bit(src: Path, out_dir: Path, model_cfg: dict, export_dtype: torch
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=export_dtype,
-            llm_int8_skip_modules=[family.vision_tower, family.projector, family.lm_head],
+            llm_int8_skip_modules=unquantized_modules(family),
         ),
         device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"},
         trust_remote_code=model_cfg["trust_remote_code"],
@@ -627,11 +638,12 @@ def quantize_4bit(src: Path, out_dir: Path, model_cfg: dict, export_dtype: torch
 
 
 # ------------------------------------------------------------------------------------ the check
-def sample_batch(rows: list[dict], processor, family, max_seq_length: int, n: int) -> dict:
+def sample_batch(rows: list[dict], processor, family, model_cfg: dict, n: int) -> dict:
     """Encode up to `n` rows (skipping ones that are too long) into one padded batch."""
-    from .collate import Encoder, SampleTooLongError, collate
+    from .collate import SampleTooLongError
+    from .evaluate import collate_batch, make_encoder
 
-    encoder = Encoder(processor, family, max_seq_length=max_seq_length)
+    encoder = make_encoder(processor, family, model_cfg)
     items = []
     for row in rows:
         if len(items) == n:
@@ -642,7 +654,7 @@ def sample_batch(rows: list[dict], processor, family, max_seq_length: int, n: in
             log.info("merge check skips a sample: %s", e)
     if not items:
         raise MergeError("merge check: no sample of the train split fits max_seq_length")
-    batch = collate(items, encoder.pad_id)
+    batch = collate_batch(items, encoder.pad_id, family)
     batch.pop("labels")
     return batch
 
@@ -762,11 +774,7 @@ def export_model(
 
                 processor = AutoProcessor.from_pretrained(target)
                 batch = sample_batch(
-                    check_rows,
-                    processor,
-                    family,
-                    model_cfg["max_seq_length"],
-                    export_cfg["check_samples"],
+                    check_rows, processor, family, model_cfg, export_cfg["check_samples"]
                 )
                 cdtype = check_dtype_for(export_cfg, stats["parameters"])
                 ref = reference_logits(model_cfg, adapter_dir, batch, cdtype)
@@ -888,7 +896,7 @@ def model_card(
         "## Base model",
         "",
         f"- id: `{base_id}`",
-        f"- revision: `{base.get('revision')}`"
+        f"- revision: `{base.get('revision') or 'default branch'}`"
         + (f", commit `{base['commit']}`" if base.get("commit") else ""),
         "",
         "## Data",
