@@ -809,7 +809,11 @@ def export_model(
                         "reproduce the adapter. Details in merge_check.json."
                     )
             else:
-                check["skipped"] = "export.check_samples is 0"
+                check["skipped"] = (
+                    "export.check_samples is 0"
+                    if check_rows is not None
+                    else "no sample rows were given (--train)"
+                )
             if method == "merged_4bit":
                 quantize_4bit(target, tmp, model_cfg, dtype)
                 save_processor(model_cfg, adapter_dir, tmp)

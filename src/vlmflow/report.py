@@ -240,16 +240,25 @@ def metrics_page(
     _write_text(out_html, _page("Base vs tuned", "\n".join(body)))
 
     plt = _plt()
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 0.5, 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    cols = min(4, len(names))
+    rows_n = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3 * cols, 2.8 * rows_n), squeeze=False)
+    for ax in axes.flat[len(names) :]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
         vals = [m["base"][name], m["tuned"][name]]
         bars = ax.bar(["base", "tuned"], vals, color=["tab:gray", "tab:blue"])
         ax.bar_label(bars, fmt="%.3g")
-        ax.set_title(name)
-        ax.set_ylim(0, max(max(vals) * 1.2, 1e-9))
+        hib = m.get("higher_is_better", {}).get(name, True)
+        ax.set_title(name + ("" if hib else " (lower is better)"), fontsize=10)
+        top = SCALE_TOP.get(name) or max(max(vals) * 1.2, 1.0)
+        ax.set_ylim(0, top)
     fig.tight_layout()
     _save_fig(fig, out_png)
     return m
+
+
+SCALE_TOP = {"exact_match": 1.05, "accuracy": 1.05, "anls": 1.05, "rouge_l": 1.05, "bleu": 105}
 
 
 def thumbnail_uri(path: str | os.PathLike, size: int = 160) -> str:
