@@ -4,12 +4,14 @@ Parquet files) against a data folder, and every archive member against its SHA25
 
   python scripts/verify_archive.py results/runs/demo/archive.tar.gz --root .
 
-Prints each missing or changed file; exits 1 when anything differs.
+Prints each missing or changed file; exits 1 when anything differs, 2 when the archive
+cannot be read.
 """
 
 import argparse
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -23,7 +25,11 @@ def main() -> int:
     p.add_argument("--root", default=".", help="folder the manifest's relative paths start from")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     a = p.parse_args()
-    res = verify_archive(a.archive, a.root)
+    try:
+        res = verify_archive(a.archive, a.root)
+    except (OSError, ValueError, tarfile.TarError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.json:
         print(json.dumps(res, indent=2))
     for path in res["missing"]:
