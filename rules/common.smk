@@ -109,12 +109,61 @@ def train_launcher():
     )
 
 
+MERGED = config["export"]["save_method"] != "lora"
+
+
+def tuned_model(wildcards):
+    """What evaluation calls the tuned model: the merged export, or the adapter (applied to the
+    base) when export.save_method is lora."""
+    if MERGED:
+        return f"results/runs/{wildcards.run}/merged"
+    return f"results/runs/{wildcards.run}/adapter"
+
+
+def export_outputs(wildcards):
+    """The merged model and its merge check, when there is a merge."""
+    if not MERGED:
+        return {}
+    return {
+        "merged": f"results/runs/{wildcards.run}/merged",
+        "merge_check": f"results/runs/{wildcards.run}/merge_check.json",
+    }
+
+
+def optional_figures(wildcards):
+    """Figures another stage may produce for the report (the token-length histogram of the
+    run's filtered data): included when a rule of this workflow makes them."""
+    paths = [f"results/runs/{wildcards.run}/data/token_hist.png"]
+    return [p for p in paths if any(r.is_producer(p) for r in workflow.rules)]
+
+
+def data_files(wildcards):
+    """The dataset's source files and Parquet files, for the archive's data manifest."""
+    sources = [s["path"] for s in config["datasets"][DATASET]["sources"]]
+    return sources + [
+        f"results/data/{DATASET}/{split}.parquet"
+        for split in ("train", "val", "test", "rejected")
+    ]
+
+
+def lock_file():
+    path = Path(workflow.basedir) / "requirements.lock"
+    return [os.path.relpath(path)] if path.is_file() else []
+
+
 def final_outputs():
     run_dir = f"results/runs/{RUN}"
-    return [
+    outputs = [
         f"results/data/{DATASET}/summary.json",
         f"{run_dir}/adapter",
-        f"{run_dir}/merged",
         f"{run_dir}/eval/metrics.json",
         f"{run_dir}/eval/predictions.parquet",
+        f"{run_dir}/report/data_qc.html",
+        f"{run_dir}/report/training.png",
+        f"{run_dir}/report/metrics.html",
+        f"{run_dir}/report/gallery.html",
+        f"{run_dir}/archive.tar.gz",
     ]
+    if MERGED:
+        outputs += [f"{run_dir}/merged", f"{run_dir}/merge_check.json"]
+    return outputs

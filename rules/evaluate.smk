@@ -1,10 +1,11 @@
-# Evaluation: base vs tuned model on the test split.
+# Evaluation: base vs tuned model (the merged export, or the adapter on the base when
+# export.save_method is lora) on the test split.
 
 
 rule evaluate:
     input:
         test="results/runs/{run}/data/test.parquet",
-        merged="results/runs/{run}/merged",
+        tuned=tuned_model,
         model=model_input,
     output:
         metrics="results/runs/{run}/eval/metrics.json",
@@ -23,5 +24,5 @@ rule evaluate:
         config=as_json("model", "eval"),
     shell:
         "exec python {params.script} --config {params.config:q} "
-        "--test {input.test} --tuned {input.merged} --metrics {output.metrics} "
+        "--test {input.test} --tuned {input.tuned} --metrics {output.metrics} "
         "--predictions {output.predictions} --threads {threads} > {log} 2>&1"

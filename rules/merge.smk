@@ -1,12 +1,17 @@
-# Merge: the adapter folded into fresh 16-bit base weights, saved as a plain transformers model.
+# Export: the adapter merged into the original 16-bit base weights (export.save_method
+# merged_16bit; merged_4bit quantizes that merge), checked against the adapter on the base.
+# With save_method lora there is nothing to merge: evaluation applies the adapter to the base.
 
 
 rule merge:
     input:
         adapter="results/runs/{run}/adapter",
+        train=f"results/data/{DATASET}/train.parquet",
+        summary=f"results/data/{DATASET}/summary.json",
         model=model_input,
     output:
         merged=directory("results/runs/{run}/merged"),
+        check="results/runs/{run}/merge_check.json",
     log:
         "logs/merge/{run}.log",
     benchmark:
@@ -21,4 +26,5 @@ rule merge:
         config=as_json("model", "export"),
     shell:
         "python {params.script} --config {params.config:q} "
-        "--adapter {input.adapter} --out {output.merged} --threads {threads} > {log} 2>&1"
+        "--adapter {input.adapter} --train {input.train} --data-summary {input.summary} "
+        "--out {output.merged} --check {output.check} --threads {threads} > {log} 2>&1"

@@ -70,7 +70,17 @@ def trained_adapter(tiny_qwen, digits_rows, tmp_path_factory):
 
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ["Snakefile", "rules", "scripts", "src", "config", "envs", ".test"]
+WORKFLOW_FILES = [
+    "Snakefile",
+    "rules",
+    "scripts",
+    "src",
+    "config",
+    "envs",
+    ".test",
+    "report",
+    "requirements.lock",
+]
 
 
 def copy_workflow(dest: Path, extra=()) -> Path:

@@ -1,6 +1,15 @@
 import pytest
 
-from vlmflow.evaluate import exact_match, normalize_answer, question_of, reference_of
+from vlmflow.evaluate import (
+    anls,
+    exact_match,
+    generation_kwargs,
+    normalize_answer,
+    question_of,
+    reference_of,
+    relaxed_accuracy,
+    score,
+)
 
 
 @pytest.mark.parametrize(
@@ -21,6 +30,67 @@ def test_normalize():
     assert normalize_answer("  Hello,   World! ") == "hello, world"
 
 
+@pytest.mark.parametrize(
+    "pred, ref, want",
+    [
+        ("10.4", "10", 1.0),  # within 5%
+        ("10.6", "10", 0.0),
+        ("1,000", "1000", 1.0),
+        ("45%", "44", 1.0),
+        ("0", "0", 1.0),
+        ("Paris.", "paris", 1.0),
+        ("Lyon", "Paris", 0.0),
+    ],
+)
+def test_relaxed_accuracy(pred, ref, want):
+    assert relaxed_accuracy(pred, ref) == want
+
+
+@pytest.mark.parametrize(
+    "pred, ref, want",
+    [
+        ("Hello World", "hello  world", 1.0),
+        ("helo world", "hello world", 1 - 1 / 11),  # one edit in 11 characters
+        ("abc", "abd", 1 - 1 / 3),
+        ("abc", "xyz", 0.0),  # NL = 1 >= 0.5
+        ("ab", "abcd", 0.0),  # NL = 0.5: at the threshold, scores 0
+        ("", "", 1.0),
+    ],
+)
+def test_anls_follows_the_docvqa_definition(pred, ref, want):
+    assert anls(pred, ref) == pytest.approx(want)
+
+
+def test_corpus_and_per_sample_scores():
+    preds, refs = ["abd", "de", "the cat sat"], ["abc", "de", "the cat sat down"]
+    totals, per = score(["cer", "wer", "bleu", "rouge_l", "exact_match"], preds, refs)
+    # CER over the split: all edits / all reference characters = (1 + 0 + 5) / (3 + 2 + 16).
+    assert totals["cer"] == pytest.approx(6 / 21)
+    assert per["cer"] == pytest.approx([1 / 3, 0.0, 5 / 16])
+    assert totals["wer"] == pytest.approx((1 + 0 + 1) / (1 + 1 + 4))
+    assert per["exact_match"] == [0.0, 1.0, 0.0] and totals["exact_match"] == pytest.approx(1 / 3)
+    # ROUGE-L of "the cat sat" vs "the cat sat down": P = 1, R = 3/4, F = 6/7.
+    assert per["rouge_l"][2] == pytest.approx(6 / 7)
+    bleu, per_bleu = score(
+        ["bleu"], ["the cat sat on the mat", "a dog ran"], ["the cat sat on the mat", "the mat"]
+    )
+    assert per_bleu["bleu"][0] == pytest.approx(100.0) and per_bleu["bleu"][1] == 0.0
+    assert 0 < bleu["bleu"] < 100  # sacreBLEU 0-100, corpus level
+    with pytest.raises(ValueError, match="unknown metric"):
+        score(["f1"], preds, refs)
+
+
+def test_empty_references_do_not_break_error_rates():
+    totals, per = score(["cer"], ["", "x", "ab"], ["", "", "ab"])
+    assert per["cer"] == [0.0, 1.0, 0.0] and totals["cer"] == 0.0
+
+
+def test_generation_settings():
+    assert generation_kwargs({"do_sample": False}) == {"do_sample": False}
+    kw = generation_kwargs({"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 5})
+    assert kw == {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 5}
+
+
 def test_reference_and_question_of_a_row(digits_rows):
     row = digits_rows[0]
     assert reference_of(row) == row["messages"][1]["content"][0]["text"]
@@ -28,16 +98,15 @@ def test_reference_and_question_of_a_row(digits_rows):
 
 
 def test_generation_on_the_tiny_model(tiny_qwen, trained_adapter, digits_rows):
-    from transformers import AutoProcessor
+    import torch
+    from peft import PeftModel
 
     from vlmflow.collate import Encoder
     from vlmflow.config import resolve_sections
-    from vlmflow.evaluate import generate_answers
-    from vlmflow.modeling import load_model
+    from vlmflow.evaluate import generate_answers, load_for_eval
 
     cfg = resolve_sections({"model": {"name": tiny_qwen}}, ["model"])["model"]
-    model, fam = load_model(cfg)
-    proc = AutoProcessor.from_pretrained(tiny_qwen)
+    model, proc, fam = load_for_eval(cfg, None)
     enc = Encoder(proc, fam, max_seq_length=256)
     rows = digits_rows[:5]
     batched, stats = generate_answers(
@@ -48,3 +117,24 @@ def test_generation_on_the_tiny_model(tiny_qwen, trained_adapter, digits_rows):
     )
     assert batched == single  # left padding does not change greedy answers
     assert stats["generated_tokens"] > 0 and stats["tokens_per_s"] > 0
+
+    sampling = generation_kwargs({"do_sample": True, "temperature": 5.0, "top_p": 1.0, "top_k": 0})
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(
+            generate_answers(
+                model,
+                proc,
+                enc,
+                rows,
+                batch_size=5,
+                max_new_tokens=3,
+                progress=False,
+                sampling=sampling,
+            )[0]
+        )
+    assert runs[0] == runs[1] != runs[2]  # seeded sampling repeats; another seed differs
+
+    tuned, _, _ = load_for_eval(cfg, trained_adapter)  # an adapter folder: applied to the base
+    assert isinstance(tuned, PeftModel)

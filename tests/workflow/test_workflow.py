@@ -3,12 +3,16 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
 pytestmark = pytest.mark.workflow
@@ -109,12 +113,27 @@ def test_every_output_is_there_and_consistent(workflow_run):
 
     merged = w / "results/runs/test/merged"
     assert (merged / "model.safetensors").exists() and (merged / "config.json").exists()
+    check = json.loads((w / "results/runs/test/merge_check.json").read_text())
+    assert check["passed"] and check["max_abs_diff"] <= check["tolerance"]
     metrics = json.loads((w / "results/runs/test/eval/metrics.json").read_text())
     assert metrics["n"] == run_splits["test"]
     assert set(metrics) >= {"base", "tuned", "delta", "n", "settings"}
     preds = pq.read_table(w / "results/runs/test/eval/predictions.parquet").to_pandas()
     assert len(preds) == run_splits["test"]
     assert {"id", "image", "question", "reference", "base_answer", "tuned_answer"} <= set(preds)
+    assert metrics["metrics"] == [
+        "exact_match",
+        "accuracy",
+        "anls",
+        "cer",
+        "wer",
+        "bleu",
+        "rouge_l",
+    ]
+    for m in metrics["metrics"]:
+        assert {f"base_{m}", f"tuned_{m}"} <= set(preds)
+        if m not in ("cer", "wer", "bleu"):  # corpus-level scores, not sample means
+            assert metrics["tuned"][m] == pytest.approx(preds[f"tuned_{m}"].mean())
     for step in (
         "validate_images/digits",
         "format_conversations/digits",
@@ -122,6 +141,10 @@ def test_every_output_is_there_and_consistent(workflow_run):
         "train/test",
         "merge/test",
         "evaluate/test",
+        "report_data/test",
+        "report_training/test",
+        "report_evaluation/test",
+        "archive/test",
     ):
         assert (w / f"logs/{step}.log").exists(), step
         assert (w / f"benchmarks/{step}.tsv").exists(), step
@@ -138,15 +161,27 @@ def test_learning_rate_change_reruns_only_training_and_downstream(workflow_run):
         cfg.replace("learning_rate: 0.002", "learning_rate: 0.001")
     )
     res = snakemake(workflow_run, "-n", "--configfile", ".test/lr.yaml")
-    assert planned_jobs(res) == {"train": 1, "merge": 1, "evaluate": 1, "all": 1}
+    assert planned_jobs(res) == {
+        "train": 1,
+        "merge": 1,
+        "evaluate": 1,
+        "report_training": 1,
+        "report_evaluation": 1,
+        "archive": 1,
+        "all": 1,
+    }
 
 
 def test_editing_one_image_reruns_only_the_stages_downstream(workflow_run):
     img = workflow_run / "resources/demo/digits-test/images/00007.png"
-    im = Image.open(img)
-    im.putpixel((0, 0), (0, 0, 0))
-    im.save(img)
-    res = snakemake(workflow_run, "-n")
+    original = img.read_bytes()
+    try:
+        im = Image.open(img)
+        im.putpixel((0, 0), (0, 0, 0))
+        im.save(img)
+        res = snakemake(workflow_run, "-n")
+    finally:  # later tests check the data against the run's archive
+        img.write_bytes(original)
     assert planned_jobs(res) == {
         "validate_images": 1,
         "format_conversations": 1,
@@ -154,6 +189,10 @@ def test_editing_one_image_reruns_only_the_stages_downstream(workflow_run):
         "train": 1,
         "merge": 1,
         "evaluate": 1,
+        "report_data": 1,
+        "report_training": 1,
+        "report_evaluation": 1,
+        "archive": 1,
         "all": 1,
     }
 
@@ -165,3 +204,226 @@ def test_unknown_config_key_fails_at_start_naming_it(workflow_run):
     assert res.returncode != 0
     assert "train.learnig_rate" in res.stdout + res.stderr
     assert "did you mean 'learning_rate'" in res.stdout + res.stderr
+
+
+# ------------------------------------------------------------------ report, archive, determinism
+def test_report_renders_in_headless_chromium(workflow_run, tmp_path):
+    """`snakemake --report` builds the report; in Chromium its plots load and the gallery and the
+    metrics table render (screenshots in $VLMFLOW_TEST_ARTIFACTS when set)."""
+    from headless_chromium import Chromium, find_chromium
+
+    exe = find_chromium()
+    assert exe, "chromium is not installed (apt-get install chromium; .ci/run installs it)"
+    snakemake(workflow_run, "--report", "report.html")
+    shots = Path(os.environ.get("VLMFLOW_TEST_ARTIFACTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    n_test = pq.read_table(workflow_run / "results/runs/test/eval/predictions.parquet").num_rows
+    with Chromium(exe) as br:
+        br.open(
+            (workflow_run / "report.html").as_uri(),
+            "typeof app !== 'undefined' && document.querySelector('#app').childElementCount > 0",
+        )
+        items = br.evaluate(
+            "Object.fromEntries(Object.entries(results).map(([p, r]) => [r.name, [p, r.mime_type]]))"
+        )
+        assert {
+            "data_qc.html",
+            "data_qc.png",
+            "training.png",
+            "metrics.html",
+            "metrics.png",
+            "gallery.html",
+        } <= set(items), items
+        assert "vlmflow run" in br.evaluate("document.body.innerText")
+        br.screenshot(shots / "report_home.png")
+
+        def show(name: str, kind: str):
+            path = json.dumps(items[name][0])
+            br.evaluate(
+                f"app.setView({{content: '{kind}', contentPath: results[{path}].data_uri, "
+                f"resultPath: {path}}})"
+            )
+
+        for name in ("data_qc.png", "training.png", "metrics.png"):
+            assert items[name][1] == "image/png"
+            show(name, "img")
+            loaded = "Array.from(document.images).filter(i => i.src.startsWith('data:image/png'))"
+            br.wait_for(f"{loaded}.length > 0 && {loaded}.every(i => i.complete)")
+            widths = br.evaluate(f"{loaded}.map(i => i.naturalWidth)")
+            assert max(widths) >= 500, (name, widths)  # the figure, not an icon
+            br.screenshot(shots / f"report_{name.replace('.', '_')}.png")
+
+        def frame_titled(title: str) -> int:
+            for _ in range(100):
+                try:
+                    ctx = br.child_frame_context()
+                    if br.evaluate("document.title", ctx) == title:
+                        return ctx
+                except RuntimeError:  # the previous frame went away meanwhile
+                    pass
+                time.sleep(0.1)
+            raise AssertionError(f"no frame titled {title!r}")
+
+        show("gallery.html", "html")
+        ctx = frame_titled("Test samples: base vs tuned")
+        br.wait_for("Array.from(document.images).every(i => i.complete)", context=ctx)
+        cards = br.evaluate("document.querySelectorAll('.card').length", ctx)
+        loaded = br.evaluate(
+            "Array.from(document.images).filter(i => i.naturalWidth > 0).length", ctx
+        )
+        assert cards == min(n_test, 24) and loaded == cards, (cards, loaded)
+        text = br.evaluate("document.body.innerText", ctx)
+        for word in ("question", "reference", "base", "tuned", "Which digit"):
+            assert word in text
+        br.screenshot(shots / "report_gallery.png")
+
+        show("metrics.html", "html")
+        ctx = frame_titled("Base vs tuned")
+        text = br.evaluate("document.body.innerText", ctx)
+        for word in ("exact_match", "anls", "rouge_l", "tokens / s", "Merge check"):
+            assert word in text
+        br.screenshot(shots / "report_metrics.png")
+
+        show("data_qc.html", "html")
+        text = br.evaluate("document.body.innerText", frame_titled("Data quality"))
+        assert "path_escape" in text and "decode_error" in text and "missing" in text
+
+
+def _archive_members(path):
+    with tarfile.open(path) as tar:
+        return tar.getmembers(), {
+            m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()
+        }
+
+
+def test_archive_holds_the_run_and_verify_archive_finds_tampering(workflow_run, tmp_path):
+    w = workflow_run
+    archive = w / "results/runs/test/archive.tar.gz"
+    infos, files = _archive_members(archive)
+    names = [m.name for m in infos]
+    assert names == sorted(names) and {m.mtime for m in infos} == {315532800}
+    for member in (
+        "REPRODUCE.md",
+        "SHA256SUMS",
+        "config/config.yaml",
+        "config/seeds.json",
+        "data/manifest.json",
+        "env/requirements.lock",
+        "env/pip-freeze.txt",
+        "env/platform.json",
+        "env/git.json",
+        "model/base_model.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/train_log.jsonl",
+        "eval/metrics.json",
+        "export/merge_check.json",
+        "export/README.md",
+        "logs/train/test.log",
+        "benchmarks/train/test.tsv",
+        "report/gallery.html",
+    ):
+        assert f"test/{member}" in files, member
+    # The adapter, not the base weights: those are named by their file hashes.
+    assert [n for n in names if n.endswith(".safetensors")] == [
+        "test/adapter/adapter_model.safetensors"
+    ]
+    base = json.loads(files["test/model/base_model.json"])
+    assert (
+        base["name"] == "resources/models/tiny-qwen2_5_vl" and "model.safetensors" in base["files"]
+    )
+    assert (
+        files["test/adapter/train_log.jsonl"]
+        == (w / "results/runs/test/adapter/train_log.jsonl").read_bytes()
+    )
+    config = yaml.safe_load(files["test/config/config.yaml"])
+    assert config["train"]["max_steps"] == 6 and config["export"]["check_samples"] == 4
+    reproduce = files["test/REPRODUCE.md"].decode()
+    assert "scripts/verify_archive.py" in reproduce
+    assert "snakemake --cores all --configfile test/config/config.yaml" in reproduce
+
+    manifest = json.loads(files["test/data/manifest.json"])
+    images = pq.read_table(w / "results/data/digits/images.parquet").to_pandas()
+    readable = set(images.loc[images["sha256"] != "", "resolved"])
+    listed = {e["path"]: e for e in manifest["files"]}
+    assert {p for p, e in listed.items() if e["kind"] == "image"} == readable
+    for split in ("train", "val", "test", "rejected", "images"):
+        assert f"results/data/digits/{split}.parquet" in listed
+    assert listed[".test/data/messy/data.jsonl"]["kind"] == "source"
+
+    verify = [sys.executable, str(w / "scripts/verify_archive.py"), str(archive)]
+    res = subprocess.run([*verify, "--root", str(w)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"OK: {len(listed)} of {len(listed)}" in res.stdout
+
+    # A copy of the data with one image changed and one Parquet file gone.
+    root = tmp_path / "data"
+    for p in listed:
+        (root / p).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(w / p, root / p)
+    tampered = sorted(p for p in listed if p.endswith("00011.png"))[0]
+    with open(root / tampered, "ab") as f:
+        f.write(b"\0")
+    (root / "results/data/digits/val.parquet").unlink()
+    res = subprocess.run([*verify, "--root", str(root)], capture_output=True, text=True)
+    assert res.returncode == 1
+    assert f"CHANGED  {tampered}" in res.stdout
+    assert "MISSING  results/data/digits/val.parquet" in res.stdout
+    assert f"DIFFERENT: {len(listed) - 2} of {len(listed)}" in res.stdout
+
+
+def test_a_second_run_on_the_same_config_and_data_has_the_same_manifest(
+    workflow_run, workflow_copy, tmp_path_factory, monkeypatch
+):
+    """A fresh checkout given the same data folder runs the data stage again; the manifest of its
+    images, sources and Parquet files equals the archived one."""
+    from vlmflow.archive import data_manifest
+
+    other = workflow_copy(tmp_path_factory.mktemp("wf_again"))
+    data = "resources/demo/digits-test"
+    shutil.copytree(workflow_run / data, other / data)
+    res = snakemake(other, "--rerun-incomplete", "results/data/digits/summary.json")
+    assert "validate_images" in res.stdout + res.stderr
+    _, files = _archive_members(workflow_run / "results/runs/test/archive.tar.gz")
+    archived = json.loads(files["test/data/manifest.json"])
+    monkeypatch.chdir(other)
+    data = [".test/data/messy/data.jsonl", "resources/demo/digits-test/data.jsonl"] + [
+        f"results/data/digits/{s}.parquet" for s in ("train", "val", "test", "rejected")
+    ]
+    again = data_manifest("results/data/digits/images.parquet", data)
+    assert again == archived
+
+
+def test_training_from_the_archived_config_repeats_the_losses_on_cpu(workflow_run, tmp_path):
+    """Same seeds, same data, CPU: a second training run gives the same per-step losses."""
+    _, files = _archive_members(workflow_run / "results/runs/test/archive.tar.gz")
+    config = yaml.safe_load(files["test/config/config.yaml"])
+    sections = json.dumps({k: config[k] for k in ("model", "lora", "train")})
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    res = subprocess.run(
+        [
+            sys.executable,
+            "scripts/train.py",
+            "--config",
+            sections,
+            "--train",
+            "results/data/digits/train.parquet",
+            "--out",
+            str(tmp_path / "adapter"),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--threads",
+            str(config["train"]["threads"]),
+        ],
+        cwd=workflow_run,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    first = [json.loads(x) for x in files["test/adapter/train_log.jsonl"].decode().splitlines()]
+    second = [
+        json.loads(x) for x in (tmp_path / "adapter/train_log.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in second] == [r["step"] for r in first] == list(range(1, 7))
+    assert [r["loss"] for r in second] == [r["loss"] for r in first]
+    assert [r["grad_norm"] for r in second] == [r["grad_norm"] for r in first]

@@ -1,0 +1,49 @@
+# Reproducibility archive of a run: config, data manifest, environment, code version, logs,
+# adapter, metrics, report and REPRODUCE.md (not the base weights: their id and revision).
+# It runs last, so that every other step's log is complete.
+
+
+rule archive:
+    input:
+        unpack(export_outputs),
+        images=f"results/data/{DATASET}/images.parquet",
+        data=data_files,
+        summary=f"results/data/{DATASET}/summary.json",
+        adapter="results/runs/{run}/adapter",
+        metrics="results/runs/{run}/eval/metrics.json",
+        predictions="results/runs/{run}/eval/predictions.parquet",
+        lock=lock_file(),
+        report=[
+            "results/runs/{run}/report/data_qc.html",
+            "results/runs/{run}/report/data",
+            "results/runs/{run}/report/training.png",
+            "results/runs/{run}/report/metrics.html",
+            "results/runs/{run}/report/metrics.png",
+            "results/runs/{run}/report/gallery.html",
+        ],
+    output:
+        archive="results/runs/{run}/archive.tar.gz",
+    log:
+        "logs/archive/{run}.log",
+    benchmark:
+        "benchmarks/archive/{run}.tsv"
+    conda:
+        "../envs/vlmflow.yaml"
+    threads: 1
+    params:
+        script=script("archive"),
+        config=json.dumps(config, sort_keys=True),
+        repo=os.path.relpath(workflow.basedir),
+        export=lambda wildcards, input: (
+            f"--merged {input.merged} --merge-check {input.merge_check}"
+            if "merged" in input.keys()
+            else ""
+        ),
+        lock=lambda wildcards, input: f"--lock {input.lock}" if input.lock else "",
+    shell:
+        "python {params.script} --config {params.config:q} --out {output.archive} "
+        "--images {input.images} --data {input.data} --summary {input.summary} "
+        "--adapter {input.adapter} --metrics {input.metrics} "
+        "--predictions {input.predictions} {params.export} {params.lock} "
+        "--report {input.report} "
+        "--repo {params.repo:q} > {log} 2>&1"
