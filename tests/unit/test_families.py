@@ -7,6 +7,8 @@ import pytest
 
 from vlmflow.families import FAMILIES, family_for_config, family_for_model_type
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 class Cfg:
     def __init__(self, model_type, vision=None):
