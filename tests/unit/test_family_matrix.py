@@ -102,6 +102,7 @@ SPEC = {
         ),
     ),
 }
+SPEC["smolvlm"] = SPEC["idefics3"]
 # What closes an assistant turn, and what the template puts between the marker and the answer.
 END_OF_TURN = {
     "qwen2_vl": "<|im_end|>",
@@ -113,8 +114,9 @@ END_OF_TURN = {
     "llava_next": "</s>",
     "gemma3": "<end_of_turn>",
     "idefics3": "<end_of_utterance>",
+    "smolvlm": "<end_of_utterance>",
 }
-ANSWER_PREFIX = {"llava": " ", "llava_next": " ", "idefics3": " "}
+ANSWER_PREFIX = {"llava": " ", "llava_next": " ", "idefics3": " ", "smolvlm": " "}
 
 
 def expected(family, vision, language, attention, mlp):
