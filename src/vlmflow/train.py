@@ -6,6 +6,10 @@ reads global sample position `p = (s * accum + m) * batch + i`, i.e. epoch `p //
 Checkpoints (trainable weights, optimizer, scheduler, RNG) go to a work folder outside the rule's
 outputs, atomically, every `save_steps`; a re-run resumes from the newest one whose fingerprint
 (config + data) matches.
+
+`train_step` (one optimizer step over a list of micro-batches) and
+`vlmflow.modeling.build_training_model` are the pieces benchmarks call, so that what they time
+is what the train rule runs.
 """
 
 from __future__ import annotations
