@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 
@@ -289,10 +289,10 @@ _FAMILIES = [
         image_tokens=("<image_soft_token>", "<start_of_image>", "<end_of_image>"),
     ),
     Family(
-        # Idefics3 and SmolVLM (v1 checkpoints are idefics3, v2 smolvlm): SigLIP-like tower +
-        # pixel-shuffle connector + Llama-style text model named `text_model`.
+        # Idefics3 and SmolVLM v1 (model_type idefics3): SigLIP-like tower + pixel-shuffle
+        # connector + Llama-style text model named `text_model`.
         name="idefics3",
-        model_types=("idefics3", "smolvlm"),
+        model_types=("idefics3",),
         vision_layers=r"model\.vision_model\.encoder\.layers\.\d+",
         language_layers=r"model\.text_model\.layers\.\d+",
         vision_attention=_CLIP_ATTN,
@@ -309,6 +309,9 @@ _FAMILIES = [
         batch_layout=MappingProxyType({"pixel_values": "sample", "pixel_attention_mask": "sample"}),
     ),
 ]
+
+# SmolVLM2 (model_type smolvlm): the Idefics3 architecture under new class names.
+_FAMILIES.append(replace(_FAMILIES[-1], name="smolvlm", model_types=("smolvlm",)))
 
 FAMILIES: dict[str, Family] = {f.name: f for f in _FAMILIES}
 

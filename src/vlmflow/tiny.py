@@ -677,15 +677,20 @@ def build_tiny_gemma3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def build_tiny_idefics3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Idefics3 (the SmolVLM architecture): SigLIP-like tower + pixel-shuffle connector + Llama.
+    """Idefics3 (SmolVLM v1's architecture): SigLIP-like tower + pixel-shuffle connector + Llama.
     pad == eos == <end_of_utterance>, as in SmolVLM's released tokenizer."""
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessor,
-        Idefics3Processor,
-    )
+    return _build_idefics3_like(out_dir, seed, smolvlm=False)
 
+
+def build_tiny_smolvlm(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """SmolVLM2 (model_type smolvlm): the Idefics3 architecture with its own processor."""
+    return _build_idefics3_like(out_dir, seed, smolvlm=True)
+
+
+def _build_idefics3_like(out_dir, seed: int, smolvlm: bool) -> Path:
+    import transformers as tr
+
+    prefix = "SmolVLM" if smolvlm else "Idefics3"
     specials = [
         "<|begin_of_text|>",
         "<end_of_utterance>",
@@ -715,7 +720,7 @@ def build_tiny_idefics3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         image_size=32,
         patch_size=8,
     )
-    cfg = Idefics3Config(
+    cfg = getattr(tr, f"{prefix}Config")(
         text_config=text,
         vision_config=vision,
         image_token_id=ids["<image>"],
@@ -724,18 +729,22 @@ def build_tiny_idefics3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration._from_config(cfg, dtype=torch.float32)
+    model = getattr(tr, f"{prefix}ForConditionalGeneration")._from_config(cfg, dtype=torch.float32)
     _finish(model, eou, eou, ids["<|begin_of_text|>"])
-    proc = Idefics3Processor(
-        image_processor=Idefics3ImageProcessor(
-            size={"longest_edge": 64},
-            max_image_size={"longest_edge": 32},
-            do_image_splitting=True,
-        ),
+    image_processor = getattr(tr, f"{prefix}ImageProcessor")(
+        size={"longest_edge": 64},
+        max_image_size={"longest_edge": 32},
+        do_image_splitting=True,
+    )
+    kwargs = dict(
+        image_processor=image_processor,
         tokenizer=tok,
         image_seq_len=4,  # (image_size / patch_size)^2 / scale_factor^2
         chat_template=IDEFICS3_CHAT_TEMPLATE,
     )
+    if smolvlm:
+        kwargs["video_processor"] = tr.SmolVLMVideoProcessor()
+    proc = getattr(tr, f"{prefix}Processor")(**kwargs)
     return _save(model, proc, out_dir)
 
 
@@ -758,6 +767,7 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "llava_next": build_tiny_llava_next,
     "gemma3": build_tiny_gemma3,
     "idefics3": build_tiny_idefics3,
+    "smolvlm": build_tiny_smolvlm,
 }
 
 

@@ -6,6 +6,10 @@ reads global sample position `p = (s * accum + m) * batch + i`, i.e. epoch `p //
 Checkpoints (trainable weights, optimizer, scheduler, RNG) go to a work folder outside the rule's
 outputs, atomically, every `save_steps`; a re-run resumes from the newest one whose fingerprint
 (config + data) matches.
+
+`train_step` (one optimizer step over a list of micro-batches) and
+`vlmflow.modeling.build_training_model` are the pieces benchmarks call, so that what they time
+is what the train rule runs.
 """
 
 from __future__ import annotations
@@ -447,6 +451,7 @@ def plot_training_log(log_path: str | os.PathLike, png: str | os.PathLike) -> No
     records = read_log(log_path)
     steps = [r["step"] for r in records]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.15, top=0.9, wspace=0.3)
     ax1.plot(steps, [r["loss"] for r in records])
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss")
@@ -456,6 +461,5 @@ def plot_training_log(log_path: str | os.PathLike, png: str | os.PathLike) -> No
     ax2.set_xlabel("step")
     ax2.set_ylabel("learning rate")
     ax2.set_title("learning rate")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    fig.savefig(png, dpi=80)
     plt.close(fig)

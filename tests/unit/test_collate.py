@@ -4,6 +4,8 @@ import torch
 from vlmflow.collate import IGNORE_INDEX, Encoder, SampleTooLongError, collate, response_labels
 from vlmflow.families import FAMILIES
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def test_response_labels_multi_turn():
     # 1=<start> 2=assistant-marker ... 9=<end>

@@ -7,6 +7,8 @@ import pytest
 
 from vlmflow.families import FAMILIES, family_for_config, family_for_model_type
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 class Cfg:
     def __init__(self, model_type, vision=None):
@@ -18,7 +20,8 @@ class Cfg:
 def test_lookup_by_config_tells_pixtral_from_llava():
     assert family_for_config(Cfg("llava", "clip_vision_model")).name == "llava"
     assert family_for_config(Cfg("llava", "pixtral")).name == "pixtral"
-    assert family_for_config(Cfg("smolvlm")).name == "idefics3"
+    assert family_for_config(Cfg("smolvlm")).name == "smolvlm"
+    assert family_for_config(Cfg("idefics3")).name == "idefics3"
     assert family_for_config(Cfg("qwen3_vl")).name == "qwen3_vl"
     with pytest.raises(KeyError, match="'blip2' is not in the family registry"):
         family_for_model_type("blip2")

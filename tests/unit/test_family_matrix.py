@@ -13,6 +13,8 @@ from vlmflow.config import resolve_sections
 from vlmflow.families import FAMILIES
 from vlmflow.modeling import lora_target_modules, modules_to_save
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 FAMILY_NAMES = sorted(FAMILIES)
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 CLIP_QKVO = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -100,6 +102,7 @@ SPEC = {
         ),
     ),
 }
+SPEC["smolvlm"] = SPEC["idefics3"]
 # What closes an assistant turn, and what the template puts between the marker and the answer.
 END_OF_TURN = {
     "qwen2_vl": "<|im_end|>",
@@ -111,8 +114,9 @@ END_OF_TURN = {
     "llava_next": "</s>",
     "gemma3": "<end_of_turn>",
     "idefics3": "<end_of_utterance>",
+    "smolvlm": "<end_of_utterance>",
 }
-ANSWER_PREFIX = {"llava": " ", "llava_next": " ", "idefics3": " "}
+ANSWER_PREFIX = {"llava": " ", "llava_next": " ", "idefics3": " ", "smolvlm": " "}
 
 
 def expected(family, vision, language, attention, mlp):
@@ -346,7 +350,7 @@ def test_qlora_4bit_trains_with_the_vision_side_unquantized(
     from vlmflow.train import read_log, train
 
     cfg = train_config(tiny_model(family), load_in_4bit=True)
-    cfg["train"]["max_steps"] = 4
+    cfg["train"]["max_steps"] = 3
     res = train(cfg, chat_rows, tmp_path / "a", tmp_path / "w")
     losses = [r["loss"] for r in read_log(tmp_path / "a" / "train_log.jsonl")]
     assert losses[-1] < losses[0], losses

@@ -6,6 +6,8 @@ import torch
 from vlmflow.config import resolve_sections
 from vlmflow.train import read_log, sample_indices, train
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def config(model, **train):
     base = {

@@ -11,6 +11,8 @@ from vlmflow.collate import Encoder, collate
 from vlmflow.config import resolve_sections
 from vlmflow.families import FAMILIES
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def sections(model, lora=None, train=None, **model_kw):
     return resolve_sections(
