@@ -145,7 +145,8 @@ def run(name: str, out: Path, cfg: dict, parquet: Path, threads: int) -> list[di
     cmd = [*shlex.split(prefix), str(ROOT / "scripts/train.py"), "--config", json.dumps(cfg)]
     cmd += ["--train", str(parquet), "--out", str(run_dir / "adapter")]
     cmd += ["--work-dir", str(run_dir / "work"), "--threads", str(threads)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1")
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1")  # keep a carried site-packages
     if cmd[0] == "python":
         cmd[0] = sys.executable
     else:
