@@ -17,6 +17,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 # Exit code of a training run stopped by SIGTERM/SIGUSR1 after writing its checkpoint
 # (EX_TEMPFAIL: "try again"): the retried job resumes from that checkpoint.
@@ -121,9 +122,21 @@ def launch_prefix(
     if gpus > 1:
         return (
             f"torchrun --standalone --nnodes=1 --nproc-per-node={gpus} "
-            f"--signals-to-handle={TORCHRUN_SIGNALS} --shutdown-timeout={shutdown_timeout_s}"
+            f"--signals-to-handle={TORCHRUN_SIGNALS}{_shutdown_flag(shutdown_timeout_s)}"
         )
     return "python"
+
+
+def _shutdown_flag(seconds: int) -> str:
+    """` --shutdown-timeout=N` where this torch's torchrun knows the flag (torch 2.11's does
+    not), read from its source so that torch is not imported while the DAG is built."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    run_py = Path(spec.origin).parent / "distributed" / "run.py" if spec and spec.origin else None
+    if run_py is not None and run_py.is_file() and "shutdown-timeout" in run_py.read_text():
+        return f" --shutdown-timeout={seconds}"
+    return ""
 
 
 def slurm_torchrun_args(
@@ -149,7 +162,7 @@ def slurm_torchrun_args(
         f"--rdzv-endpoint={hostnames[0]}:{port}",
         f"--rdzv-id={job}",
         f"--signals-to-handle={TORCHRUN_SIGNALS}",
-        f"--shutdown-timeout={shutdown_timeout_s}",
+        *_shutdown_flag(shutdown_timeout_s).split(),
     ]
 
 
