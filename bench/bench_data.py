@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--size", default="1024x768")
+    ap.add_argument("--rounds", type=int, default=3, help="baseline/ours rounds (best counts)")
     ap.add_argument("--workdir", help="keep the generated files here (default: a temp dir)")
     a = ap.parse_args()
     w, h = map(int, a.size.split("x"))
@@ -121,26 +123,37 @@ def main() -> None:
         (imgdir / n).read_bytes()
     out["mean_jpeg_bytes"] = int(np.mean([(imgdir / n).stat().st_size for n in base]))
 
-    # 1. Single-core baseline: plain Pillow open + load.
-    load_before = os.getloadavg()[0]
-    t, c = time.perf_counter(), time.process_time()
-    for n in base:
-        with Image.open(imgdir / n) as im:
-            im.load()
-    t_base, c_base = time.perf_counter() - t, time.process_time() - c
-    rate_1 = len(base) / t_base
-
-    # 1b. Ours, all cores, fresh cache.
+    # 1. Baseline (plain Pillow open + load, one core) and ours (all cores, fresh cache),
+    # alternated for --rounds rounds; the best round of each counts (other processes on a
+    # shared machine only ever slow a round down).
     src = work / "data.jsonl"
     write_source(src, base)
     cache = work / "cache"
-    shutil.rmtree(cache, ignore_errors=True)
     ds = resolve_dataset({"sources": [{"path": str(src), "image_root": str(imgdir)}]})
-    t, c = time.perf_counter(), time.process_time()
-    recs = validate_dataset(ds, cache, threads=cores, progress=False)
-    t_full, c_full = time.perf_counter() - t, time.process_time() - c
-    assert len(recs) == len(base) and all(r["ok"] for r in recs), "validation rejected images"
-    rate = len(base) / t_full
+    rounds = []
+    for _ in range(a.rounds):
+        load = os.getloadavg()[0]
+        t, c = time.perf_counter(), time.process_time()
+        for n in base:
+            with Image.open(imgdir / n) as im:
+                im.load()
+        t_base, c_base = time.perf_counter() - t, time.process_time() - c
+        shutil.rmtree(cache, ignore_errors=True)
+        t, c = time.perf_counter(), time.process_time()
+        recs = validate_dataset(ds, cache, threads=cores, progress=False)
+        t_full, c_full = time.perf_counter() - t, time.process_time() - c
+        assert len(recs) == len(base) and all(r["ok"] for r in recs), "validation rejected images"
+        rounds.append(
+            dict(base_s=t_base, base_cpu=c_base, full_s=t_full, full_cpu=c_full, load=load)
+        )
+        print(
+            f"round: baseline {len(base) / t_base:.0f} img/s, ours {len(base) / t_full:.0f} "
+            f"img/s, load average {load:.2f}",
+            flush=True,
+        )
+    t_base = min(r["base_s"] for r in rounds)
+    t_full = min(r["full_s"] for r in rounds)
+    rate_1, rate = len(base) / t_base, len(base) / t_full
     target = 0.8 * cores * rate_1
     out["validation"] = {
         "pil_single_core_img_per_s": round(rate_1, 1),
@@ -150,22 +163,29 @@ def main() -> None:
         "full_seconds": round(t_full, 2),
         # CPU time per image (all threads): our checks' cost over a bare decode, independent
         # of how many cores other processes leave free.
-        "pil_cpu_ms_per_img": round(1000 * c_base / len(base), 2),
-        "ours_cpu_ms_per_img": round(1000 * c_full / len(base), 2),
-        "load_average_before": round(load_before, 2),
-        "load_average_after": round(os.getloadavg()[0], 2),
+        "pil_cpu_ms_per_img": round(1000 * min(r["base_cpu"] for r in rounds) / len(base), 2),
+        "ours_cpu_ms_per_img": round(1000 * min(r["full_cpu"] for r in rounds) / len(base), 2),
+        "rounds": a.rounds,
+        "load_averages": [round(r["load"], 2) for r in rounds],
         "pass": rate >= target,
     }
     print("validation", out["validation"], flush=True)
 
     # 2. Add 1% new images; re-run with the same cache.
     write_source(src, base + new)
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("vlmflow.images").addHandler(handler)
+    logging.getLogger("vlmflow.images").setLevel(logging.INFO)
     t = time.perf_counter()
     recs2 = validate_dataset(ds, cache, threads=cores, progress=False)
     t_inc = time.perf_counter() - t
     assert len(recs2) == len(base) + len(new) and all(r["ok"] for r in recs2)
+    decoded = next(m for m in messages if "decoded" in m)
     out["incremental"] = {
         "new_images": len(new),
+        "log": decoded,
         "rerun_seconds": round(t_inc, 3),
         "fraction_of_full": round(t_inc / t_full, 4),
         "pass": t_inc <= 0.05 * t_full,

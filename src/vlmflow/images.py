@@ -228,11 +228,13 @@ def _sniff(data: bytes) -> str:
         return ""
 
 
-def inspect_bytes(data: bytes, policy: ImagePolicy) -> dict:
+def inspect_bytes(data: bytes, policy: ImagePolicy, path: str | os.PathLike | None = None) -> dict:
     """Validate one image's bytes. Never raises for bad input: problems come back as `reason`.
 
     Returns the file-level fields of an images.parquet row (sha256, bytes, width, height, format,
-    mode, frames, notes, ok, status, reason).
+    mode, frames, notes, ok, status, reason). When `path` (holding `data`) is given, Pillow
+    decodes from the file: its file-based decoding releases the GIL, decoding from memory much
+    less, so threads scale only this way.
     """
     rec = {
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -250,35 +252,26 @@ def inspect_bytes(data: bytes, policy: ImagePolicy) -> dict:
     if not data:
         rec["reason"] = "empty_file: zero bytes"
         return rec
+    im = None
     try:
         with warnings.catch_warnings():
             # Our own pixel limit is checked below, from the header, before decoding.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(path if path is not None else io.BytesIO(data))
             rec["format"] = im.format or ""
             rec["mode"] = im.mode
             rec["frames"] = getattr(im, "n_frames", 1)
             w, h = im.size
             rec["width"], rec["height"] = w, h
-            if rec["format"] not in policy.allowed_formats:
-                rec["reason"] = (
-                    f"format_not_allowed: {rec['format'] or 'unknown'} (allowed: "
-                    f"{', '.join(policy.allowed_formats)})"
-                )
-                return rec
-            if w * h > policy.max_pixels:
-                rec["reason"] = f"too_many_pixels: {w}x{h} > max_pixels {policy.max_pixels}"
-                return rec
-            if min(w, h) < policy.min_side:
-                rec["reason"] = f"too_small: shorter side {min(w, h)} < min_side {policy.min_side}"
-                return rec
-            if rec["frames"] > 1 and policy.animated == "reject":
-                rec["reason"] = f"animated: {rec['frames']} frames (images.animated: reject)"
+            problem = _policy_problem(rec, w, h, policy)
+            if problem:
+                rec["reason"] = problem
                 return rec
             ImageFile.LOAD_TRUNCATED_IMAGES = False  # some libraries switch it on globally
             im.load()  # full decode: catches truncated files that verify() lets through
             rgb, notes = to_rgb(im)
             rgb.load()
+            rec["width"], rec["height"] = rgb.size
     except Image.DecompressionBombError as e:
         rec["reason"] = f"too_many_pixels: {e}"
         return rec
@@ -288,11 +281,27 @@ def inspect_bytes(data: bytes, policy: ImagePolicy) -> dict:
     except Exception as e:  # Pillow raises many types for corrupt data
         rec["reason"] = f"decode_error: {type(e).__name__}: {e}"
         return rec
-    rec["width"], rec["height"] = rgb.size
+    finally:
+        if im is not None:
+            im.close()
     rec["notes"] = "; ".join(notes)
     rec["ok"] = True
     rec["status"] = "converted" if notes else "ok"
     return rec
+
+
+def _policy_problem(rec: dict, w: int, h: int, policy: ImagePolicy) -> str:
+    """The checks made from the header alone, before any decoding."""
+    if rec["format"] not in policy.allowed_formats:
+        allowed = ", ".join(policy.allowed_formats)
+        return f"format_not_allowed: {rec['format'] or 'unknown'} (allowed: {allowed})"
+    if w * h > policy.max_pixels:
+        return f"too_many_pixels: {w}x{h} > max_pixels {policy.max_pixels}"
+    if min(w, h) < policy.min_side:
+        return f"too_small: shorter side {min(w, h)} < min_side {policy.min_side}"
+    if rec["frames"] > 1 and policy.animated == "reject":
+        return f"animated: {rec['frames']} frames (images.animated: reject)"
+    return ""
 
 
 def inspect_file(path: str | os.PathLike, policy: ImagePolicy) -> dict:
@@ -301,7 +310,7 @@ def inspect_file(path: str | os.PathLike, policy: ImagePolicy) -> dict:
         data = path.read_bytes()
     except OSError as e:
         return {**_empty_record(), "reason": f"unreadable: {e.strerror or e}"}
-    return inspect_bytes(data, policy)
+    return inspect_bytes(data, policy, path)
 
 
 @dataclass

@@ -151,7 +151,8 @@ def test_16_bit_png_is_scaled_not_clipped(root):
     rec = check_image(str(root), "gray16.png", ImagePolicy())
     assert rec.ok and rec.mode.startswith("I") and "8-bit" in rec.notes
     # Pillow's own convert("RGB") clips 32896 to 255 (white); we scale: 32896/257 = 128.
-    assert Image.open(root / "gray16.png").convert("RGB").getpixel((0, 0)) == (255, 255, 255)
+    with Image.open(root / "gray16.png") as raw:
+        assert raw.convert("RGB").getpixel((0, 0)) == (255, 255, 255)
     assert load_rgb(root / "gray16.png").getpixel((0, 0)) == (128, 128, 128)
 
 
@@ -164,7 +165,8 @@ def test_palette_transparency_goes_on_white(root):
 
 
 def test_exif_rotated_jpeg_comes_out_upright(root):
-    assert Image.open(root / "rotated.jpg").size == (20, 40)  # stored rotated
+    with Image.open(root / "rotated.jpg") as stored:
+        assert stored.size == (20, 40)  # stored rotated
     rec = check_image(str(root), "rotated.jpg", ImagePolicy())
     assert rec.ok and (rec.width, rec.height) == (40, 20) and "exif_orientation 6" in rec.notes
     im = load_rgb(root / "rotated.jpg")
