@@ -78,7 +78,7 @@ def model_input(wildcards):
 
 
 def model_source_json():
-    """What the fetch_model job needs, i.e. the model's hub id, revision and remote-code permission."""
+    """The model settings fetch_model reads (hub id, revision, remote-code permission)."""
     m = config["model"]
     keys = ("name", "revision", "trust_remote_code")
     return json.dumps({"model": {k: m[k] for k in keys}}, sort_keys=True)

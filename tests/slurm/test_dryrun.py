@@ -55,7 +55,7 @@ def job_block(text: str, rule: str) -> tuple[dict, str]:
     for kv in line.split(", "):
         k, v = kv.split("=", 1)
         res[k] = int(v) if v.isdigit() else v
-    shell = re.search(r"\n(exec .*)", block)[1]
+    shell = re.search(r"\nShell command: (exec .*)", block)[1]
     return res, shell
 
 
@@ -103,9 +103,9 @@ def test_two_nodes_four_gpus_each_with_a_hub_model(work):
         "resources": {"gpu": GPU},
     }
     text = dry_run(work, overlay)
-    # the model is fetched on the login node (a localrule), then read from the HF cache
-    assert re.search(r"\nlocalrule fetch_model:", text), text[-3000:]
-    assert "resources/hub/Qwen/Qwen2.5-VL-7B-Instruct/default.json" in text
+    # the model is fetched (on the login node: a localrule), then read from the HF cache
+    assert re.search(r"\nfetch_model +1\n", text), text[-3000:]
+    assert "build_tiny_model" not in text
     assert "HF_HUB_OFFLINE=0 python scripts/fetch_model.py" in text
     res, shell = job_block(text, "train")
     assert (
@@ -153,3 +153,4 @@ def test_two_nodes_four_gpus_each_with_a_hub_model(work):
     assert out.startswith("torchrun --nnodes=2 --nproc-per-node=4 --node-rank=1 ")
     assert "--rdzv-backend=c10d --rdzv-endpoint=gpu01:30277 --rdzv-id=777" in out
     assert "scripts/train.py --config" in out
+    assert "--threads 32" in out  # train.threads, not capped by the profile's `cores`

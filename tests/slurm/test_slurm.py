@@ -187,6 +187,10 @@ def test_a_signalled_training_job_is_retried_and_resumes(slurm_run):
     assert rc == 0, out[-5000:]
     trains = [j for rule, j in submitted(out) if rule == "train"]
     assert len(trains) == 2 and trains[0] == job, out[-3000:]  # the retry is a new SLURM job
+    # the retry asked for twice the wall time and memory (resources scale with the attempt)
+    first, retry = scontrol(trains[0]), scontrol(trains[1])
+    assert "TimeLimit=00:10:00" in first and "TimeLimit=00:20:00" in retry, retry
+    assert re.search(r"MinMemoryNode=2000M", first) and re.search(r"MinMemoryNode=4000M", retry)
 
     history = (run / "work/train/preemptions.log").read_text()
     m = re.search(rf"SLURM job={job} .*SIGUSR1 received: stopped after step (\d+)/6", history)
