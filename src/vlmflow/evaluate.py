@@ -211,8 +211,14 @@ def generate_answers(
         texts = [p[0] for p in prompts]
         images = [p[1] for p in prompts]
         image_kwargs = {"images": images} if any(images) else {}
+        # The chat template already holds BOS where the model wants one (as in training).
         batch = processor(
-            text=texts, padding=True, padding_side="left", return_tensors="pt", **image_kwargs
+            text=texts,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+            add_special_tokens=False,
+            **image_kwargs,
         )
         batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
         out = model.generate(
@@ -287,12 +293,12 @@ def load_for_eval(model_cfg: dict, tuned: str | None):
         # The base in 16-bit, the model one would deploy without fine-tuning. An adapter is
         # compared against the base as it was trained on (quantized under QLoRA).
         model, family = load_model(model_cfg, quantize=False)
-        return model, load_processor(model_cfg), family
+        return model, load_processor(model_cfg, family), family
     if is_adapter(tuned):
         from peft import PeftModel
 
         base, family = load_model(model_cfg)
-        return PeftModel.from_pretrained(base, tuned), load_processor(model_cfg), family
+        return PeftModel.from_pretrained(base, tuned), load_processor(model_cfg, family), family
     cfg = dict(model_cfg, name=tuned, revision=None, load_in_4bit=False)
     model, family = load_model(cfg)
-    return model, load_processor(cfg), family
+    return model, load_processor(cfg, family), family
