@@ -8,6 +8,8 @@
    Target: <= 5% of the full validation time.
 3. Formatting 100,000 rows to conversation Parquet on one core, with images.parquet already
    written (no image decoding). Target: <= 30 s.
+4. The per-run token budget of those rows (tiny Qwen2.5-VL processor built locally; the
+   counting path is the 7B model's).
 Also reported: the job-graph-time listing of referenced image files (`referenced_images`, what
 `track_image_files` controls) for the 100,000-row source.
 
@@ -101,6 +103,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--size", default="1024x768")
     ap.add_argument("--rounds", type=int, default=3, help="baseline/ours rounds (best counts)")
+    ap.add_argument(
+        "--no-token-budget", dest="token_budget", action="store_false", help="skip step 4"
+    )
     ap.add_argument("--workdir", help="keep the generated files here (default: a temp dir)")
     a = ap.parse_args()
     w, h = map(int, a.size.split("x"))
@@ -219,6 +224,40 @@ def main() -> None:
         "seconds": round(t_list, 2),
     }
     print("referenced_images", out["referenced_images"], flush=True)
+
+    # 4. Token budget of those rows with a (locally built, tiny) Qwen2.5-VL processor: the same
+    # counting code as for the 7B model, whose processor has the same size logic.
+    if a.token_budget:
+        import pyarrow as pa
+
+        from vlmflow.budget import token_budget
+        from vlmflow.config import resolve_sections
+        from vlmflow.images import IMAGE_COLUMNS, IMAGES_SCHEMA
+        from vlmflow.io import write_parquet
+        from vlmflow.tiny import build_tiny
+
+        model = work / "tiny-qwen2_5_vl"
+        if not model.exists():
+            build_tiny("qwen2_5_vl", model)
+        table = pa.Table.from_pylist(
+            [{k: r[k] for k in IMAGE_COLUMNS} for r in recs2], IMAGES_SCHEMA
+        )
+        write_parquet(work / "images.parquet", table)
+        cfg = resolve_sections(
+            {"model": {"name": str(model), "max_seq_length": 4096, "max_pixels": 1003520}},
+            ["model"],
+        )["model"]
+        t = time.perf_counter()
+        tb = token_budget(cfg, work / "formatted", work / "images.parquet", work / "run")
+        t_tb = time.perf_counter() - t
+        out["token_budget"] = {
+            "rows": tb["rows_in"],
+            "seconds": round(t_tb, 2),
+            "rows_per_s": round(tb["rows_in"] / t_tb),
+            "image_token_count": tb["image_token_count"],
+            "p50_tokens": tb["tokens"]["all"]["p50"],
+        }
+        print("token_budget", out["token_budget"], flush=True)
 
     print(json.dumps(out, indent=2))
     if not a.workdir:

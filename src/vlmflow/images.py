@@ -66,8 +66,10 @@ class ImagePolicy:
 
     @classmethod
     def from_config(cls, images_cfg: dict) -> ImagePolicy:
+        aliases = {"JPG": "JPEG", "TIF": "TIFF"}
+        formats = [aliases.get(f.upper(), f.upper()) for f in images_cfg["allowed_formats"]]
         return cls(
-            allowed_formats=tuple(f.upper() for f in images_cfg["allowed_formats"]),
+            allowed_formats=tuple(dict.fromkeys(formats)),
             max_pixels=images_cfg["max_pixels"],
             min_side=images_cfg["min_side"],
             animated=images_cfg["animated"],

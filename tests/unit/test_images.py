@@ -256,3 +256,17 @@ def test_embedded_bytes_go_to_the_blob_store_once(tmp_path):
     )
     assert recs[0]["ok"] and recs[0]["resolved"] == str(path) and recs[0]["sha256"] == sha
     assert recs[1]["reason"].startswith("missing")
+
+
+def test_policy_from_config_accepts_common_spellings():
+    from vlmflow.config import resolve_dataset
+
+    ds = resolve_dataset(
+        {"sources": [{"path": "x.jsonl"}], "images": {"allowed_formats": ["jpg", "Png", "JPEG"]}}
+    )
+    policy = ImagePolicy.from_config(ds["images"])
+    assert policy.allowed_formats == ("JPEG", "PNG") and policy.animated == "first_frame"
+    assert (
+        policy.fingerprint()
+        != ImagePolicy.from_config({**ds["images"], "min_side": 2}).fingerprint()
+    )
