@@ -27,9 +27,14 @@ RULES = [
     "build_tiny_model",
     "validate_images",
     "format_conversations",
+    "token_budget",
     "train",
     "merge",
     "evaluate",
+    "report_data",
+    "report_training",
+    "report_evaluation",
+    "archive",
 ]
 GPU_RULES = {"train", "evaluate"}
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: .*/rule_(\w+)/")

@@ -286,7 +286,7 @@ def test_report_renders_in_headless_chromium(workflow_run, tmp_path):
 
         show("data_qc.html", "html")
         text = br.evaluate("document.body.innerText", frame_titled("Data quality"))
-        assert "path_escape" in text and "decode_error" in text and "missing" in text
+        assert "path_escape" in text and "not_an_image" in text and "missing" in text
 
 
 def _archive_members(path):
@@ -386,7 +386,8 @@ def test_a_second_run_on_the_same_config_and_data_has_the_same_manifest(
     _, files = _archive_members(workflow_run / "results/runs/test/archive.tar.gz")
     archived = json.loads(files["test/data/manifest.json"])
     monkeypatch.chdir(other)
-    data = [".test/data/messy/data.jsonl", "resources/demo/digits-test/data.jsonl"] + [
+    sources = yaml.safe_load((other / ".test/config.yaml").read_text())["datasets"]["digits"]
+    data = [s["path"] for s in sources["sources"]] + [
         f"results/data/digits/{s}.parquet" for s in ("train", "val", "test", "rejected")
     ]
     again = data_manifest("results/data/digits/images.parquet", data)
