@@ -6,6 +6,7 @@ Select with `-m slurm`, leave out with `-m "not slurm"`. Every call has a timeou
 executor plugin hang silently when something is off.
 """
 
+import fcntl
 import json
 import os
 import re
@@ -54,10 +55,15 @@ def cluster():
             "the SLURM test needs root (it starts munged, slurmctld and slurmd); "
             "leave it out with -m 'not slurm'"
         )
-    sh("bash", str(HERE / "cluster.sh"), "install", timeout=900)
-    sh("bash", str(HERE / "cluster.sh"), "start", timeout=180)
-    yield
-    sh("bash", str(HERE / "cluster.sh"), "stop", timeout=120, check=False)
+    # one test cluster per machine (/etc/slurm, the daemons): a second session waits its turn
+    with open("/tmp/vlmflow-slurm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        sh("bash", str(HERE / "cluster.sh"), "install", timeout=900)
+        sh("bash", str(HERE / "cluster.sh"), "start", timeout=180)
+        try:
+            yield
+        finally:
+            sh("bash", str(HERE / "cluster.sh"), "stop", timeout=120, check=False)
 
 
 def snakemake_cmd(*targets):
