@@ -63,6 +63,10 @@ class ImagePolicy:
     max_pixels: int = 89_478_485
     min_side: int = 1
     animated: str = "first_frame"  # or "reject"
+    fast_jpeg: bool = True
+    """Decode JPEGs with libjpeg's DCT scaling (1/8 size): every entropy-coded coefficient is
+    still read, so truncated or corrupt data fail exactly as in a full-size decode, at about half
+    the CPU. load_rgb always decodes at full size."""
 
     @classmethod
     def from_config(cls, images_cfg: dict) -> ImagePolicy:
@@ -73,6 +77,7 @@ class ImagePolicy:
             max_pixels=images_cfg["max_pixels"],
             min_side=images_cfg["min_side"],
             animated=images_cfg["animated"],
+            fast_jpeg=images_cfg["fast_jpeg"],
         )
 
     def fingerprint(self) -> str:
@@ -82,7 +87,7 @@ class ImagePolicy:
 
 
 # Bump when inspect_file/to_rgb change in a way that changes verdicts or recorded fields.
-_CHECK_VERSION = 2
+_CHECK_VERSION = 3
 
 
 class PathEscapeError(ValueError):
@@ -270,10 +275,14 @@ def inspect_bytes(data: bytes, policy: ImagePolicy, path: str | os.PathLike | No
                 rec["reason"] = problem
                 return rec
             ImageFile.LOAD_TRUNCATED_IMAGES = False  # some libraries switch it on globally
-            im.load()  # full decode: catches truncated files that verify() lets through
+            if policy.fast_jpeg and rec["format"] == "JPEG":
+                im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
+            im.load()  # decodes all data: catches truncated files that verify() lets through
             rgb, notes = to_rgb(im)
             rgb.load()
-            rec["width"], rec["height"] = rgb.size
+            if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # quarter turns swap the sides
+                w, h = h, w
+            rec["width"], rec["height"] = w, h
     except Image.DecompressionBombError as e:
         rec["reason"] = f"too_many_pixels: {e}"
         return rec
