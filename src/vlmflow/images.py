@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -107,15 +108,19 @@ def resolve_in_root(root: str | os.PathLike, rel: str) -> Path:
     accepted (datasets written by other tools often store those). Folders are resolved once
     (cached), files with one lstat: millions of paths cost seconds.
     """
+    return Path(resolve_str(os.fspath(root), rel))
+
+
+def resolve_str(root: str, rel: str) -> str:
+    """`resolve_in_root` returning a string (no Path objects: this runs once per image)."""
     if not rel:
         raise PathEscapeError("empty path")
     if "\0" in rel:
         raise PathEscapeError("path contains a NUL byte")
     if ".." in rel.split(os.sep):
         raise PathEscapeError(f"'{rel}' contains '..'")
-    root_s = os.fspath(root)
-    joined = rel if os.path.isabs(rel) else os.path.join(root_s, rel)
-    root_real = _real_dir(root_s)
+    joined = rel if os.path.isabs(rel) else os.path.join(root, rel)
+    root_real = _real_dir(root)
     head, tail = os.path.split(joined)
     real = os.path.join(_real_dir(head), tail) if tail else _real_dir(head)
     if tail and os.path.islink(real):
@@ -127,7 +132,7 @@ def resolve_in_root(root: str | os.PathLike, rel: str) -> Path:
                 "relative to the image root"
             )
         raise PathEscapeError(f"'{rel}' resolves to '{real}', outside the image root '{root_real}'")
-    return Path(joined)
+    return joined
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,7 +587,7 @@ def validate_refs(
         path = None
         if ref.kind == "path":
             try:
-                path = str(resolve_in_root(ref.root, ref.value))
+                path = resolve_str(ref.root, ref.value)
             except PathEscapeError as e:
                 rec["reason"] = f"path_escape: {e}"
         elif ref.kind == "bytes":
@@ -601,14 +606,16 @@ def validate_refs(
             rec["reason"] = f"bad_image_ref: unknown kind {ref.kind!r}"
         if path is not None:
             rec["resolved"] = path
-            st = ValidationCache.stat_key(path)
-            if st is None or not os.path.isfile(path):
+            try:
+                info = os.stat(path)
+            except OSError:
+                info = None
+            if info is None or not stat.S_ISREG(info.st_mode):
                 rec["reason"] = (
-                    "missing: file not found"
-                    if not os.path.lexists(path)
-                    else "missing: not a regular file"
+                    "missing: file not found" if info is None else "missing: not a regular file"
                 )
             else:
+                st = (info.st_size, info.st_mtime_ns)
                 hit = cache.get(path, st)
                 if hit is not None:
                     rec.update(hit)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .formats import Source, iter_image_refs
-from .images import PathEscapeError, resolve_in_root
+from .images import PathEscapeError, resolve_str
 
 
 def referenced_images(sources: list[dict]) -> list[str]:
@@ -36,11 +36,11 @@ def referenced_images(sources: list[dict]) -> list[str]:
     out = set()
     for root, rel in refs:
         try:
-            path = resolve_in_root(root, rel)
+            path = resolve_str(root, rel)
         except PathEscapeError:
             continue
         if os.path.isfile(path):
-            out.add(str(path))
+            out.add(path)
     return sorted(out)
 
 
