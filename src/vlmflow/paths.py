@@ -9,8 +9,8 @@ from .images import PathEscapeError, resolve_str
 
 
 def referenced_images(sources: list[dict]) -> list[str]:
-    """Existing image files referenced by the sources' usable rows, each resolved inside its
-    root, for every source format. Embedded and URL images are not files of their own: the
+    """Existing image files referenced by the sources (for every format: what validate_images
+    checks), each resolved inside its root. Embedded and URL images are not files of their own: the
     source file (an input already) stands for them.
 
     Missing files and paths that escape their root are left out here (Snakemake would stop on
