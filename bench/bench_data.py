@@ -216,22 +216,32 @@ def main() -> None:
     }
     print("validation", out["validation"], flush=True)
 
-    # 2. Add 1% new images; re-run with the same cache.
+    # 2. Add 1% new images; re-run with the cache the full run left (restored before each of
+    # --rounds re-runs; the best counts, as for the full run).
     write_source(src, base + new)
     messages = []
     handler = logging.Handler()
     handler.emit = lambda record: messages.append(record.getMessage())
     logging.getLogger("vlmflow.images").addHandler(handler)
     logging.getLogger("vlmflow.images").setLevel(logging.INFO)
-    t = time.perf_counter()
-    recs2 = validate_dataset(ds, cache, threads=cores, progress=False)
-    t_inc = time.perf_counter() - t
+    snapshot = work / "cache-after-full"
+    shutil.rmtree(snapshot, ignore_errors=True)
+    shutil.copytree(cache, snapshot)
+    times = []
+    for _ in range(a.rounds):
+        shutil.rmtree(cache)
+        shutil.copytree(snapshot, cache)
+        t = time.perf_counter()
+        recs2 = validate_dataset(ds, cache, threads=cores, progress=False)
+        times.append(time.perf_counter() - t)
+    t_inc = min(times)
     assert len(recs2) == len(base) + len(new) and all(r["ok"] for r in recs2)
     decoded = next(m for m in messages if "decoded" in m)
     out["incremental"] = {
         "new_images": len(new),
         "log": decoded,
         "rerun_seconds": round(t_inc, 3),
+        "rerun_seconds_each_round": [round(x, 3) for x in times],
         "fraction_of_full": round(t_inc / t_full, 4),
         "pass": t_inc <= 0.05 * t_full,
     }
