@@ -455,21 +455,33 @@ class ValidationCache:
     """Verdicts of earlier runs, keyed by (resolved file, size, mtime_ns, policy fingerprint).
 
     Stored as one Parquet file; rewritten atomically at the end of each run with the entries of
-    the files referenced in that run.
+    the files referenced in that run (reused rows are copied column-wise, not through Python).
     """
 
     def __init__(self, path: str | os.PathLike | None, policy: ImagePolicy):
         self.path = Path(path) if path else None
         self.policy_fp = policy.fingerprint()
-        self.entries: dict[str, dict] = {}
+        self.table: pa.Table | None = None
+        self.cols: dict[str, list] = {}
+        self.index: dict[str, int] = {}
+        self.kept: list[int] = []
         self.fresh: dict[str, dict] = {}
         if self.path and self.path.is_file():
             import pyarrow.parquet as pq
 
             try:
-                for rec in pq.read_table(self.path).to_pylist():
-                    if rec.get("policy") == self.policy_fp:
-                        self.entries[rec["resolved_key"]] = rec
+                table = pq.read_table(self.path)
+                if table.schema.equals(_cache_schema()):
+                    self.table = table
+                    self.cols = table.to_pydict()
+                    fp = self.policy_fp
+                    self.index = {
+                        k: i
+                        for i, (k, p) in enumerate(
+                            zip(self.cols["resolved_key"], self.cols["policy"])
+                        )
+                        if p == fp
+                    }
             except Exception as e:  # a damaged cache is only a slower run
                 log.warning("ignoring unreadable validation cache %s: %s", self.path, e)
 
@@ -482,11 +494,13 @@ class ValidationCache:
         return st.st_size, st.st_mtime_ns
 
     def get(self, path: str, st: tuple[int, int]) -> dict | None:
-        rec = self.entries.get(path)
-        if rec is None or (rec["size_key"], rec["mtime_key"]) != st:
+        i = self.index.get(path)
+        c = self.cols
+        if i is None or c["size_key"][i] != st[0] or c["mtime_key"][i] != st[1]:
             return None
-        self.fresh[path] = rec
-        return {k: rec[k] for k in _FILE_FIELDS}
+        self.kept.append(i)
+        del self.index[path]  # a path listed twice is kept once
+        return {k: c[k][i] for k in _FILE_FIELDS}
 
     def put(self, path: str, st: tuple[int, int], rec: dict) -> None:
         self.fresh[path] = {
@@ -502,17 +516,22 @@ class ValidationCache:
             return
         from .io import write_parquet
 
-        rows = list(self.fresh.values())
-        schema = pa.schema(
-            [
-                ("resolved_key", pa.string()),
-                ("size_key", pa.int64()),
-                ("mtime_key", pa.int64()),
-                ("policy", pa.string()),
-                *[(k, _field_type(k)) for k in _FILE_FIELDS],
-            ]
-        )
-        write_parquet(self.path, pa.Table.from_pylist(rows, schema=schema))
+        table = pa.Table.from_pylist(list(self.fresh.values()), schema=_cache_schema())
+        if self.table is not None and self.kept:
+            table = pa.concat_tables([self.table.take(self.kept), table])
+        write_parquet(self.path, table)
+
+
+def _cache_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            ("resolved_key", pa.string()),
+            ("size_key", pa.int64()),
+            ("mtime_key", pa.int64()),
+            ("policy", pa.string()),
+            *[(k, _field_type(k)) for k in _FILE_FIELDS],
+        ]
+    )
 
 
 _FILE_FIELDS = [
