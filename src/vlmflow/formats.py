@@ -31,6 +31,7 @@ import base64
 import binascii
 import csv
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -775,36 +776,36 @@ def _check_columns(source: Source, columns: set[str], how: str) -> None:
         )
 
 
+def _open_rows(source: Source):
+    """(reader, rows, columns) with the column check done (DataError when one is missing)."""
+    reader = Reader(source.path)
+    rows = reader.rows()
+    if reader.columns is not None:
+        columns = set(reader.columns)
+        _check_columns(source, columns, "columns found")
+        return reader, rows, columns
+    peeked = []
+    for item in rows:
+        peeked.append(item)
+        if len(peeked) >= _PEEK_ROWS:
+            break
+    columns = set().union(*(r.keys() for _, r in peeked if isinstance(r, dict)))
+    if any(isinstance(r, dict) for _, r in peeked):
+        _check_columns(source, columns, f"keys in the first {len(peeked)} rows")
+    return reader, itertools.chain(peeked, rows), columns
+
+
 def iter_samples(source: Source) -> Iterator[Sample | RowError]:
     """Every row of a source, as a Sample or a RowError (never silently skipped).
 
     Raises DataError when the file cannot be read or a required column is absent from the file
     (header/schema, or the first 1,000 rows of JSON/JSONL).
     """
-    reader = Reader(source.path)
-    rows = reader.rows()
-    if reader.columns is not None:
-        columns = set(reader.columns)
-        _check_columns(source, columns, "columns found")
-        peeked: list = []
-    else:
-        peeked = []
-        for item in rows:
-            peeked.append(item)
-            if len(peeked) >= _PEEK_ROWS:
-                break
-        columns = set().union(*(r.keys() for _, r in peeked if isinstance(r, dict)))
-        if any(isinstance(r, dict) for _, r in peeked):
-            _check_columns(source, columns, f"keys in the first {len(peeked)} rows")
+    reader, rows, columns = _open_rows(source)
     msg_col = None if source.format == "seed" else _messages_column(columns, source, source.format)
     csv_cells = reader.kind == "csv"
     id_col = source.columns["id"]
-
-    def all_rows():
-        yield from peeked
-        yield from rows
-
-    for row, rec in all_rows():
+    for row, rec in rows:
         if isinstance(rec, RowError):
             yield rec
             continue
@@ -843,8 +844,29 @@ def raw_json(raw) -> str:
 
 
 def iter_image_refs(source: Source, on_payload=None) -> Iterator[ImageRef]:
-    """Every image reference of a source's usable rows (bad rows have none to validate).
-    `on_payload(sha, data)` is called for each embedded image (to store it)."""
+    """Every image reference of a source (what validate_images checks). `on_payload(sha, data)`
+    is called for each embedded image (to store it).
+
+    Seed rows: the image column only (no message building: validating the images of a row that
+    format_conversations later rejects for its text costs little). Other layouts: the images of
+    the rows that parse.
+    """
+    if source.format == "seed":
+        reader, rows, _ = _open_rows(source)
+        col, where = source.columns["image"], f"'{source.columns['image']}'"
+        csv_cells = reader.kind == "csv"
+        for _, rec in rows:
+            if isinstance(rec, RowError):
+                continue
+            try:
+                found = image_list(rec.get(col), source, where, csv_cell=csv_cells)
+            except RowProblem:
+                continue
+            for ref, payload in found:
+                if payload is not None and on_payload is not None:
+                    on_payload(ref.value, payload)
+                yield ref
+        return
     for s in iter_samples(source):
         if isinstance(s, RowError):
             continue

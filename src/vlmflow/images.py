@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -63,6 +64,10 @@ class ImagePolicy:
     max_pixels: int = 89_478_485
     min_side: int = 1
     animated: str = "first_frame"  # or "reject"
+    fast_jpeg: bool = True
+    """Decode JPEGs with libjpeg's DCT scaling (1/8 size): every entropy-coded coefficient is
+    still read, so truncated or corrupt data fail exactly as in a full-size decode, at about half
+    the CPU. load_rgb always decodes at full size."""
 
     @classmethod
     def from_config(cls, images_cfg: dict) -> ImagePolicy:
@@ -73,6 +78,7 @@ class ImagePolicy:
             max_pixels=images_cfg["max_pixels"],
             min_side=images_cfg["min_side"],
             animated=images_cfg["animated"],
+            fast_jpeg=images_cfg["fast_jpeg"],
         )
 
     def fingerprint(self) -> str:
@@ -82,7 +88,7 @@ class ImagePolicy:
 
 
 # Bump when inspect_file/to_rgb change in a way that changes verdicts or recorded fields.
-_CHECK_VERSION = 2
+_CHECK_VERSION = 3
 
 
 class PathEscapeError(ValueError):
@@ -102,15 +108,19 @@ def resolve_in_root(root: str | os.PathLike, rel: str) -> Path:
     accepted (datasets written by other tools often store those). Folders are resolved once
     (cached), files with one lstat: millions of paths cost seconds.
     """
+    return Path(resolve_str(os.fspath(root), rel))
+
+
+def resolve_str(root: str, rel: str) -> str:
+    """`resolve_in_root` returning a string (no Path objects: this runs once per image)."""
     if not rel:
         raise PathEscapeError("empty path")
     if "\0" in rel:
         raise PathEscapeError("path contains a NUL byte")
     if ".." in rel.split(os.sep):
         raise PathEscapeError(f"'{rel}' contains '..'")
-    root_s = os.fspath(root)
-    joined = rel if os.path.isabs(rel) else os.path.join(root_s, rel)
-    root_real = _real_dir(root_s)
+    joined = rel if os.path.isabs(rel) else os.path.join(root, rel)
+    root_real = _real_dir(root)
     head, tail = os.path.split(joined)
     real = os.path.join(_real_dir(head), tail) if tail else _real_dir(head)
     if tail and os.path.islink(real):
@@ -122,7 +132,7 @@ def resolve_in_root(root: str | os.PathLike, rel: str) -> Path:
                 "relative to the image root"
             )
         raise PathEscapeError(f"'{rel}' resolves to '{real}', outside the image root '{root_real}'")
-    return Path(joined)
+    return joined
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,10 +280,14 @@ def inspect_bytes(data: bytes, policy: ImagePolicy, path: str | os.PathLike | No
                 rec["reason"] = problem
                 return rec
             ImageFile.LOAD_TRUNCATED_IMAGES = False  # some libraries switch it on globally
-            im.load()  # full decode: catches truncated files that verify() lets through
+            if policy.fast_jpeg and rec["format"] == "JPEG":
+                im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
+            im.load()  # decodes all data: catches truncated files that verify() lets through
             rgb, notes = to_rgb(im)
             rgb.load()
-            rec["width"], rec["height"] = rgb.size
+            if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # quarter turns swap the sides
+                w, h = h, w
+            rec["width"], rec["height"] = w, h
     except Image.DecompressionBombError as e:
         rec["reason"] = f"too_many_pixels: {e}"
         return rec
@@ -441,21 +455,33 @@ class ValidationCache:
     """Verdicts of earlier runs, keyed by (resolved file, size, mtime_ns, policy fingerprint).
 
     Stored as one Parquet file; rewritten atomically at the end of each run with the entries of
-    the files referenced in that run.
+    the files referenced in that run (reused rows are copied column-wise, not through Python).
     """
 
     def __init__(self, path: str | os.PathLike | None, policy: ImagePolicy):
         self.path = Path(path) if path else None
         self.policy_fp = policy.fingerprint()
-        self.entries: dict[str, dict] = {}
+        self.table: pa.Table | None = None
+        self.cols: dict[str, list] = {}
+        self.index: dict[str, int] = {}
+        self.kept: list[int] = []
         self.fresh: dict[str, dict] = {}
         if self.path and self.path.is_file():
             import pyarrow.parquet as pq
 
             try:
-                for rec in pq.read_table(self.path).to_pylist():
-                    if rec.get("policy") == self.policy_fp:
-                        self.entries[rec["resolved_key"]] = rec
+                table = pq.read_table(self.path)
+                if table.schema.equals(_cache_schema()):
+                    self.table = table
+                    self.cols = table.to_pydict()
+                    fp = self.policy_fp
+                    self.index = {
+                        k: i
+                        for i, (k, p) in enumerate(
+                            zip(self.cols["resolved_key"], self.cols["policy"])
+                        )
+                        if p == fp
+                    }
             except Exception as e:  # a damaged cache is only a slower run
                 log.warning("ignoring unreadable validation cache %s: %s", self.path, e)
 
@@ -468,11 +494,13 @@ class ValidationCache:
         return st.st_size, st.st_mtime_ns
 
     def get(self, path: str, st: tuple[int, int]) -> dict | None:
-        rec = self.entries.get(path)
-        if rec is None or (rec["size_key"], rec["mtime_key"]) != st:
+        i = self.index.get(path)
+        c = self.cols
+        if i is None or c["size_key"][i] != st[0] or c["mtime_key"][i] != st[1]:
             return None
-        self.fresh[path] = rec
-        return {k: rec[k] for k in _FILE_FIELDS}
+        self.kept.append(i)
+        del self.index[path]  # a path listed twice is kept once
+        return {k: c[k][i] for k in _FILE_FIELDS}
 
     def put(self, path: str, st: tuple[int, int], rec: dict) -> None:
         self.fresh[path] = {
@@ -488,17 +516,22 @@ class ValidationCache:
             return
         from .io import write_parquet
 
-        rows = list(self.fresh.values())
-        schema = pa.schema(
-            [
-                ("resolved_key", pa.string()),
-                ("size_key", pa.int64()),
-                ("mtime_key", pa.int64()),
-                ("policy", pa.string()),
-                *[(k, _field_type(k)) for k in _FILE_FIELDS],
-            ]
-        )
-        write_parquet(self.path, pa.Table.from_pylist(rows, schema=schema))
+        table = pa.Table.from_pylist(list(self.fresh.values()), schema=_cache_schema())
+        if self.table is not None and self.kept:
+            table = pa.concat_tables([self.table.take(self.kept), table])
+        write_parquet(self.path, table)
+
+
+def _cache_schema() -> pa.Schema:
+    return pa.schema(
+        [
+            ("resolved_key", pa.string()),
+            ("size_key", pa.int64()),
+            ("mtime_key", pa.int64()),
+            ("policy", pa.string()),
+            *[(k, _field_type(k)) for k in _FILE_FIELDS],
+        ]
+    )
 
 
 _FILE_FIELDS = [
@@ -573,7 +606,7 @@ def validate_refs(
         path = None
         if ref.kind == "path":
             try:
-                path = str(resolve_in_root(ref.root, ref.value))
+                path = resolve_str(ref.root, ref.value)
             except PathEscapeError as e:
                 rec["reason"] = f"path_escape: {e}"
         elif ref.kind == "bytes":
@@ -592,14 +625,16 @@ def validate_refs(
             rec["reason"] = f"bad_image_ref: unknown kind {ref.kind!r}"
         if path is not None:
             rec["resolved"] = path
-            st = ValidationCache.stat_key(path)
-            if st is None or not os.path.isfile(path):
+            try:
+                info = os.stat(path)
+            except OSError:
+                info = None
+            if info is None or not stat.S_ISREG(info.st_mode):
                 rec["reason"] = (
-                    "missing: file not found"
-                    if not os.path.lexists(path)
-                    else "missing: not a regular file"
+                    "missing: file not found" if info is None else "missing: not a regular file"
                 )
             else:
+                st = (info.st_size, info.st_mtime_ns)
                 hit = cache.get(path, st)
                 if hit is not None:
                     rec.update(hit)

@@ -270,3 +270,31 @@ def test_policy_from_config_accepts_common_spellings():
         policy.fingerprint()
         != ImagePolicy.from_config({**ds["images"], "min_side": 2}).fingerprint()
     )
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_fast_jpeg_catches_what_a_full_size_decode_catches(tmp_path, progressive):
+    """DCT-scaled validation reads every compressed coefficient: any cut or corrupted span
+    fails as it does at full size, and sizes are the full (upright) ones."""
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, "JPEG", quality=90, progressive=progressive)
+    data = buf.getvalue()
+    variants = {"intact": data}
+    for cut in (1, 2, 10, 200, len(data) // 2, len(data) - 700):
+        variants[f"cut{cut}"] = data[: len(data) - cut]
+    for pos in (len(data) // 3, len(data) // 2):
+        bad = bytearray(data)
+        bad[pos : pos + 40] = b"\xff" * 40
+        variants[f"corrupt{pos}"] = bytes(bad)
+    for name, blob in variants.items():
+        (tmp_path / f"{name}.jpg").write_bytes(blob)
+    fast, full = ImagePolicy(fast_jpeg=True), ImagePolicy(fast_jpeg=False)
+    for name in variants:
+        a = images.inspect_file(tmp_path / f"{name}.jpg", fast)
+        b = images.inspect_file(tmp_path / f"{name}.jpg", full)
+        assert (a["ok"], a["reason"].split(":")[0]) == (b["ok"], b["reason"].split(":")[0]), name
+        if name == "intact" or name.startswith("cut"):  # (a corrupt span may still decode)
+            assert a["ok"] == (name == "intact"), name
+        assert (a["width"], a["height"]) == (160, 120)
+    assert sum(not images.inspect_file(tmp_path / f"{n}.jpg", fast)["ok"] for n in variants) >= 7
