@@ -41,15 +41,31 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+# Expected errors defined in modules that import torch: looked up only if that module is loaded
+# (an error of a class can only be raised once its module is), so a data CLI never imports torch.
+_LAZY_EXPECTED = (
+    ("vlmflow.data", "DataError"),
+    ("vlmflow.collate", "SampleTooLongError"),
+    ("vlmflow.train", "NonFiniteLossError"),
+)
+
+
+def _expected(error: BaseException) -> bool:
+    classes = list(EXPECTED_ERRORS)
+    for module, name in _LAZY_EXPECTED:
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            classes.append(getattr(loaded, name))
+    return isinstance(error, tuple(classes))
+
+
 def run(main: Callable[[], None]) -> None:
     """Run a CLI's main; expected input problems end with one clear message and exit code 1."""
-    from .collate import SampleTooLongError
-    from .data import DataError
-    from .train import NonFiniteLossError
-
     try:
         main()
-    except (*EXPECTED_ERRORS, DataError, SampleTooLongError, NonFiniteLossError) as e:
+    except Exception as e:
+        if not _expected(e):
+            raise
         logging.getLogger("vlmflow").error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
