@@ -28,9 +28,12 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -514,6 +517,8 @@ class ValidationCache:
     def save(self) -> None:
         if not self.path:
             return
+        import pyarrow as pa
+
         from .io import write_parquet
 
         table = pa.Table.from_pylist(list(self.fresh.values()), schema=_cache_schema())
@@ -523,6 +528,8 @@ class ValidationCache:
 
 
 def _cache_schema() -> pa.Schema:
+    import pyarrow as pa
+
     return pa.schema(
         [
             ("resolved_key", pa.string()),
@@ -553,12 +560,21 @@ _INT_FIELDS = {"bytes", "width", "height", "frames"}
 
 
 def _field_type(name: str) -> pa.DataType:
+    import pyarrow as pa
+
     if name == "ok":
         return pa.bool_()
     return pa.int64() if name in _INT_FIELDS else pa.string()
 
 
-IMAGES_SCHEMA = pa.schema([(k, _field_type(k)) for k in IMAGE_COLUMNS])
+def __getattr__(name: str):
+    # IMAGES_SCHEMA is built on first use: pyarrow is imported only by the modules that write
+    # tables, so the training step (which decodes images through load_rgb) does not need it
+    if name == "IMAGES_SCHEMA":
+        import pyarrow as pa
+
+        return pa.schema([(k, _field_type(k)) for k in IMAGE_COLUMNS])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def validate_refs(
