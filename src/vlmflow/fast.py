@@ -4,6 +4,14 @@ replaces (tests compare them on random inputs); they change how, not what.
 - `batched_vision_attention`: Qwen2/2.5/3-VL vision towers run attention window by window
   (Qwen2.5-VL: 256 windows x 28 windowed blocks per pass for four 896x896 images, thousands of
   tiny kernels). Windows of equal length are stacked and sent through one SDPA call per length.
+- `linear_patch_embed`: the Qwen-VL patch embedding is a Conv3d whose kernel equals its stride
+  and its input: one output per patch, i.e. a single GEMM on the flattened patches. cuDNN's
+  3-D convolution is far slower than that GEMM; the weights are viewed, not copied.
+- `fast_lora`: PEFT runs each LoRA branch in the adapter's dtype (fp32), so every adapted
+  linear first copies its input to fp32 (5.5k x 18.9k floats before Qwen's down_proj) and
+  multiplies in fp32. Here the branch multiplies in the input's dtype (bf16 on a GPU) with the
+  fp32 adapter weights cast on the fly (a few KB), and the add is fused into the second GEMM;
+  gradients still reach the fp32 master weights (Unsloth's LoRA also computes in bf16).
 - `label_only_loss`: the causal-LM loss needs logits only where a label is set (the answer:
   about a fifth of the tokens in a typical VQA batch). The head runs on those positions only, in
   chunks under checkpointing, with the cross-entropy in fp32: the (tokens x vocab) logits tensor
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+import weakref
 from collections import defaultdict
 
 import torch
@@ -29,6 +38,25 @@ _VISION_ATTENTION_CLASSES = {
 
 
 # ---------------------------------------------------------------- batched window attention
+_PLANS: dict[int, tuple] = {}
+
+
+def _segments(cu_seqlens: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(bounds, lengths) of `cu_seqlens` as Python lists. The vision tower passes the same tensor
+    to every block (and again when a checkpointed block is recomputed): it is read from the GPU
+    once per forward instead of once per block (each read waits for the GPU to catch up)."""
+    key = id(cu_seqlens)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+        return hit[2], hit[3]
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if len(_PLANS) > 64:
+        _PLANS.clear()
+    _PLANS[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, bounds, lengths)
+    return bounds, lengths
+
+
 def windowed_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -39,8 +67,7 @@ def windowed_sdpa(
     cover everything, a gather/scatter otherwise).
     """
     n = q.shape[0]
-    bounds = cu_seqlens.tolist()
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    bounds, lengths = _segments(cu_seqlens)
     if len(set(lengths)) == 1 and bounds[-1] == n:
         length = lengths[0]
         qb, kb, vb = (
@@ -106,6 +133,102 @@ def batched_vision_attention(model) -> int:
         if not all(hasattr(module, a) for a in ("qkv", "proj", "num_heads", "scaling")):
             continue
         module.forward = types.MethodType(_qwen_vision_attention_forward, module)
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------- LoRA
+def lora_delta_add(
+    result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """`result + scaling * (x @ a.T) @ b.T`, computed in `result`'s dtype.
+
+    result: (..., out); x: (..., in); a: (r, in) and b: (out, r), any float dtype (cast to
+    result's). The add happens in the second GEMM (addmm's beta=1 epilogue).
+    """
+    dt = result.dtype
+    t = F.linear(x.to(dt), a.to(dt))  # (..., r)
+    bs = b.to(dt) * scaling if scaling != 1 else b.to(dt)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), t.reshape(-1, t.shape[-1]), bs.t())
+    return out.view(result.shape)
+
+
+def _fast_lora_forward(self, x, *args, **kwargs):
+    if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+        return self._vlmflow_peft_forward(x, *args, **kwargs)
+    name = self.active_adapters[0]
+    if name not in self.lora_A or name in getattr(self, "lora_variant", {}):
+        return self._vlmflow_peft_forward(x, *args, **kwargs)
+    result = self.base_layer(x)
+    dropout = self.lora_dropout[name]
+    x = x if isinstance(dropout, torch.nn.Identity) else dropout(x)
+    return lora_delta_add(
+        result, x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+    )
+
+
+_FAST_LORA_CLASSES = {"Linear", "Linear4bit", "Linear8bitLt"}
+
+
+def fast_lora(model) -> int:
+    """Route PEFT's LoRA linears (plain, 4-bit and 8-bit bitsandbytes bases) through
+    `lora_delta_add` (per instance). Anything this path does not cover (merged or disabled
+    adapters, several active adapters, DoRA and other variants, extra call arguments) falls back
+    to PEFT's own forward at call time. Returns the number of patched modules."""
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or type(module).__name__ not in _FAST_LORA_CLASSES:
+            continue
+        if getattr(module, "fan_in_fan_out", False) or hasattr(module, "_vlmflow_peft_forward"):
+            continue
+        module._vlmflow_peft_forward = module.forward
+        module.forward = types.MethodType(_fast_lora_forward, module)
+        n += 1
+    return n
+
+
+# ------------------------------------------------------------------------- patch embedding
+def _linear_patch_embed_forward(self, hidden_states):
+    w = self.proj.weight  # (embed, C, T, P, P)
+    flat = hidden_states.reshape(-1, w[0].numel()).to(w.dtype)
+    return F.linear(flat, w.reshape(w.shape[0], -1), self.proj.bias)
+
+
+def linear_patch_embed(model) -> int:
+    """Run Qwen-VL patch embeddings (Conv3d, kernel == stride == one patch) as one GEMM."""
+    n = 0
+    for module in model.modules():
+        proj = getattr(module, "proj", None)
+        if not type(module).__name__.endswith("PatchEmbed") or not isinstance(
+            proj, torch.nn.Conv3d
+        ):
+            continue
+        if tuple(proj.kernel_size) != tuple(proj.stride) or proj.padding != (0, 0, 0):
+            continue
+        if proj.groups != 1 or proj.dilation != (1, 1, 1):
+            continue
+        module.forward = types.MethodType(_linear_patch_embed_forward, module)
+        n += 1
+    return n
+
+
+# ----------------------------------------------------------------------- regional compile
+_COMPILED_LAYER_CLASSES = ("DecoderLayer", "VisionBlock", "VisionEncoderLayer", "EncoderLayer")
+
+
+def compile_layers(model, backend: str = "inductor") -> int:
+    """torch.compile the forward of every decoder layer and vision block (per instance; the
+    layers of one class share one compiled graph). Gradient checkpointing still wraps the
+    compiled call, so recomputation runs the compiled code too. Returns the number of layers."""
+    n = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if not name.endswith(_COMPILED_LAYER_CLASSES) or hasattr(module, "_vlmflow_compiled"):
+            continue
+        module._vlmflow_compiled = True
+        module.forward = torch.compile(module.forward, backend=backend, dynamic=None)
         n += 1
     return n
 

@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmflow.fast import batched_vision_attention, chunked_head_loss, label_only_loss, windowed_sdpa
+from vlmflow.fast import (
+    _segments,
+    batched_vision_attention,
+    chunked_head_loss,
+    fast_lora,
+    label_only_loss,
+    linear_patch_embed,
+    windowed_sdpa,
+)
 
 
 def reference_windowed(q, k, v, cu, scale):
@@ -96,3 +104,99 @@ def test_label_only_loss_equals_the_model_loss_and_gradients(tiny_qwen, digits_r
     for a, b in zip(grads, ref_grads):
         assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-7)
     assert type(model.base_model.model.lm_head).__name__ != "Identity"  # restored
+
+
+# ------------------------------------------------------------------------------ fast LoRA
+def _peft_pair(dtype, dropout=0.0, adapter_dtype=torch.float32):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(
+        torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 12, bias=False)
+    ).to(dtype)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["0", "2"])
+    ref = get_peft_model(copy.deepcopy(base), cfg)
+    for n, p in ref.named_parameters():
+        if "lora_" in n:
+            p.data = torch.randn(p.shape, dtype=adapter_dtype) * 0.2  # B != 0
+    fast = copy.deepcopy(ref)
+    assert fast_lora(fast) == 2
+    return ref, fast
+
+
+def _out_and_grads(model, x):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    y = model(x)
+    y.float().square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return y, x.grad, grads
+
+
+def test_fast_lora_is_peft_lora_in_fp64():
+    ref, fast = _peft_pair(torch.float64, adapter_dtype=torch.float64)
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    y0, gx0, g0 = _out_and_grads(ref, x)
+    y1, gx1, g1 = _out_and_grads(fast, x)
+    assert y1.dtype == y0.dtype == torch.float64
+    torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-12, atol=1e-12)
+    assert g0.keys() == g1.keys() and len(g0) == 4
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-12, atol=1e-12, msg=n)
+
+
+def test_fast_lora_in_bf16_computes_in_bf16_close_to_peft():
+    ref, fast = _peft_pair(torch.bfloat16)
+    x = torch.randn(4, 7, 24).bfloat16()
+    y0, _, g0 = _out_and_grads(ref, x)
+    y1, _, g1 = _out_and_grads(fast, x)
+    assert y1.dtype == torch.bfloat16
+    torch.testing.assert_close(y1.float(), y0.float(), rtol=3e-2, atol=3e-2)
+    for n in g0:
+        assert g1[n].dtype == torch.float32  # the fp32 master weights get fp32 gradients
+        rel = (g1[n] - g0[n]).norm() / g0[n].norm()
+        assert rel < 2e-2, n
+
+
+def test_fast_lora_falls_back_to_peft_when_adapters_are_off_or_merged():
+    ref, fast = _peft_pair(torch.float64, adapter_dtype=torch.float64)
+    x = torch.randn(2, 24, dtype=torch.float64)
+    with torch.no_grad():
+        with fast.disable_adapter():
+            torch.testing.assert_close(fast(x), fast.get_base_model()(x))
+        want = ref(x)
+        fast.merge_adapter()
+        torch.testing.assert_close(fast(x), want)
+        fast.unmerge_adapter()
+        torch.testing.assert_close(fast(x), want)
+
+
+def test_fast_lora_keeps_dropout():
+    _, fast = _peft_pair(torch.float64, dropout=0.5)
+    x = torch.randn(64, 24, dtype=torch.float64)
+    fast.train()
+    assert not torch.equal(fast(x), fast(x))  # dropout on the LoRA branch is sampled
+    fast.eval()
+    assert torch.equal(fast(x), fast(x))
+
+
+# ------------------------------------------------------------------- patch embedding, plans
+def test_linear_patch_embed_equals_the_conv3d(tiny_qwen):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.float64)
+    embed = model.model.visual.patch_embed
+    x = torch.randn(50, embed.proj.weight[0].numel(), dtype=torch.float64)
+    want = embed(x)
+    assert linear_patch_embed(model) == 1
+    torch.testing.assert_close(embed(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_segment_plan_is_read_once_per_tensor_and_follows_in_place_changes():
+    cu = torch.tensor([0, 4, 8, 10])
+    assert _segments(cu) == ([0, 4, 8, 10], [4, 4, 2])
+    assert _segments(cu)[0] is _segments(cu)[0]  # cached for the same tensor
+    cu[3] = 12
+    assert _segments(cu) == ([0, 4, 8, 12], [4, 4, 4])
+    assert _segments(torch.tensor([0, 3])) == ([0, 3], [3])
