@@ -296,3 +296,54 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
         torch.isfinite(torch.tensor(r["loss"]))
         for r in T.read_log(tmp_path / "adapter" / "train_log.jsonl")
     )
+
+
+def _loss_and_grads(model, batch):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
+
+
+def test_host_embeddings_and_compiled_layers_keep_the_numerics(tiny_qwen, chat_rows):
+    """model.offload_embeddings (lookup on the CPU) and regionally compiled layers (checked with
+    the aot_eager backend: same graphs as inductor, without its C++ build) give the plain
+    model's loss and gradients."""
+    from vlmflow.fast import compile_layers
+    from vlmflow.modeling import HostEmbedding, build_training_model
+
+    results = []
+    for offload, compiled in ((False, False), (True, False), (False, True)):
+        cfg = sections(
+            tiny_qwen, train={"use_gradient_checkpointing": True}, offload_embeddings=offload
+        )
+        model, proc, fam = build_training_model(cfg, torch.device("cpu"))
+        assert isinstance(model.get_input_embeddings(), HostEmbedding) == offload
+        if compiled:
+            n_layers = len(model.base_model.model.model.language_model.layers)
+            n_blocks = len(model.base_model.model.model.visual.blocks)
+            assert compile_layers(model, backend="aot_eager") == n_layers + n_blocks
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+        enc = Encoder(proc, fam, max_seq_length=512)
+        batch = collate([enc(r) for r in chat_rows], enc.pad_id, fam.batch_layout)
+        results.append(_loss_and_grads(model, batch))
+    ref_loss, ref_grads = results[0]
+    for loss, grads in results[1:]:
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert grads.keys() == ref_grads.keys()
+        for n in grads:
+            torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_host_embeddings_are_not_used_for_trained_embeddings(tiny_qwen):
+    from vlmflow.modeling import HostEmbedding, build_training_model
+
+    cfg = sections(tiny_qwen, lora={"modules_to_save": ["embed_tokens"]}, offload_embeddings=True)
+    model, _, _ = build_training_model(cfg, torch.device("cpu"))
+    assert not isinstance(model.get_input_embeddings(), HostEmbedding)
