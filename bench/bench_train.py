@@ -99,25 +99,34 @@ def realistic_rows(n: int, tmpdir: str, seed: int = 0) -> list[dict]:
     return rows
 
 
-def cfg_for(model: str, quant: str, gc: str) -> dict:
+def apply_overrides(sections: dict, overrides: list[str]) -> dict:
+    """`--set section.key=value` (value parsed as YAML) into the raw config sections."""
+    import yaml
+
+    for item in overrides:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        sections.setdefault(section, {})[name] = yaml.safe_load(value)
+    return sections
+
+
+def cfg_for(model: str, quant: str, gc: str, overrides: list[str] = ()) -> dict:
     from vlmflow.config import resolve_sections
 
-    return resolve_sections(
-        {
-            "model": {"name": model, "load_in_4bit": quant == "4bit", "max_seq_length": 8192},
-            "lora": {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "random_state": 3407},
-            "train": {
-                "use_gradient_checkpointing": {"true": True, "false": False}.get(gc, gc),
-                "optim": "adamw_torch",
-                "learning_rate": 1e-4,
-                "warmup_steps": 0,
-                "lr_scheduler_type": "constant",
-                "max_grad_norm": 0.0,
-                "weight_decay": 0.0,
-            },
+    raw = {
+        "model": {"name": model, "load_in_4bit": quant == "4bit", "max_seq_length": 8192},
+        "lora": {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "random_state": 3407},
+        "train": {
+            "use_gradient_checkpointing": {"true": True, "false": False}.get(gc, gc),
+            "optim": "adamw_torch",
+            "learning_rate": 1e-4,
+            "warmup_steps": 0,
+            "lr_scheduler_type": "constant",
+            "max_grad_norm": 0.0,
+            "weight_decay": 0.0,
         },
-        ["model", "lora", "train"],
-    )
+    }
+    return resolve_sections(apply_overrides(raw, list(overrides)), ["model", "lora", "train"])
 
 
 def build_hf(model: str, quant: str, gc: bool):
@@ -184,6 +193,17 @@ def main() -> None:
         help="realistic: 64 samples, sides 224-1344 px, answers 5-500 words, "
         "micro-batches of --batch, one optimizer step per pass over all of them",
     )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="vlmflow: override a config key, e.g. --set model.quantize_vision=true",
+    )
+    ap.add_argument("--tag", default="", help="label of this variant in the output")
+    ap.add_argument(
+        "--profile", default=None, help="after timing, profile one step; write the tables here"
+    )
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
@@ -192,7 +212,7 @@ def main() -> None:
     from vlmflow.train import build_optimizer, build_scheduler, train_step
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = cfg_for(a.model, a.quant, a.gc)
+    cfg = cfg_for(a.model, a.quant, a.gc, a.set)
     t0 = time.time()
     if a.impl == "hf":
         model = build_hf(a.model, a.quant, a.gc != "false")
@@ -228,10 +248,8 @@ def main() -> None:
     losses, times = [], []
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for step in range(a.warmup + a.steps):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+
+    def one_step():
         if a.impl == "hf":
             loss = 0.0
             for mb in batches:
@@ -241,10 +259,15 @@ def main() -> None:
                 loss += micro.detach()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        else:  # the train rule's step: forward/backward of every micro-batch, optimizer step
-            loss = train_step(
-                model, batches, opt, sched, params, max_grad_norm=0.0, device=dev
-            ).loss
+            return loss
+        # the train rule's step: forward/backward of every micro-batch, optimizer step
+        return train_step(model, batches, opt, sched, params, max_grad_norm=0.0, device=dev).loss
+
+    for step in range(a.warmup + a.steps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = one_step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t
@@ -254,6 +277,8 @@ def main() -> None:
     med = float(np.median(times))
     res = dict(
         impl=a.impl,
+        tag=a.tag,
+        overrides=a.set,
         quant=a.quant,
         gc=a.gc,
         case=a.case,
@@ -285,6 +310,67 @@ def main() -> None:
     if a.out:
         with open(a.out, "a") as f:
             f.write(json.dumps(res) + "\n")
+    if a.profile:
+        profile_step(one_step, a.profile, f"{a.impl} {a.quant} gc={a.gc} {a.tag}", dev)
+
+
+KERNEL_KINDS = (  # (label, substrings of CUDA kernel names), first match wins
+    ("attention", ("flash", "fmha", "attention", "cudnn_generated", "sdpa")),
+    ("gemm", ("gemm", "cutlass", "nvjet", "sm90_xmma", "wgmma", "splitk", "matmul", "gemv")),
+    ("nf4 dequant", ("dequant", "kdequantize", "kgemm_4bit")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("copy/cast", ("copy", "memcpy", "memset", "cat", "index", "gather", "scatter")),
+    ("reduce/norm", ("reduce", "norm", "softmax", "cross_entropy", "nll", "logsumexp")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "pointwise", "triton")),
+)
+
+
+def profile_step(one_step, path: str, title: str, dev) -> None:
+    """One step under torch.profiler: wall time, GPU busy time, time by kernel kind, top
+    kernels and top CPU-side ops, written to `path` (and the summary printed)."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        one_step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    by_kind: dict[str, float] = defaultdict(float)
+    by_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    busy = 0.0
+    for e in kernels:
+        us = e.device_time
+        busy += us
+        low = e.name.lower()
+        kind = next((k for k, subs in KERNEL_KINDS if any(s in low for s in subs)), "other")
+        by_kind[kind] += us
+        by_name[e.name][0] += us
+        by_name[e.name][1] += 1
+    lines = [
+        f"# {title}",
+        f"wall {wall * 1e3:.1f} ms; GPU kernels {busy / 1e3:.1f} ms ({len(kernels)} launches); "
+        f"GPU idle {100 * (1 - busy / 1e6 / wall):.0f}% of the step",
+        "",
+        "time by kernel kind (ms):",
+    ]
+    for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {kind:14s} {us / 1e3:9.1f}  {100 * us / max(busy, 1):5.1f}%")
+    lines += ["", "top kernels (ms, calls):"]
+    for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:30]:
+        lines.append(f"  {us / 1e3:8.1f} {n:6d}  {name[:150]}")
+    lines += ["", "top ops by self CPU time:"]
+    lines.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    text = "\n".join(lines)
+    with open(path, "a") as f:
+        f.write(text + "\n\n")
+    print("\n".join(lines[: 12 + len(by_kind)]), flush=True)
 
 
 if __name__ == "__main__":
