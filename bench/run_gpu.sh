@@ -26,7 +26,7 @@ for variant in "$@"; do
   if [ -n "${PROFILE:-}" ] && [[ "$variant" == *vlmflow* ]]; then prof=(--profile "$out/profile.txt"); fi
   t=$(date +%s)
   # shellcheck disable=SC2086
-  python3 bench/bench_train.py "$model" $variant --steps "${STEPS:-8}" --warmup "${WARMUP:-3}" \
+  timeout "${VARIANT_TIMEOUT:-400}" python3 bench/bench_train.py "$model" $variant --steps "${STEPS:-8}" --warmup "${WARMUP:-3}" \
     --out "$out/results.jsonl" "${prof[@]}" 2>&1 \
     | grep -vE "Warning|warn\(|Loading weights|^\s*$|RESULT" | tail -25
   echo "  ($(( $(date +%s) - t )) s)"
