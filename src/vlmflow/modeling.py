@@ -455,9 +455,19 @@ def build_training_model(cfg: dict, device: torch.device | None = None):
         model, family, lora_cfg, gradient_checkpointing=train_cfg["use_gradient_checkpointing"]
     )
     log.info("LoRA branches in the compute dtype: %d modules", fast_lora(model))
-    if train_cfg["compile"]:
+    if use_compile(train_cfg["compile"], family, device):
         log.info("torch.compile on %d layers", compile_layers(model))
     return model, processor, family
+
+
+COMPILE_MEASURED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def use_compile(setting, family: Family, device: torch.device) -> bool:
+    """train.compile: true / false, or `auto` = a CUDA device and a family measured with it."""
+    if setting == "auto":
+        return device.type == "cuda" and family.name in COMPILE_MEASURED_FAMILIES
+    return bool(setting)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -347,3 +347,15 @@ def test_host_embeddings_are_not_used_for_trained_embeddings(tiny_qwen):
     cfg = sections(tiny_qwen, lora={"modules_to_save": ["embed_tokens"]}, offload_embeddings=True)
     model, _, _ = build_training_model(cfg, torch.device("cpu"))
     assert not isinstance(model.get_input_embeddings(), HostEmbedding)
+
+
+def test_compile_auto_is_on_for_measured_families_on_cuda_only():
+    from vlmflow.modeling import use_compile
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert use_compile("auto", FAMILIES["qwen2_5_vl"], cuda)
+    assert not use_compile("auto", FAMILIES["qwen2_5_vl"], cpu)
+    assert not use_compile("auto", FAMILIES["mllama"], cuda)
+    assert use_compile(True, FAMILIES["mllama"], cpu) and not use_compile(
+        False, FAMILIES["qwen2_5_vl"], cuda
+    )
