@@ -290,13 +290,27 @@ def chunked_head_loss(
     return total
 
 
+def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the shifted labels are set: (flat indices into the (B * (T - 1)) predicting
+    positions, their target ids). Computed on the labels' device; on the CPU, before the batch
+    goes to the GPU, it costs the GPU no synchronisation (a boolean index on the GPU does)."""
+    shift = labels[:, 1:].reshape(-1)
+    index = (shift != IGNORE_INDEX).nonzero().squeeze(1)
+    return index, shift.index_select(0, index)
+
+
 def label_only_loss(
-    model, batch: dict, num_items_in_batch: int | None = None, chunk_size: int = 2048
+    model,
+    batch: dict,
+    num_items_in_batch: int | None = None,
+    chunk_size: int = 2048,
+    positions: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal-LM loss (mean over labelled tokens, or sum / num_items_in_batch) computed with the
     head on labelled positions only. Same value as transformers' ForCausalLMLoss.
 
     batch: the collator's dict (input_ids (B, T), labels (B, T), attention_mask, image tensors).
+    positions: `label_positions(labels)` on the model's device, if already known.
     """
     labels = batch["labels"]
     if _has_logit_softcapping(model):  # the head's output is transformed: use the model's loss
@@ -305,9 +319,8 @@ def label_only_loss(
     owner = _find_lm_head_owner(model)
     with _head_bypassed(owner) as head:
         hidden = model(**inputs, use_cache=False).logits  # (B, T, d): the head is bypassed
-    shift = labels[:, 1:]
-    mask = shift != IGNORE_INDEX
-    h = hidden[:, :-1][mask]
-    total = chunked_head_loss(h, shift[mask], head, chunk_size)
-    denom = num_items_in_batch if num_items_in_batch is not None else int(mask.sum())
+    index, targets = positions if positions is not None else label_positions(labels)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, index)
+    total = chunked_head_loss(h, targets, head, chunk_size)
+    denom = num_items_in_batch if num_items_in_batch is not None else int(index.numel())
     return total / max(denom, 1)

@@ -28,7 +28,7 @@ import torch
 
 from .collate import IGNORE_INDEX, Encoder, collate
 from .distributed import DistContext
-from .fast import label_only_loss
+from .fast import label_only_loss, label_positions
 from .io import atomic_dir, atomic_file, write_json
 from .modeling import build_training_model, count_parameters, pick_device
 from .preempt import Preempted
@@ -86,6 +86,36 @@ class EncodedRows:
         if self.cache is not None:
             self.cache[i] = item
         return item
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item k = the collated micro-batches of optimizer step `first + k` (a list of dicts), so
+    that a DataLoader's worker processes can prepare the next steps during the current one."""
+
+    def __init__(self, make_step, first: int, last: int):
+        self.make_step, self.first, self.last = make_step, first, last
+
+    def __len__(self) -> int:
+        return max(0, self.last - self.first)
+
+    def __getitem__(self, k: int) -> list[dict]:
+        return self.make_step(self.first + k)
+
+
+def step_batches(make_step, first: int, last: int, workers: int, pin: bool):
+    """Iterator over the micro-batch lists of steps first..last-1, prepared by `workers`
+    background processes (2 steps ahead each), or inline when workers == 0."""
+    if workers == 0:
+        return (make_step(s) for s in range(first, last))
+    return iter(
+        torch.utils.data.DataLoader(
+            StepBatches(make_step, first, last),
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=2,
+            pin_memory=pin,
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------ optimizer
@@ -213,9 +243,15 @@ def train_step(
     n_items = ctx.sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches))
     n_tokens = ctx.sum(sum(int(b["attention_mask"].sum()) for b in micro_batches))
     loss_sum = torch.zeros((), device=device)
+    pin = device.type == "cuda"
     for batch in micro_batches:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss = label_only_loss(model, batch, num_items_in_batch=n_items)
+        # label positions found on the CPU and tensors pinned: no GPU synchronisation here
+        index, targets = (t.to(device, non_blocking=True) for t in label_positions(batch["labels"]))
+        batch = {
+            k: (v.pin_memory() if pin else v).to(device, non_blocking=True)
+            for k, v in batch.items()
+        }
+        loss = label_only_loss(model, batch, num_items_in_batch=n_items, positions=(index, targets))
         loss.backward()
         loss_sum += loss.detach()
     ctx.all_reduce_grads(params)
@@ -224,14 +260,17 @@ def train_step(
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"loss is {loss}")
     if max_grad_norm > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    else:
-        grads = [p.grad.norm() for p in params if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:  # for the log only: one fused kernel group, read after the optimizer step
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = (
+            torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
+        )
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    grad_norm = float(grad_norm) if grad_norm is not None else 0.0
     return StepResult(loss=loss, grad_norm=grad_norm, lr=lr, tokens=n_tokens)
 
 
@@ -320,9 +359,9 @@ def train(
     t_start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for step in range(start, steps):
-        t0 = time.perf_counter()
-        micro_batches = [
+
+    def make_step(step: int) -> list[dict]:
+        return [
             collate(
                 [
                     data[i]
@@ -335,6 +374,12 @@ def train(
             )
             for m in range(accum)
         ]
+
+    workers = 0 if train_cfg["cache_encoded"] else train_cfg["dataloader_workers"]
+    batches = step_batches(make_step, start, steps, workers, pin=device.type == "cuda")
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        micro_batches = next(batches)
         try:
             res = train_step(
                 model,

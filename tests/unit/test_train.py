@@ -142,3 +142,20 @@ def test_changed_config_does_not_resume_a_stale_checkpoint(tiny_qwen, digits_row
         tmp_path / "w",
     )
     assert res.resumed_from == 0
+
+
+def test_step_batches_from_worker_processes_equal_the_inline_ones():
+    from vlmflow.train import step_batches
+
+    def make_step(step):
+        g = torch.Generator().manual_seed(step)
+        return [{"input_ids": torch.randint(0, 100, (2, 5), generator=g)} for _ in range(2)]
+
+    inline = list(step_batches(make_step, 3, 9, workers=0, pin=False))
+    ahead = list(step_batches(make_step, 3, 9, workers=2, pin=False))
+    assert len(inline) == len(ahead) == 6
+    for a, b in zip(inline, ahead):
+        assert len(a) == len(b) == 2
+        for x, y in zip(a, b):
+            assert torch.equal(x["input_ids"], y["input_ids"])
+    assert not torch.equal(inline[0][0]["input_ids"], inline[1][0]["input_ids"])
