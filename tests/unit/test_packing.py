@@ -177,7 +177,7 @@ def test_packed_lora_gradients_equal_padded(tiny_qwen, chat_rows, digits_rows):
         model.zero_grad(set_to_none=True)
         loss = label_only_loss(model, batch, num_items_in_batch=n)
         loss.backward()
-        return float(loss), {k: p.grad.clone() for k, p in params.items()}
+        return float(loss.detach()), {k: p.grad.clone() for k, p in params.items()}
 
     loss_a, ga = grads(padded)
     loss_b, gb = grads(model_inputs(packed))
