@@ -272,3 +272,151 @@ def collate(
         else:
             raise ValueError(f"unknown batch layout '{mode}' for '{key}'")
     return batch
+
+
+# ------------------------------------------------------------------------------------- packing
+PACK_META_KEYS = ("row_lengths",)
+"""Keys of a packed batch that describe it and are not model inputs (see `model_inputs`)."""
+
+
+def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """First-fit decreasing bin packing of samples (by token count) into rows of at most
+    `max_length` tokens. A sample is never split: one longer than `max_length` raises
+    SampleTooLongError (the encoder's policy; such samples are dropped by the data stage).
+
+    Returns rows of sample indices; each row lists its samples in their input order, rows are
+    ordered by their first sample. Deterministic (ties keep the input order).
+    """
+    for i, n in enumerate(lengths):
+        if n > max_length:
+            raise SampleTooLongError(
+                f"sample {i} of the micro-batch has {n} tokens > max_seq_length {max_length} "
+                "(packing never splits a sample)"
+            )
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(max_length - lengths[i])
+    rows = [sorted(r) for r in rows]
+    return sorted(rows, key=lambda r: r[0])
+
+
+def collate_packed(
+    samples: Sequence[dict[str, torch.Tensor]],
+    pad_id: int,
+    rope_index,
+    max_length: int,
+) -> dict[str, torch.Tensor]:
+    """Pack encoded samples padding-free into rows of at most `max_length` tokens (Qwen-VL).
+
+    Samples are placed with `pack_rows` (first-fit decreasing, never split) and concatenated
+    within a row; padding only fills the end of a row up to the longest row's length T. With R
+    rows and samples k of lengths n_k:
+
+    - input_ids (R, T): the samples' tokens, then `pad_id`.
+    - labels (R, T): the samples' labels, except IGNORE_INDEX at the first token of every sample
+      (the loss shifts labels by one: that token would be predicted from the previous sample's
+      last token; a padded batch never predicts a row's first token either, so the label count
+      is the same) and on padding.
+    - position_ids (4, R, T) int64: row 0 = text positions 0..n_k-1 of each sample (and
+      0..pad-1 on the padding), rows 1-3 = `rope_index(sample)` (the model's own (3, n_k) M-RoPE
+      ids of the sample alone; the padding repeats its text positions). From row 0 transformers
+      builds a block-diagonal causal mask (no attention across samples; the padding attends only
+      to itself) for sdpa/eager attention, in the model's dtype. No `attention_mask` is returned:
+      a 2-D one would switch that off.
+    - other per-token keys (mm_token_type_ids, ...) (R, T), padded as in `collate`.
+    - image tensors (pixel_values (sum P_k, D), image_grid_thw (sum N_k, 3), ...): concatenated
+      in the order their image tokens appear in the flattened (R, T) rows.
+    - row_lengths (R,) int64: real tokens per row (not a model input, see `model_inputs`).
+
+    Per sample, the causal LM outputs equal those of the sample alone (RoPE sees the same
+    positions, attention the same keys).
+    """
+    lengths = [int(s["input_ids"].shape[0]) for s in samples]
+    rows = pack_rows(lengths, max_length)
+    width = max(sum(lengths[i] for i in r) for r in rows)
+    token_keys = [k for k in dict.fromkeys(k for s in samples for k in s) if k in TOKEN_KEYS]
+    token_keys = [k for k in token_keys if k not in ("attention_mask", "cross_attention_mask")]
+    other_keys = [k for k in dict.fromkeys(k for s in samples for k in s) if k not in TOKEN_KEYS]
+    out: dict[str, list] = {k: [] for k in token_keys}
+    positions, row_lengths, order = [], [], []
+    for r in rows:
+        used = sum(lengths[i] for i in r)
+        pad = width - used
+        for key in token_keys:
+            fill = pad_id if key == "input_ids" else TOKEN_KEYS[key]
+            parts = []
+            for i in r:
+                t = samples[i].get(key)
+                if t is None:
+                    t = samples[i]["input_ids"].new_full((lengths[i],), TOKEN_KEYS[key])
+                if key == "labels":
+                    t = t.clone()
+                    t[0] = IGNORE_INDEX
+                parts.append(t)
+            parts.append(samples[r[0]]["input_ids"].new_full((pad,), fill))
+            out[key].append(torch.cat(parts))
+        pos = []
+        for i in r:
+            mrope = torch.as_tensor(rope_index(samples[i]), dtype=torch.long)
+            if tuple(mrope.shape) != (3, lengths[i]):
+                raise ValueError(
+                    f"rope_index returned shape {tuple(mrope.shape)} for a sample of "
+                    f"{lengths[i]} tokens; expected (3, {lengths[i]})"
+                )
+            text = torch.arange(lengths[i], dtype=torch.long)[None]
+            pos.append(torch.cat([text, mrope]))
+        pos.append(torch.arange(pad, dtype=torch.long)[None].expand(4, pad))
+        positions.append(torch.cat(pos, dim=1))
+        row_lengths.append(used)
+        order.extend(r)
+    batch = {k: torch.stack(v) for k, v in out.items()}
+    batch["position_ids"] = torch.stack(positions, dim=1)  # (4, R, T)
+    for key in other_keys:
+        present = [samples[i][key] for i in order if key in samples[i]]
+        rest = _max_shape(present, 1)
+        batch[key] = torch.cat([_pad_to(t, (t.shape[0], *rest), 0) for t in present])
+    batch["row_lengths"] = torch.tensor(row_lengths, dtype=torch.long)
+    return batch
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys of a (padded or packed) batch that the model takes."""
+    return {k: v for k, v in batch.items() if k not in PACK_META_KEYS}
+
+
+def count_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens of a padded (attention_mask) or packed (row_lengths) batch."""
+    if "row_lengths" in batch:
+        return int(batch["row_lengths"].sum())
+    return int(batch["attention_mask"].sum())
+
+
+def rope_index_fn(model):
+    """`sample -> (3, T)` M-RoPE position ids of one encoded sample alone, computed with the
+    model's own `get_rope_index` (Qwen2/2.5/3-VL; it reads only the config, so it runs on the
+    CPU tensors of the sample whatever device the model is on)."""
+    owner = next((m for m in model.modules() if hasattr(type(m), "get_rope_index")), None)
+    if owner is None:
+        raise ValueError(f"{type(model).__name__} has no get_rope_index: it cannot be packed")
+
+    def rope_index(sample: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        ids = sample["input_ids"][None]
+        types = sample.get("mm_token_type_ids")
+        types = torch.zeros_like(ids) if types is None else types[None]
+        pos, _ = owner.get_rope_index(
+            ids,
+            mm_token_type_ids=types,
+            image_grid_thw=sample.get("image_grid_thw"),
+            video_grid_thw=sample.get("video_grid_thw"),
+        )
+        return pos[:, 0]
+
+    return rope_index

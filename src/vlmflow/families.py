@@ -57,6 +57,11 @@ class Family:
     """How `collate` batches processor outputs other than the default ones (see
     `vlmflow.collate.collate`): 'token' (one entry per token), 'cat' (images concatenated along
     dim 0) or 'sample' (one entry per sample, padded)."""
+    supports_packing: bool = False
+    """Whether `train.packing` works: the model takes per-sample position ids for a packed row
+    (Qwen-VL's `(4, B, T)` text + M-RoPE position ids, from which transformers builds the
+    block-diagonal causal mask) and its processor returns image tensors concatenated along dim 0
+    (see `vlmflow.collate.collate_packed`)."""
 
     @property
     def image_token(self) -> str:
@@ -168,6 +173,7 @@ _FAMILIES = [
         language_mlp=_LANG_MLP,
         vision_tower=("model.visual",),
         projector=("model.visual.merger",),
+        supports_packing=True,
         **_QWEN_CHAT,
     ),
     Family(
@@ -181,6 +187,7 @@ _FAMILIES = [
         language_mlp=_LANG_MLP,
         vision_tower=("model.visual",),
         projector=("model.visual.merger",),
+        supports_packing=True,
         **_QWEN_CHAT,
     ),
     Family(
@@ -195,6 +202,7 @@ _FAMILIES = [
         vision_tower=("model.visual",),
         # the final merger and the DeepStack mergers that feed early decoder layers
         projector=("model.visual.merger", "model.visual.deepstack_merger_list"),
+        supports_packing=True,
         **_QWEN_CHAT,
     ),
     Family(

@@ -3,6 +3,9 @@
 Data order is a pure function of (seed, step): optimizer step `s`, micro-batch `m`, slot `i`
 reads global sample position `p = (s * accum + m) * batch + i`, i.e. epoch `p // n`, index
 `perm(seed + epoch)[p % n]`. Resuming at step `s` therefore needs no saved iterator state.
+`train.group_by_length` only re-sorts the samples a rank reads in one step among its
+micro-batches (`group_by_length`); `train.packing` packs each micro-batch's samples into rows
+(`vlmflow.collate.collate_packed`). Neither changes which samples a step sees.
 Checkpoints (trainable weights, optimizer, scheduler, RNG) go to a work folder outside the rule's
 outputs, atomically, every `save_steps`; a re-run resumes from the newest one whose fingerprint
 (config + data) matches.
@@ -26,7 +29,15 @@ from pathlib import Path
 
 import torch
 
-from .collate import IGNORE_INDEX, Encoder, collate
+from .collate import (
+    IGNORE_INDEX,
+    Encoder,
+    collate,
+    collate_packed,
+    count_tokens,
+    model_inputs,
+    rope_index_fn,
+)
 from .distributed import DistContext
 from .fast import label_only_loss, label_positions
 from .io import atomic_dir, atomic_file, write_json
@@ -57,6 +68,49 @@ def sample_indices(n: int, seed: int, step: int, micro: int, accum: int, batch: 
             cache[epoch] = epoch_permutation(n, seed, epoch)
         out.append(int(cache[epoch][p % n]))
     return out
+
+
+def step_micro_batches(
+    n: int, seed: int, step: int, accum: int, global_batch: int, shard=None
+) -> list[list[int]]:
+    """Dataset indices of every micro-batch of optimizer step `step` (this rank's `shard` of
+    each global micro-batch of `global_batch`)."""
+    shard = shard or (lambda x: x)
+    return [shard(sample_indices(n, seed, step, m, accum, global_batch)) for m in range(accum)]
+
+
+def group_by_length(micro_batches: list[list[int]], lengths) -> list[list[int]]:
+    """The same indices, sorted by `lengths[index]` (longest first; ties keep their order) and
+    cut into micro-batches of the same sizes: each micro-batch then holds samples of similar
+    length. Deterministic; the union of the micro-batches (what the optimizer step sees) is
+    unchanged."""
+    flat = [i for mb in micro_batches for i in mb]
+    order = sorted(range(len(flat)), key=lambda j: (-lengths[flat[j]], j))
+    out, pos = [], 0
+    for mb in micro_batches:
+        out.append([flat[j] for j in order[pos : pos + len(mb)]])
+        pos += len(mb)
+    return out
+
+
+PACKING_ATTENTION = ("sdpa", "eager")
+
+
+def check_packing(family, attn_implementation: str) -> None:
+    """Raise a clear error when `train.packing` cannot work for this model."""
+    if not family.supports_packing:
+        from .families import FAMILIES
+
+        ok = ", ".join(f.name for f in FAMILIES.values() if f.supports_packing)
+        raise ValueError(
+            f"train.packing is not supported for the '{family.name}' family (only {ok}); "
+            "set train.packing: false (train.group_by_length reduces padding for any family)"
+        )
+    if attn_implementation not in PACKING_ATTENTION:
+        raise ValueError(
+            f"train.packing needs model.attn_implementation in {list(PACKING_ATTENTION)}, got "
+            f"'{attn_implementation}' (its packed mask is built from position ids only for those)"
+        )
 
 
 def total_steps(train_cfg: dict, n_samples: int, world_size: int = 1) -> int:
@@ -241,15 +295,15 @@ def train_step(
     # Under data parallelism the counts are global, so every rank's loss is its share of the
     # global mean and the all-reduced (summed) gradient equals the single-process gradient.
     n_items = ctx.sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches))
-    n_tokens = ctx.sum(sum(int(b["attention_mask"].sum()) for b in micro_batches))
+    n_tokens = ctx.sum(sum(count_tokens(b) for b in micro_batches))
     loss_sum = torch.zeros((), device=device)
     pin = device.type == "cuda"
-    for batch in micro_batches:
+    for batch in micro_batches:  # padded (collate) or packed (collate_packed) batches
         # label positions found on the CPU and tensors pinned: no GPU synchronisation here
         index, targets = (t.to(device, non_blocking=True) for t in label_positions(batch["labels"]))
         batch = {
             k: (v.pin_memory() if pin else v).to(device, non_blocking=True)
-            for k, v in batch.items()
+            for k, v in model_inputs(batch).items()
         }
         loss = label_only_loss(model, batch, num_items_in_batch=n_items, positions=(index, targets))
         loss.backward()
@@ -322,6 +376,10 @@ def train(
     # ---- setup
     ctx = dist_ctx if dist_ctx is not None else DistContext(device=pick_device())
     device = ctx.device
+    if train_cfg["packing"]:
+        from .modeling import model_family
+
+        check_packing(model_family(model_cfg["name"], model_cfg), model_cfg["attn_implementation"])
     model, processor, family = build_training_model(cfg, device)
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
@@ -354,6 +412,16 @@ def train(
     # ---- train
     bs, accum = train_cfg["per_device_train_batch_size"], train_cfg["gradient_accumulation_steps"]
     global_bs = bs * ctx.world_size  # each rank takes its shard of every global micro-batch
+    if train_cfg["packing"]:
+        rope_index = rope_index_fn(model)
+
+        def make_batch(samples):
+            return collate_packed(samples, encoder.pad_id, rope_index, model_cfg["max_seq_length"])
+    else:
+
+        def make_batch(samples):
+            return collate(samples, encoder.pad_id, family.batch_layout)
+
     model.train()
     loss_value = float("nan")
     t_start = time.perf_counter()
@@ -361,19 +429,14 @@ def train(
         torch.cuda.reset_peak_memory_stats()
 
     def make_step(step: int) -> list[dict]:
-        return [
-            collate(
-                [
-                    data[i]
-                    for i in ctx.shard(
-                        sample_indices(len(data), train_cfg["seed"], step, m, accum, global_bs)
-                    )
-                ],
-                encoder.pad_id,
-                family.batch_layout,
-            )
-            for m in range(accum)
-        ]
+        indices = step_micro_batches(
+            len(data), train_cfg["seed"], step, accum, global_bs, ctx.shard
+        )
+        encoded = {i: data[i] for mb in indices for i in mb}
+        if train_cfg["group_by_length"]:
+            lengths = {i: s["input_ids"].shape[0] for i, s in encoded.items()}
+            indices = group_by_length(indices, lengths)
+        return [make_batch([encoded[i] for i in mb]) for mb in indices]
 
     workers = 0 if train_cfg["cache_encoded"] else train_cfg["dataloader_workers"]
     batches = step_batches(make_step, start, steps, workers, pin=device.type == "cuda")
