@@ -35,33 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-QWEN25_VL_7B = {
-    "text": dict(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        max_position_embeddings=128000,
-        rope_theta=1000000.0,
-        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
-        rms_norm_eps=1e-6,
-        vocab_size=152064,
-    ),
-    "vision": dict(
-        depth=32,
-        hidden_size=1280,
-        intermediate_size=3420,
-        num_heads=16,
-        out_hidden_size=3584,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=112,
-        fullatt_block_indexes=[7, 15, 23, 31],
-        tokens_per_second=2,
-    ),
-}
+sys.path.insert(0, str(ROOT / "bench"))
+from make_model import SIZES  # noqa: E402  (the one place the 7B architecture is written down)
 
 
 def seven_b_config(tiny_dir: Path):
@@ -75,8 +50,8 @@ def seven_b_config(tiny_dir: Path):
         pad_token_id=t.text_config.pad_token_id,
     )
     return Qwen2_5_VLConfig(
-        text_config={**QWEN25_VL_7B["text"], **ids, "tie_word_embeddings": False},
-        vision_config=QWEN25_VL_7B["vision"],
+        text_config={**SIZES["7b"][0], **ids, "tie_word_embeddings": False},
+        vision_config=SIZES["7b"][1],
         image_token_id=t.image_token_id,
         video_token_id=t.video_token_id,
         vision_start_token_id=t.vision_start_token_id,
