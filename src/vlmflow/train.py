@@ -156,6 +156,18 @@ class StepBatches(torch.utils.data.Dataset):
         return self.make_step(self.first + k)
 
 
+def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
+    """DataLoader workers ignore the preemption signals (SLURM sends them to every process of
+    the job): the training process alone reacts, checkpoints at the step boundary and then shuts
+    the workers down; a worker killed by the signal would abort the step instead."""
+    import signal
+
+    from .preempt import DEFAULT_SIGNALS
+
+    for signum in DEFAULT_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def step_batches(make_step, first: int, last: int, workers: int, pin: bool):
     """Iterator over the micro-batch lists of steps first..last-1, prepared by `workers`
     background processes (2 steps ahead each), or inline when workers == 0."""
@@ -168,6 +180,7 @@ def step_batches(make_step, first: int, last: int, workers: int, pin: bool):
             num_workers=workers,
             prefetch_factor=2,
             pin_memory=pin,
+            worker_init_fn=_leave_stop_signals_to_the_trainer,
         )
     )
 

@@ -159,3 +159,39 @@ def test_step_batches_from_worker_processes_equal_the_inline_ones():
         for x, y in zip(a, b):
             assert torch.equal(x["input_ids"], y["input_ids"])
     assert not torch.equal(inline[0][0]["input_ids"], inline[1][0]["input_ids"])
+
+
+def test_preemption_signal_to_the_whole_job_leaves_the_batch_workers_running(tmp_path):
+    """SLURM signals every process of the job: the workers ignore SIGUSR1, the training process
+    records it, and every step's batches still arrive."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import os, signal, time, torch
+        from vlmflow.preempt import PreemptionHandler
+        from vlmflow.train import step_batches
+
+        def make_step(step):
+            time.sleep(0.05)
+            return [{"x": torch.full((2,), step)}]
+
+        os.setpgrp()
+        batches = step_batches(make_step, 0, 12, workers=2, pin=False)  # workers start here
+        with PreemptionHandler() as stop:  # installed after the fork: workers rely on their own
+            got = []
+            for i, b in enumerate(batches):
+                got.append(int(b[0]["x"][0]))
+                if i == 3:
+                    os.killpg(os.getpgrp(), signal.SIGUSR1)  # workers included
+                    time.sleep(0.3)
+            print(got == list(range(12)), stop.requested)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr[-2000:]
