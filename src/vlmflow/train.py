@@ -41,7 +41,7 @@ from .collate import (
 from .distributed import DistContext
 from .fast import label_only_loss, label_positions
 from .io import atomic_dir, atomic_file, write_json
-from .modeling import build_training_model, count_parameters, pick_device
+from .modeling import build_training_model, count_parameters, pick_device, resolve_dtype
 from .preempt import Preempted
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,9 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     }
 
 
-def save_checkpoint(work_dir: Path, step: int, model, optimizer, scheduler, fp: str) -> Path:
+def save_checkpoint(
+    work_dir: Path, step: int, model, optimizer, scheduler, fp: str, scaler=None
+) -> Path:
     from safetensors.torch import save_file
 
     final = work_dir / f"checkpoint-{step:08d}"
@@ -244,6 +246,7 @@ def save_checkpoint(work_dir: Path, step: int, model, optimizer, scheduler, fp: 
                 "scheduler": scheduler.state_dict(),
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
             },
             tmp / "state.pt",
         )
@@ -261,7 +264,7 @@ def latest_checkpoint(work_dir: Path, fp: str) -> Path | None:
     return None
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, scaler=None) -> int:
     from safetensors.torch import load_file
 
     weights = load_file(ckpt / "trainable.safetensors")
@@ -272,6 +275,8 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
     state = torch.load(ckpt / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
@@ -297,12 +302,15 @@ def train_step(
     max_grad_norm: float,
     device: torch.device,
     ctx: DistContext | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepResult:
     """One optimizer step over `micro_batches` (gradient accumulation).
 
     The loss is the mean over every answer token of the step (each micro-batch's summed token
     loss is divided by the step's token count, `num_items_in_batch`), so accumulation gives the
     same gradient as one big batch. Raises NonFiniteLossError before touching the weights.
+    `scaler` (fp16 compute): the loss is scaled before the backward pass and the gradients
+    unscaled before clipping; a step whose gradients overflow is skipped and the scale lowered.
     """
     ctx = ctx if ctx is not None else DistContext(device=device)
     # Under data parallelism the counts are global, so every rank's loss is its share of the
@@ -319,13 +327,15 @@ def train_step(
             for k, v in model_inputs(batch).items()
         }
         loss = label_only_loss(model, batch, num_items_in_batch=n_items, positions=(index, targets))
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
     ctx.all_reduce_grads(params)
     loss = float(ctx.sum(loss_sum))
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"loss is {loss}")
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # true gradients for clipping and the log
     if max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:  # for the log only: one fused kernel group, read after the optimizer step
@@ -334,7 +344,11 @@ def train_step(
             torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
         )
     lr = scheduler.get_last_lr()[0]
-    optimizer.step()
+    if scaler is not None:  # skips the update when a gradient overflowed, then lowers the scale
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     grad_norm = float(grad_norm) if grad_norm is not None else 0.0
@@ -410,12 +424,22 @@ def train(
     steps = total_steps(train_cfg, len(data), ctx.world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, train_cfg, device)
+    # fp16 compute (GPUs without bf16): dynamic loss scaling keeps small gradients from
+    # underflowing; bf16 and fp32 need none
+    fp16 = resolve_dtype(model_cfg["dtype"], device) == torch.float16
+    scaler = torch.amp.GradScaler(device.type) if fp16 else None
+    if fp16 and any(p.dtype == torch.float16 for p in params):
+        raise ValueError(
+            "lora.modules_to_save trains whole modules in the model's dtype, and fp16 weights "
+            "cannot be trained with loss scaling: with model.dtype float16 leave "
+            "lora.modules_to_save empty (or use bfloat16/float32)"
+        )
     scheduler = build_scheduler(optimizer, train_cfg, steps)
     fp = fingerprint(cfg, list(data_files))
     start = 0
     ckpt = latest_checkpoint(work_dir, fp)
     if ckpt is not None:
-        start = load_checkpoint(ckpt, model, optimizer, scheduler)
+        start = load_checkpoint(ckpt, model, optimizer, scheduler, scaler)
         log.info("resumed from %s (step %d)", ckpt, start)
     ctx.broadcast_params(params)
     log_path = work_dir / "train_log.jsonl"
@@ -466,6 +490,7 @@ def train(
                 max_grad_norm=train_cfg["max_grad_norm"],
                 device=device,
                 ctx=ctx,
+                scaler=scaler,
             )
         except NonFiniteLossError as e:
             raise NonFiniteLossError(
@@ -505,12 +530,12 @@ def train(
             and step + 1 < steps
         ):
             if ctx.is_main:
-                save_checkpoint(work_dir, step + 1, model, optimizer, scheduler, fp)
+                save_checkpoint(work_dir, step + 1, model, optimizer, scheduler, fp, scaler)
             saved = True
         if step + 1 < steps and ctx.any(preempt is not None and preempt.requested):
             ckpt = work_dir / f"checkpoint-{step + 1:08d}"
             if ctx.is_main and not saved:
-                ckpt = save_checkpoint(work_dir, step + 1, model, optimizer, scheduler, fp)
+                ckpt = save_checkpoint(work_dir, step + 1, model, optimizer, scheduler, fp, scaler)
             ctx.barrier()  # no rank exits before the checkpoint is complete
             raise Preempted(getattr(preempt, "signame", "stop request"), step + 1, steps, ckpt)
 

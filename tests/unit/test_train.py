@@ -195,3 +195,14 @@ def test_preemption_signal_to_the_whole_job_leaves_the_batch_workers_running(tmp
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr[-2000:]
+
+
+def test_fp16_with_fully_trained_modules_is_refused_before_training(
+    tiny_qwen, digits_rows, tmp_path
+):
+    rows = [r for r in digits_rows if r["split"] == "train"]
+    cfg = config(tiny_qwen, max_steps=1)  # modules_to_save: lm_head, projector
+    cfg["model"]["dtype"] = "float16"
+    with pytest.raises(ValueError, match="modules_to_save.*float16"):
+        train(cfg, rows, tmp_path / "out", tmp_path / "work")
+    assert not (tmp_path / "out").exists()

@@ -359,3 +359,50 @@ def test_compile_auto_is_on_for_measured_families_on_cuda_only():
     assert use_compile(True, FAMILIES["mllama"], cpu) and not use_compile(
         False, FAMILIES["qwen2_5_vl"], cuda
     )
+
+
+def test_fp16_steps_use_loss_scaling_and_skip_an_overflowing_step(tiny_qwen, chat_rows):
+    """model.dtype float16: the step scales the loss, unscales the gradients, updates the LoRA
+    weights; when the scaled gradients overflow, the weights stay and the scale is halved."""
+    from vlmflow.modeling import build_training_model
+    from vlmflow.train import build_optimizer, build_scheduler, train_step
+
+    cfg = sections(
+        tiny_qwen, lora={"modules_to_save": []}, train={"warmup_steps": 0}, dtype="float16"
+    )
+    model, proc, fam = build_training_model(cfg, torch.device("cpu"))
+    assert model.get_input_embeddings().weight.dtype == torch.float16
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    enc = Encoder(proc, fam, max_seq_length=512)
+    batch = collate([enc(r) for r in chat_rows], enc.pad_id, fam.batch_layout)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(params, {**cfg["train"], "learning_rate": 1e-2}, torch.device("cpu"))
+    sched = build_scheduler(opt, cfg["train"], 10)
+    model.train()
+
+    def step(scaler):
+        before = [p.detach().clone() for p in params]
+        res = train_step(
+            model,
+            [batch],
+            opt,
+            sched,
+            params,
+            max_grad_norm=1.0,
+            device=torch.device("cpu"),
+            scaler=scaler,
+        )
+        changed = sum(not torch.equal(b, p) for b, p in zip(before, params))
+        return res, changed
+
+    ok = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    res, changed = step(ok)
+    assert res.loss == res.loss and 0 < res.grad_norm < float("inf")  # finite, unscaled norm
+    assert changed == len(params) and ok.get_scale() == 2.0**10
+
+    huge = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 gradients overflow
+    res, changed = step(huge)
+    assert changed == 0 and huge.get_scale() == 2.0**39
