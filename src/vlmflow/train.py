@@ -17,6 +17,7 @@ is what the train rule runs.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import math
 import os
 import shutil
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,19 +170,50 @@ def _leave_stop_signals_to_the_trainer(_worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+class Prefetcher:
+    """Iterator over step batches made by DataLoader workers; `close()` stops the workers (the
+    train loop calls it in a `finally`, and it runs at interpreter exit as a safety net: the
+    workers ignore SIGTERM, so they must be asked to stop rather than terminated)."""
+
+    def __init__(self, iterator):
+        self._it = iterator
+        atexit.register(_close_prefetcher, weakref.ref(self))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[dict]:
+        if self._it is None:
+            raise StopIteration
+        return next(self._it)
+
+    def close(self) -> None:
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+
+def _close_prefetcher(ref) -> None:
+    prefetcher = ref()
+    if prefetcher is not None:
+        prefetcher.close()
+
+
 def step_batches(make_step, first: int, last: int, workers: int, pin: bool):
     """Iterator over the micro-batch lists of steps first..last-1, prepared by `workers`
-    background processes (2 steps ahead each), or inline when workers == 0."""
+    background processes (2 steps ahead each; a `Prefetcher`), or inline when workers == 0."""
     if workers == 0:
         return (make_step(s) for s in range(first, last))
-    return iter(
-        torch.utils.data.DataLoader(
-            StepBatches(make_step, first, last),
-            batch_size=None,
-            num_workers=workers,
-            prefetch_factor=2,
-            pin_memory=pin,
-            worker_init_fn=_leave_stop_signals_to_the_trainer,
+    return Prefetcher(
+        iter(
+            torch.utils.data.DataLoader(
+                StepBatches(make_step, first, last),
+                batch_size=None,
+                num_workers=workers,
+                prefetch_factor=2,
+                pin_memory=pin,
+                worker_init_fn=_leave_stop_signals_to_the_trainer,
+            )
         )
     )
 
@@ -477,67 +510,73 @@ def train(
 
     workers = 0 if train_cfg["cache_encoded"] else train_cfg["dataloader_workers"]
     batches = step_batches(make_step, start, steps, workers, pin=device.type == "cuda")
-    for step in range(start, steps):
-        t0 = time.perf_counter()
-        micro_batches = next(batches)
-        try:
-            res = train_step(
-                model,
-                micro_batches,
-                optimizer,
-                scheduler,
-                params,
-                max_grad_norm=train_cfg["max_grad_norm"],
-                device=device,
-                ctx=ctx,
-                scaler=scaler,
-            )
-        except NonFiniteLossError as e:
-            raise NonFiniteLossError(
-                f"{e} at step {step + 1}; stopped. The last good checkpoint (if any) is kept in "
-                f"{work_dir}. Lower train.learning_rate or check the data."
-            ) from None
-        loss_value = res.loss
-        dt = time.perf_counter() - t0
-        record = {
-            "step": step + 1,
-            "loss": round(res.loss, 6),
-            "lr": res.lr,
-            "grad_norm": round(res.grad_norm, 6),
-            "tokens": res.tokens,
-            "tokens_per_s": round(res.tokens / dt, 1),
-            "step_s": round(dt, 4),
-            "elapsed_s": round(time.perf_counter() - t_start, 2),
-            **peak_memory(device),
-        }
-        if ctx.is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if (step + 1) % train_cfg["logging_steps"] == 0 or step + 1 == steps:
-            log.info(
-                "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s",
-                step + 1,
-                steps,
-                res.loss,
-                res.lr,
-                res.grad_norm,
-                record["tokens_per_s"],
-            )
-        saved = False
-        if (
-            train_cfg["save_steps"]
-            and (step + 1) % train_cfg["save_steps"] == 0
-            and step + 1 < steps
-        ):
+    try:
+        for step in range(start, steps):
+            t0 = time.perf_counter()
+            micro_batches = next(batches)
+            try:
+                res = train_step(
+                    model,
+                    micro_batches,
+                    optimizer,
+                    scheduler,
+                    params,
+                    max_grad_norm=train_cfg["max_grad_norm"],
+                    device=device,
+                    ctx=ctx,
+                    scaler=scaler,
+                )
+            except NonFiniteLossError as e:
+                raise NonFiniteLossError(
+                    f"{e} at step {step + 1}; stopped. The last good checkpoint (if any) is kept in "
+                    f"{work_dir}. Lower train.learning_rate or check the data."
+                ) from None
+            loss_value = res.loss
+            dt = time.perf_counter() - t0
+            record = {
+                "step": step + 1,
+                "loss": round(res.loss, 6),
+                "lr": res.lr,
+                "grad_norm": round(res.grad_norm, 6),
+                "tokens": res.tokens,
+                "tokens_per_s": round(res.tokens / dt, 1),
+                "step_s": round(dt, 4),
+                "elapsed_s": round(time.perf_counter() - t_start, 2),
+                **peak_memory(device),
+            }
             if ctx.is_main:
-                save_checkpoint(work_dir, step + 1, model, optimizer, scheduler, fp, scaler)
-            saved = True
-        if step + 1 < steps and ctx.any(preempt is not None and preempt.requested):
-            ckpt = work_dir / f"checkpoint-{step + 1:08d}"
-            if ctx.is_main and not saved:
-                ckpt = save_checkpoint(work_dir, step + 1, model, optimizer, scheduler, fp, scaler)
-            ctx.barrier()  # no rank exits before the checkpoint is complete
-            raise Preempted(getattr(preempt, "signame", "stop request"), step + 1, steps, ckpt)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if (step + 1) % train_cfg["logging_steps"] == 0 or step + 1 == steps:
+                log.info(
+                    "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s",
+                    step + 1,
+                    steps,
+                    res.loss,
+                    res.lr,
+                    res.grad_norm,
+                    record["tokens_per_s"],
+                )
+            saved = False
+            if (
+                train_cfg["save_steps"]
+                and (step + 1) % train_cfg["save_steps"] == 0
+                and step + 1 < steps
+            ):
+                if ctx.is_main:
+                    save_checkpoint(work_dir, step + 1, model, optimizer, scheduler, fp, scaler)
+                saved = True
+            if step + 1 < steps and ctx.any(preempt is not None and preempt.requested):
+                ckpt = work_dir / f"checkpoint-{step + 1:08d}"
+                if ctx.is_main and not saved:
+                    ckpt = save_checkpoint(
+                        work_dir, step + 1, model, optimizer, scheduler, fp, scaler
+                    )
+                ctx.barrier()  # no rank exits before the checkpoint is complete
+                raise Preempted(getattr(preempt, "signame", "stop request"), step + 1, steps, ckpt)
+    finally:
+        if isinstance(batches, Prefetcher):
+            batches.close()  # stop the workers now, also on Preempted or an error
 
     # ---- save
     if not ctx.is_main:

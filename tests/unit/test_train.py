@@ -206,3 +206,29 @@ def test_fp16_with_fully_trained_modules_is_refused_before_training(
     with pytest.raises(ValueError, match="modules_to_save.*float16"):
         train(cfg, rows, tmp_path / "out", tmp_path / "work")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_process_that_stops_reading_its_batches_still_exits(tmp_path):
+    """Workers ignore SIGTERM, so they are asked to stop (Prefetcher.close, also at exit)
+    instead of being terminated: a trainer that stops early (preempted, failed) exits."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import torch
+        from vlmflow.train import step_batches
+
+        def make_step(step):
+            return [{"x": torch.full((2,), step)}]
+
+        batches = step_batches(make_step, 0, 50, workers=2, pin=False)
+        print([int(next(batches)[0]["x"][0]) for _ in range(2)])
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[0,", "1]"]
