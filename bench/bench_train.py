@@ -41,6 +41,24 @@ WORDS = [
 ]
 
 
+def vqa_row(i: int, image_path: str, question: str, answer: str) -> dict:
+    """One image + question -> answer sample in the canonical conversation schema."""
+    return {
+        "id": str(i),
+        "images": [image_path],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "text": "", "image": "0"},
+                    {"type": "text", "text": question, "image": None},
+                ],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": answer, "image": None}]},
+        ],
+    }
+
+
 def fixed_rows(batch: int, side: int, answer_words: int, tmpdir: str) -> list[dict]:
     """The anchor benchmark's batch as canonical conversation rows (images written as PNG)."""
     rng = np.random.default_rng(0)
@@ -51,25 +69,7 @@ def fixed_rows(batch: int, side: int, answer_words: int, tmpdir: str) -> list[di
         img.save(path)
         q = " ".join(rng.choice(WORDS, 40))
         ans = " ".join(rng.choice(WORDS, answer_words))
-        rows.append(
-            {
-                "id": str(i),
-                "images": [path],
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image", "text": "", "image": "0"},
-                            {"type": "text", "text": q, "image": None},
-                        ],
-                    },
-                    {
-                        "role": "assistant",
-                        "content": [{"type": "text", "text": ans, "image": None}],
-                    },
-                ],
-            }
-        )
+        rows.append(vqa_row(i, path, q, ans))
     return rows
 
 
@@ -83,25 +83,7 @@ def realistic_rows(n: int, tmpdir: str, seed: int = 0) -> list[dict]:
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
         q = " ".join(rng.choice(WORDS, int(rng.integers(5, 41))))
         ans = " ".join(rng.choice(WORDS, int(rng.integers(5, 501))))
-        rows.append(
-            {
-                "id": str(i),
-                "images": [path],
-                "messages": [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image", "text": "", "image": "0"},
-                            {"type": "text", "text": q, "image": None},
-                        ],
-                    },
-                    {
-                        "role": "assistant",
-                        "content": [{"type": "text", "text": ans, "image": None}],
-                    },
-                ],
-            }
-        )
+        rows.append(vqa_row(i, path, q, ans))
     return rows
 
 

@@ -7,22 +7,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+from bench_train import WORDS  # the benchmark's vocabulary (same directory)
 from PIL import Image
-
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "lazy",
-    "dog",
-    "red",
-    "circle",
-    "answer",
-    "is",
-]
 
 
 def main() -> None:
