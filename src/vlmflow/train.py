@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 
 from .collate import (
-    IGNORE_INDEX,
     Encoder,
     collate,
     collate_packed,
@@ -348,13 +347,15 @@ def train_step(
     ctx = ctx if ctx is not None else DistContext(device=device)
     # Under data parallelism the counts are global, so every rank's loss is its share of the
     # global mean and the all-reduced (summed) gradient equals the single-process gradient.
-    n_items = ctx.sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches))
+    # label positions found on the CPU (once per micro-batch: they also give the step's count)
+    positions = [label_positions(b["labels"]) for b in micro_batches]
+    n_items = ctx.sum(sum(int(index.numel()) for index, _ in positions))
     n_tokens = ctx.sum(sum(count_tokens(b) for b in micro_batches))
     loss_sum = torch.zeros((), device=device)
     pin = device.type == "cuda"
-    for batch in micro_batches:  # padded (collate) or packed (collate_packed) batches
-        # label positions found on the CPU and tensors pinned: no GPU synchronisation here
-        index, targets = (t.to(device, non_blocking=True) for t in label_positions(batch["labels"]))
+    for batch, (index, targets) in zip(micro_batches, positions):  # padded or packed batches
+        # moved with tensors pinned: no GPU synchronisation here
+        index, targets = index.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         batch = {
             k: (v.pin_memory() if pin else v).to(device, non_blocking=True)
             for k, v in model_inputs(batch).items()
