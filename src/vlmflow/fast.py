@@ -12,6 +12,10 @@ replaces (tests compare them on random inputs); they change how, not what.
   multiplies in fp32. Here the branch multiplies in the input's dtype (bf16 on a GPU) with the
   fp32 adapter weights cast on the fly (a few KB), and the add is fused into the second GEMM;
   gradients still reach the fp32 master weights (Unsloth's LoRA also computes in bf16).
+- `packed_attention`: with `train.packing`, transformers gives SDPA a dense block-diagonal mask
+  of every packed row (rows of several thousand tokens), which rules out the flash kernel and
+  computes every cross-sample block only to mask it. Here each sample of a row is one causal
+  SDPA call over its own tokens (flash on a GPU): the same attention, without the masked work.
 - `label_only_loss`: the causal-LM loss needs logits only where a label is set (the answer:
   about a fifth of the tokens in a typical VQA batch). The head runs on those positions only, in
   chunks under checkpointing, with the cross-entropy in fp32: the (tokens x vocab) logits tensor
@@ -45,16 +49,43 @@ def _segments(cu_seqlens: torch.Tensor) -> tuple[list[int], list[int]]:
     """(bounds, lengths) of `cu_seqlens` as Python lists. The vision tower passes the same tensor
     to every block (and again when a checkpointed block is recomputed): it is read from the GPU
     once per forward instead of once per block (each read waits for the GPU to catch up)."""
+    bounds, lengths, _ = _plan(cu_seqlens)
+    return bounds, lengths
+
+
+def _plan(cu_seqlens: torch.Tensor) -> list:
+    """[bounds, lengths, {(length, device): gather index}] for `cu_seqlens`, cached per tensor
+    (and its in-place version); the gather indices of `windowed_sdpa` are added on first use,
+    so each is built and copied to the device once per forward, not once per block."""
     key = id(cu_seqlens)
     hit = _PLANS.get(key)
     if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
-        return hit[2], hit[3]
+        return hit[2]
     bounds = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     if len(_PLANS) > 64:
         _PLANS.clear()
-    _PLANS[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, bounds, lengths)
-    return bounds, lengths
+    plan = [bounds, lengths, {}]
+    _PLANS[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, plan)
+    return plan
+
+
+def _window_groups(cu_seqlens: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """Per distinct segment length L, the (segments of length L, L) token index on `device`."""
+    bounds, lengths, cache = _plan(cu_seqlens)
+    key = str(device)
+    if key not in cache:
+        groups: dict[int, list[int]] = defaultdict(list)
+        for start, length in zip(bounds[:-1], lengths):
+            if length:
+                groups[length].append(start)
+        cache[key] = [
+            (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).to(
+                device, non_blocking=True
+            )
+            for length, starts in groups.items()
+        ]
+    return cache[key]
 
 
 @torch.compiler.disable  # under train.compile: a graph break, not a graph per window layout
@@ -76,16 +107,8 @@ def windowed_sdpa(
         )
         out = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
         return out.transpose(1, 2).reshape(n, *q.shape[1:])
-    groups: dict[int, list[int]] = defaultdict(list)
-    for start, length in zip(bounds[:-1], lengths):
-        if length:
-            groups[length].append(start)
     out = torch.empty_like(q)
-    for length, starts in groups.items():
-        idx = (
-            torch.tensor(starts, device=q.device)[:, None]
-            + torch.arange(length, device=q.device)[None, :]
-        )  # (nb, L)
+    for idx in _window_groups(cu_seqlens, q.device):  # (nb, L)
         qb, kb, vb = (t[idx].transpose(1, 2) for t in (q, k, v))  # (nb, H, L, D)
         o = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
         out[idx] = o.transpose(1, 2).to(out.dtype)
@@ -134,6 +157,102 @@ def batched_vision_attention(model) -> int:
         if not all(hasattr(module, a) for a in ("qkv", "proj", "num_heads", "scaling")):
             continue
         module.forward = types.MethodType(_qwen_vision_attention_forward, module)
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------- packed causal attention
+PACKED_ATTENTION = "vlmflow_packed_sdpa"
+_ROW_PLANS: dict[int, tuple] = {}
+
+
+def _row_segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row of `position_ids` (R, T) (text positions, restarting at 0 for each packed sample
+    and for the padding that ends a row), the (start, end) of each sample. A new sample starts
+    wherever the position does not follow the previous one, as in transformers'
+    `find_packed_sequence_indices`. Read from the device once per forward (every layer, and
+    the recomputation under checkpointing, gets the same tensor)."""
+    key = id(position_ids)
+    hit = _ROW_PLANS.get(key)
+    if hit is not None and hit[0]() is position_ids and hit[1] == position_ids._version:
+        return hit[2]
+    pos = position_ids.detach().cpu()
+    width = pos.shape[1]
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    plan = []
+    for row in starts:
+        bounds = row.nonzero().flatten().tolist() + [width]
+        plan.append(list(zip(bounds[:-1], bounds[1:])))
+    if len(_ROW_PLANS) > 64:
+        _ROW_PLANS.clear()
+    _ROW_PLANS[key] = (weakref.ref(position_ids), position_ids._version, plan)
+    return plan
+
+
+@torch.compiler.disable  # under train.compile: a graph break, not a graph per packing layout
+def packed_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention within each packed sample (transformers' attention-function interface).
+
+    query: (R, H, T, D); key, value: (R, H_kv, T, D) (grouped-query heads when H_kv < H);
+    position_ids: (R, T) text positions of the packed rows (`collate_packed`'s row 0).
+    Returns ((R, T, H, D), None), as transformers' `sdpa_attention_forward`, equal to SDPA under
+    the block-diagonal causal mask transformers builds from the same positions.
+    """
+    if position_ids is None or position_ids.dim() != 2:
+        raise ValueError(
+            f"{PACKED_ATTENTION} attention needs the packed batch's text position ids (R, T); "
+            "it is installed only for train.packing, whose collator provides them"
+        )
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
+    rows = []
+    for r, segments in enumerate(_row_segments(position_ids)):
+        parts = [
+            F.scaled_dot_product_attention(
+                query[r : r + 1, :, a:b],
+                key[r : r + 1, :, a:b],
+                value[r : r + 1, :, a:b],
+                dropout_p=dropout,
+                scale=scaling,
+                is_causal=True,
+                enable_gqa=gqa,
+            )
+            for a, b in segments
+        ]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def packed_attention(model) -> int:
+    """Run the causal self-attention of the language model through `packed_sdpa_attention`
+    (for `train.packing` with SDPA attention). transformers then builds no mask for it. Only
+    the text configs whose attention is SDPA switch; the vision tower keeps its own.
+    Returns the number of attention modules that now use it."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    n = 0
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if not (getattr(module, "is_causal", False) and hasattr(module, "num_key_value_groups")):
+            continue
+        if cfg is None or getattr(cfg, "_attn_implementation", None) not in (
+            "sdpa",
+            PACKED_ATTENTION,
+        ):
+            continue
+        cfg._attn_implementation = PACKED_ATTENTION
         n += 1
     return n
 

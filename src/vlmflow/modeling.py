@@ -13,7 +13,13 @@ import weakref
 import torch
 
 from .families import Family, family_for_config, lora_target_names
-from .fast import batched_vision_attention, compile_layers, fast_lora, linear_patch_embed
+from .fast import (
+    batched_vision_attention,
+    compile_layers,
+    fast_lora,
+    linear_patch_embed,
+    packed_attention,
+)
 
 log = logging.getLogger(__name__)
 
@@ -449,6 +455,10 @@ def build_training_model(cfg: dict, device: torch.device | None = None):
         log.info("batched window attention in %d vision attention modules", patched)
     if linear_patch_embed(model):
         log.info("patch embedding as one GEMM")
+    if train_cfg["packing"] and model_cfg["attn_implementation"] == "sdpa":
+        log.info(
+            "packed rows: one causal SDPA call per sample in %d modules", packed_attention(model)
+        )
     if model_cfg["offload_embeddings"] and offload_input_embeddings(model, device, lora_cfg):
         log.info("input embeddings kept in host memory")
     model = apply_lora(

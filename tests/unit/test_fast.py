@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from vlmflow.fast import (
     _segments,
+    _window_groups,
     batched_vision_attention,
     chunked_head_loss,
     fast_lora,
@@ -200,3 +201,12 @@ def test_segment_plan_is_read_once_per_tensor_and_follows_in_place_changes():
     cu[3] = 12
     assert _segments(cu) == ([0, 4, 8, 12], [4, 4, 4])
     assert _segments(torch.tensor([0, 3])) == ([0, 3], [3])
+
+
+def test_window_gather_indices_are_built_once_per_plan():
+    cu = torch.tensor([0, 4, 6, 10, 10, 12])
+    groups = _window_groups(cu, torch.device("cpu"))
+    assert [g.tolist() for g in groups] == [[[0, 1, 2, 3], [6, 7, 8, 9]], [[4, 5], [10, 11]]]
+    assert _window_groups(cu, torch.device("cpu"))[0] is groups[0]  # the same tensors again
+    cu[5] = 13  # an in-place change is a new plan
+    assert [g.tolist() for g in _window_groups(cu, torch.device("cpu"))][1] == [[4, 5]]

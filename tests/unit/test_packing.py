@@ -16,7 +16,7 @@ from vlmflow.collate import (
 )
 from vlmflow.config import resolve_sections
 from vlmflow.families import FAMILIES
-from vlmflow.fast import label_only_loss
+from vlmflow.fast import PACKED_ATTENTION, label_only_loss, packed_attention, packed_sdpa_attention
 from vlmflow.train import check_packing, group_by_length, read_log, step_micro_batches, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -130,10 +130,46 @@ def test_packed_batch_layout(tiny_qwen, chat_rows, digits_rows):
     assert torch.equal(mask[:, 0], causal & same)
 
 
+def test_packed_sdpa_attention_equals_the_block_diagonal_mask():
+    """Per-sample causal SDPA calls = one SDPA under transformers' block-diagonal causal mask,
+    forward and backward, with grouped-query heads and a padding tail."""
+    torch.manual_seed(0)
+    R, H, Hkv, T, D = 2, 4, 2, 13, 8
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1], list(range(T))])
+    seg = torch.tensor([[0] * 5 + [1] * 6 + [2] * 2, [0] * T])
+    q = torch.randn(R, H, T, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(R, Hkv, T, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(R, Hkv, T, D, dtype=torch.float64, requires_grad=True)
+    module = torch.nn.Module()
+    module.num_key_value_groups = H // Hkv
+    got, _ = packed_sdpa_attention(module, q, k, v, None, scaling=0.3, position_ids=pos)
+    assert got.shape == (R, T, H, D)
+
+    def reference(mask):
+        kk, vv = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, kk, vv, attn_mask=mask[:, None], scale=0.3
+        )
+        return out.transpose(1, 2)
+
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    want = reference(causal & (seg[:, :, None] == seg[:, None, :]))
+    assert torch.allclose(got, want, atol=1e-12)
+    leaky = reference(causal.expand(R, T, T))  # control: samples attending to each other
+    assert not torch.allclose(leaky, want, atol=1e-3)
+    w = torch.randn_like(want)
+    g_got = torch.autograd.grad((got * w).sum(), (q, k, v))
+    g_want = torch.autograd.grad((want * w).sum(), (q, k, v))
+    for a, b in zip(g_got, g_want):
+        assert torch.allclose(a, b, atol=1e-12)
+    with pytest.raises(ValueError, match="needs the packed batch's text position ids"):
+        packed_sdpa_attention(module, q, k, v, None, position_ids=None)
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "packed"])
 def test_packed_loss_equals_padded_loss(tiny_model, family, attn, chat_rows, digits_rows):
-    model, proc = _load(tiny_model(family), attn)
+    model, proc = _load(tiny_model(family), "sdpa" if attn == "packed" else attn)
     enc, samples = _samples(proc, family, chat_rows, digits_rows)
     padded = collate(samples, enc.pad_id)
     packed = collate_packed(samples, enc.pad_id, rope_index_fn(model), 128)
@@ -141,6 +177,8 @@ def test_packed_loss_equals_padded_loss(tiny_model, family, attn, chat_rows, dig
     n = int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())
     with torch.no_grad():
         want = label_only_loss(model, padded, num_items_in_batch=n)
+        if attn == "packed":  # the padded reference above ran with plain sdpa
+            assert packed_attention(model) == model.config.get_text_config().num_hidden_layers
         got = label_only_loss(model, model_inputs(packed), num_items_in_batch=n)
         # control: one causal mask over the whole row (samples see each other) differs
         leaky = model_inputs(packed)
@@ -180,12 +218,36 @@ def test_packed_lora_gradients_equal_padded(tiny_qwen, chat_rows, digits_rows):
         return float(loss.detach()), {k: p.grad.clone() for k, p in params.items()}
 
     loss_a, ga = grads(padded)
-    loss_b, gb = grads(model_inputs(packed))
+    loss_b, gb = grads(model_inputs(packed))  # transformers' block-diagonal mask
+    packed_attention(model)
+    loss_c, gc = grads(model_inputs(packed))  # one causal SDPA call per sample
     assert loss_b == pytest.approx(loss_a, abs=1e-5)
+    assert loss_c == pytest.approx(loss_a, abs=1e-5)
     scale = max(float(g.abs().max()) for g in ga.values())
     assert scale > 0
     for k in ga:
         assert torch.allclose(gb[k], ga[k], atol=1e-5 * scale, rtol=1e-4), k
+        assert torch.allclose(gc[k], ga[k], atol=1e-5 * scale, rtol=1e-4), k
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_training_model_packs_attention_only_for_sdpa_packing(tiny_qwen, attn):
+    from vlmflow.modeling import build_training_model
+
+    def impl(**train):
+        cfg = resolve_sections(
+            {
+                "model": {"name": tiny_qwen, "attn_implementation": attn},
+                "train": {"use_gradient_checkpointing": False, **train},
+            },
+            ["model", "lora", "train"],
+        )
+        model, _, _ = build_training_model(cfg, torch.device("cpu"))
+        text = model.base_model.model.config.get_text_config()._attn_implementation
+        return text, model.base_model.model.config.vision_config._attn_implementation
+
+    assert impl(packing=False) == (attn, attn)
+    assert impl(packing=True) == ((PACKED_ATTENTION if attn == "sdpa" else attn), attn)
 
 
 def test_no_label_crosses_a_sample_boundary():
