@@ -283,9 +283,20 @@ def main() -> None:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t
         losses.append(float(loss))
+        print(
+            f"step {step + 1}/{a.warmup + a.steps}: {dt:.2f} s, loss {losses[-1]:.4f}", flush=True
+        )
         if step >= a.warmup:
             times.append(dt)
     med = float(np.median(times))
+    floor = None
+    if family.name == "qwen2_5_vl":  # bench/flops.py counts Qwen2.5-VL's layers
+        from flops import batch_shapes, step_flops
+
+        mcfg = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+        floor = step_flops(
+            mcfg.get_text_config().to_dict(), mcfg.vision_config.to_dict(), *batch_shapes(batches)
+        )
     res = dict(
         impl=a.impl,
         tag=a.tag,
@@ -311,6 +322,9 @@ def main() -> None:
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2)
         if dev.type == "cuda"
         else None,
+        floor_flop=floor,
+        # share of the arithmetic floor at 790 TFLOP/s (bench/flops.py)
+        floor_fraction=round(floor / 790e12 / med, 3) if floor else None,
         loss_first=round(losses[0], 4),
         loss_last=round(losses[-1], 4),
         losses=[round(x, 4) for x in losses],

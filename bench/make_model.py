@@ -92,21 +92,16 @@ SIZES = {
 }
 
 
-def main() -> None:
+def build_processor():
+    """The benchmark model's processor: the anchor tokenizer, Qwen2-VL's default image
+    processor, Qwen's chat template."""
     from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
         Qwen2TokenizerFast,
         Qwen2VLImageProcessor,
         Qwen2VLVideoProcessor,
     )
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("out")
-    ap.add_argument("--size", choices=sorted(SIZES), default="7b")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = ap.parse_args()
     tok = Qwen2TokenizerFast(
         tokenizer_object=anchor_tokenizer(),
         eos_token="<|im_end|>",
@@ -114,6 +109,24 @@ def main() -> None:
         unk_token=None,
         bos_token=None,
     )
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(),
+        tokenizer=tok,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+
+
+def main() -> None:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("out")
+    ap.add_argument("--size", choices=sorted(SIZES), default="7b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args()
+    processor = build_processor()
+    tok = processor.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     text, vision = SIZES[a.size]
     text = dict(
@@ -139,12 +152,7 @@ def main() -> None:
     with torch.device(a.device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(a.out, max_shard_size="5GB")
-    Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(),
-        tokenizer=tok,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=QWEN_CHAT_TEMPLATE,
-    ).save_pretrained(a.out)
+    processor.save_pretrained(a.out)
     n = sum(p.numel() for p in model.parameters())
     print(f"saved {a.out}: {n / 1e9:.3f}B parameters")
 
