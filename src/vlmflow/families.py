@@ -161,49 +161,51 @@ LLAVA_NEXT_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
 )
 
+# What the Qwen-VL families share: vision blocks `model.visual.blocks.N` with a fused qkv, the
+# merger as projector, Qwen's chat markers, padding-free packing (3-D M-RoPE position ids).
+_QWEN_VL = dict(
+    vision_layers=r"model\.visual\.blocks\.\d+",
+    language_layers=_LANG,
+    vision_attention=r"attn\.(?:qkv|proj)",
+    language_attention=_LANG_ATTN,
+    language_mlp=_LANG_MLP,
+    vision_tower=("model.visual",),
+    projector=("model.visual.merger",),
+    supports_packing=True,
+    **_QWEN_CHAT,
+)
+# LLaVA-style models around a CLIP/SigLIP encoder: `model.vision_tower.encoder.layers.N` and a
+# `multi_modal_projector`.
+_CLIP_TOWER = dict(
+    vision_layers=r"model\.vision_tower\.encoder\.layers\.\d+",
+    language_layers=_LANG,
+    vision_attention=_CLIP_ATTN,
+    vision_mlp=_CLIP_MLP,
+    language_attention=_LANG_ATTN,
+    language_mlp=_LANG_MLP,
+    vision_tower=("model.vision_tower",),
+    projector=("model.multi_modal_projector",),
+)
+
 _FAMILIES = [
     Family(
         name="qwen2_vl",
         model_types=("qwen2_vl",),
-        vision_layers=r"model\.visual\.blocks\.\d+",
-        language_layers=_LANG,
-        vision_attention=r"attn\.(?:qkv|proj)",
         vision_mlp=r"mlp\.(?:fc1|fc2)",
-        language_attention=_LANG_ATTN,
-        language_mlp=_LANG_MLP,
-        vision_tower=("model.visual",),
-        projector=("model.visual.merger",),
-        supports_packing=True,
-        **_QWEN_CHAT,
+        **_QWEN_VL,
     ),
     Family(
         name="qwen2_5_vl",
         model_types=("qwen2_5_vl",),
-        vision_layers=r"model\.visual\.blocks\.\d+",
-        language_layers=_LANG,
-        vision_attention=r"attn\.(?:qkv|proj)",
         vision_mlp=r"mlp\.(?:gate_proj|up_proj|down_proj)",
-        language_attention=_LANG_ATTN,
-        language_mlp=_LANG_MLP,
-        vision_tower=("model.visual",),
-        projector=("model.visual.merger",),
-        supports_packing=True,
-        **_QWEN_CHAT,
+        **_QWEN_VL,
     ),
     Family(
         name="qwen3_vl",
         model_types=("qwen3_vl",),
-        vision_layers=r"model\.visual\.blocks\.\d+",
-        language_layers=_LANG,
-        vision_attention=r"attn\.(?:qkv|proj)",
         vision_mlp=r"mlp\.(?:linear_fc1|linear_fc2)",
-        language_attention=_LANG_ATTN,
-        language_mlp=_LANG_MLP,
-        vision_tower=("model.visual",),
         # the final merger and the DeepStack mergers that feed early decoder layers
-        projector=("model.visual.merger", "model.visual.deepstack_merger_list"),
-        supports_packing=True,
-        **_QWEN_CHAT,
+        **{**_QWEN_VL, "projector": ("model.visual.merger", "model.visual.deepstack_merger_list")},
     ),
     Family(
         # Llama 3.2 Vision: a tile-based ViT (local + global transformer) feeding gated
@@ -248,14 +250,7 @@ _FAMILIES = [
     Family(
         name="llava",
         model_types=("llava",),
-        vision_layers=r"model\.vision_tower\.encoder\.layers\.\d+",
-        language_layers=_LANG,
-        vision_attention=_CLIP_ATTN,
-        vision_mlp=_CLIP_MLP,
-        language_attention=_LANG_ATTN,
-        language_mlp=_LANG_MLP,
-        vision_tower=("model.vision_tower",),
-        projector=("model.multi_modal_projector",),
+        **_CLIP_TOWER,
         response_part=" ASSISTANT:",
         instruction_part="USER:",
         end_of_turn="</s>",
@@ -265,14 +260,7 @@ _FAMILIES = [
     Family(
         name="llava_next",
         model_types=("llava_next",),
-        vision_layers=r"model\.vision_tower\.encoder\.layers\.\d+",
-        language_layers=_LANG,
-        vision_attention=_CLIP_ATTN,
-        vision_mlp=_CLIP_MLP,
-        language_attention=_LANG_ATTN,
-        language_mlp=_LANG_MLP,
-        vision_tower=("model.vision_tower",),
-        projector=("model.multi_modal_projector",),
+        **_CLIP_TOWER,
         response_part="[/INST]",
         instruction_part="[INST]",
         end_of_turn="</s>",
@@ -283,14 +271,7 @@ _FAMILIES = [
         # Gemma 3: SigLIP tower + average-pooled projector (a bare weight, no nn.Linear).
         name="gemma3",
         model_types=("gemma3",),
-        vision_layers=r"model\.vision_tower\.encoder\.layers\.\d+",
-        language_layers=_LANG,
-        vision_attention=_CLIP_ATTN,
-        vision_mlp=_CLIP_MLP,
-        language_attention=_LANG_ATTN,
-        language_mlp=_LANG_MLP,
-        vision_tower=("model.vision_tower",),
-        projector=("model.multi_modal_projector",),
+        **_CLIP_TOWER,
         response_part="<start_of_turn>model\n",
         instruction_part="<start_of_turn>user\n",
         end_of_turn="<end_of_turn>",
