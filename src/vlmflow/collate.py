@@ -327,10 +327,11 @@ def collate_packed(
       is the same) and on padding.
     - position_ids (4, R, T) int64: row 0 = text positions 0..n_k-1 of each sample (and
       0..pad-1 on the padding), rows 1-3 = `rope_index(sample)` (the model's own (3, n_k) M-RoPE
-      ids of the sample alone; the padding repeats its text positions). From row 0 transformers
-      builds a block-diagonal causal mask (no attention across samples; the padding attends only
-      to itself) for sdpa/eager attention, in the model's dtype. No `attention_mask` is returned:
-      a 2-D one would switch that off.
+      ids of the sample alone; the padding repeats its text positions). Row 0 confines
+      attention to each sample (the padding attends only to itself): transformers builds a
+      block-diagonal causal mask from it for sdpa/eager attention, and `fast.packed_attention`
+      (what `train.packing` installs for sdpa) cuts the rows at it into one causal call per
+      sample. No `attention_mask` is returned: a 2-D one would switch that off.
     - other per-token keys (mm_token_type_ids, ...) (R, T), padded as in `collate`.
     - image tensors (pixel_values (sum P_k, D), image_grid_thw (sum N_k, 3), ...): concatenated
       in the order their image tokens appear in the flattened (R, T) rows.
