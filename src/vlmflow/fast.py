@@ -53,21 +53,30 @@ def _segments(cu_seqlens: torch.Tensor) -> tuple[list[int], list[int]]:
     return bounds, lengths
 
 
-def _plan(cu_seqlens: torch.Tensor) -> list:
-    """[bounds, lengths, {(length, device): gather index}] for `cu_seqlens`, cached per tensor
-    (and its in-place version); the gather indices of `windowed_sdpa` are added on first use,
-    so each is built and copied to the device once per forward, not once per block."""
-    key = id(cu_seqlens)
-    hit = _PLANS.get(key)
-    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+def _once_per_tensor(cache: dict, tensor: torch.Tensor, build):
+    """`build(tensor)`, computed once per tensor object (and in-place version) and reused while
+    that tensor lives: what a forward passes unchanged to every layer is read from the GPU once."""
+    key = id(tensor)
+    hit = cache.get(key)
+    if hit is not None and hit[0]() is tensor and hit[1] == tensor._version:
         return hit[2]
-    bounds = cu_seqlens.tolist()
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    if len(_PLANS) > 64:
-        _PLANS.clear()
-    plan = [bounds, lengths, {}]
-    _PLANS[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, plan)
-    return plan
+    value = build(tensor)
+    if len(cache) > 64:
+        cache.clear()
+    cache[key] = (weakref.ref(tensor), tensor._version, value)
+    return value
+
+
+def _plan(cu_seqlens: torch.Tensor) -> list:
+    """[bounds, lengths, {device: gather indices}] of `cu_seqlens`, once per tensor; the gather
+    indices of `windowed_sdpa` are added on first use, so each is built and copied to the device
+    once per forward, not once per block."""
+
+    def build(cu):
+        bounds = cu.tolist()
+        return [bounds, [b - a for a, b in zip(bounds[:-1], bounds[1:])], {}]
+
+    return _once_per_tensor(_PLANS, cu_seqlens, build)
 
 
 def _window_groups(cu_seqlens: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
@@ -172,22 +181,18 @@ def _row_segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     wherever the position does not follow the previous one, as in transformers'
     `find_packed_sequence_indices`. Read from the device once per forward (every layer, and
     the recomputation under checkpointing, gets the same tensor)."""
-    key = id(position_ids)
-    hit = _ROW_PLANS.get(key)
-    if hit is not None and hit[0]() is position_ids and hit[1] == position_ids._version:
-        return hit[2]
-    pos = position_ids.detach().cpu()
-    width = pos.shape[1]
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    plan = []
-    for row in starts:
-        bounds = row.nonzero().flatten().tolist() + [width]
-        plan.append(list(zip(bounds[:-1], bounds[1:])))
-    if len(_ROW_PLANS) > 64:
-        _ROW_PLANS.clear()
-    _ROW_PLANS[key] = (weakref.ref(position_ids), position_ids._version, plan)
-    return plan
+
+    def build(position_ids):
+        pos = position_ids.detach().cpu()
+        starts = torch.ones_like(pos, dtype=torch.bool)
+        starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+        plan = []
+        for row in starts:
+            bounds = row.nonzero().flatten().tolist() + [pos.shape[1]]
+            plan.append(list(zip(bounds[:-1], bounds[1:])))
+        return plan
+
+    return _once_per_tensor(_ROW_PLANS, position_ids, build)
 
 
 @torch.compiler.disable  # under train.compile: a graph break, not a graph per packing layout

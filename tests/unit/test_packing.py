@@ -16,7 +16,13 @@ from vlmflow.collate import (
 )
 from vlmflow.config import resolve_sections
 from vlmflow.families import FAMILIES
-from vlmflow.fast import PACKED_ATTENTION, label_only_loss, packed_attention, packed_sdpa_attention
+from vlmflow.fast import (
+    PACKED_ATTENTION,
+    _row_segments,
+    label_only_loss,
+    packed_attention,
+    packed_sdpa_attention,
+)
 from vlmflow.train import check_packing, group_by_length, read_log, step_micro_batches, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -128,6 +134,14 @@ def test_packed_batch_layout(tiny_qwen, chat_rows, digits_rows):
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     same = seg[:, :, None] == seg[:, None, :]  # padding (-1) forms its own block
     assert torch.equal(mask[:, 0], causal & same)
+
+
+def test_row_segments_are_read_once_per_tensor():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert _row_segments(pos) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
+    assert _row_segments(pos) is _row_segments(pos)  # cached for the same tensor
+    pos[1, 3:] = torch.arange(3)  # an in-place change is read again
+    assert _row_segments(pos)[1] == [(0, 3), (3, 6)]
 
 
 def test_packed_sdpa_attention_equals_the_block_diagonal_mask():
