@@ -353,13 +353,15 @@ def train_step(
     n_tokens = ctx.sum(sum(count_tokens(b) for b in micro_batches))
     loss_sum = torch.zeros((), device=device)
     pin = device.type == "cuda"
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        # from pinned memory (a no-op for what the DataLoader workers pinned already): a copy
+        # from pageable memory may wait for the GPU to finish its queued work
+        return (t.pin_memory() if pin else t).to(device, non_blocking=True)
+
     for batch, (index, targets) in zip(micro_batches, positions):  # padded or packed batches
-        # moved with tensors pinned: no GPU synchronisation here
-        index, targets = index.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        batch = {
-            k: (v.pin_memory() if pin else v).to(device, non_blocking=True)
-            for k, v in model_inputs(batch).items()
-        }
+        index, targets = to_device(index), to_device(targets)
+        batch = {k: to_device(v) for k, v in model_inputs(batch).items()}
         loss = label_only_loss(model, batch, num_items_in_batch=n_items, positions=(index, targets))
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
