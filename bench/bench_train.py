@@ -291,7 +291,7 @@ def main() -> None:
     med = float(np.median(times))
     floor = None
     if family.name == "qwen2_5_vl":  # bench/flops.py counts Qwen2.5-VL's layers
-        from flops import batch_shapes, step_flops
+        from flops import PEAK_FLOPS, batch_shapes, step_flops
 
         mcfg = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
         floor = step_flops(
@@ -323,8 +323,8 @@ def main() -> None:
         if dev.type == "cuda"
         else None,
         floor_flop=floor,
-        # share of the arithmetic floor at 790 TFLOP/s (bench/flops.py)
-        floor_fraction=round(floor / 790e12 / med, 3) if floor else None,
+        # share of the arithmetic floor at PEAK_FLOPS (bench/flops.py)
+        floor_fraction=round(floor / PEAK_FLOPS / med, 3) if floor else None,
         loss_first=round(losses[0], 4),
         loss_last=round(losses[-1], 4),
         losses=[round(x, 4) for x in losses],

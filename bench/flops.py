@@ -23,6 +23,8 @@ import math
 import sys
 from pathlib import Path
 
+PEAK_FLOPS = 790e12  # bf16 dense matmul FLOP/s an H200 reaches in a large GEMM
+
 
 def text_flops(text: dict, lengths: list[int], label_tokens: int) -> float:
     """Forward FLOPs of the language model over samples of `lengths` tokens."""
@@ -91,7 +93,7 @@ def main() -> None:
 
     text, vision = SIZES["7b"]
     encoder = Encoder(build_processor(), FAMILIES["qwen2_5_vl"], max_seq_length=8192)
-    peak = 790e12  # bf16 dense matmul FLOP/s an H200 reaches in a large GEMM
+    peak = PEAK_FLOPS
     with tempfile.TemporaryDirectory() as tmp:
         cases = {"fixed": fixed_rows(4, 896, 300, tmp), "realistic": realistic_rows(64, tmp)}
         for name, rows in cases.items():
