@@ -25,6 +25,17 @@ def sections(model, lora=None, train=None, **model_kw):
     )
 
 
+def lora_b_drawn_and_batch(model, proc, fam, rows) -> dict:
+    """LoRA B drawn non-zero (it starts at zero, which would make A's gradient zero too), and
+    `rows` encoded and collated for the model's family."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    enc = Encoder(proc, fam, max_seq_length=512)
+    return collate([enc(r) for r in rows], enc.pad_id, fam.batch_layout)
+
+
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "mllama"])
 def test_offloaded_checkpointing_has_the_numerics_of_true_and_false(family, tiny_model, chat_rows):
     """Same loss and same gradients (LoRA A and B, vision and language side) with
@@ -36,13 +47,7 @@ def test_offloaded_checkpointing_has_the_numerics_of_true_and_false(family, tiny
     for mode in (False, True, "offload"):
         cfg = sections(tiny_model(family), train={"use_gradient_checkpointing": mode})
         model, proc, fam = build_training_model(cfg, torch.device("cpu"))
-        torch.manual_seed(0)
-        with torch.no_grad():  # B starts at zero: make A's gradient non-zero too
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
-        enc = Encoder(proc, fam, max_seq_length=512)
-        batch = collate([enc(r) for r in chat_rows], enc.pad_id, fam.batch_layout)
+        batch = lora_b_drawn_and_batch(model, proc, fam, chat_rows)
         model.train()
         loss = model(**batch).loss
         loss.backward()
@@ -326,12 +331,7 @@ def test_host_embeddings_and_compiled_layers_keep_the_numerics(tiny_qwen, chat_r
             n_layers = len(model.base_model.model.model.language_model.layers)
             n_blocks = len(model.base_model.model.model.visual.blocks)
             assert compile_layers(model, backend="aot_eager") == n_layers + n_blocks
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
-        enc = Encoder(proc, fam, max_seq_length=512)
-        batch = collate([enc(r) for r in chat_rows], enc.pad_id, fam.batch_layout)
+        batch = lora_b_drawn_and_batch(model, proc, fam, chat_rows)
         results.append(_loss_and_grads(model, batch))
     ref_loss, ref_grads = results[0]
     for loss, grads in results[1:]:
@@ -372,12 +372,7 @@ def test_fp16_steps_use_loss_scaling_and_skip_an_overflowing_step(tiny_qwen, cha
     )
     model, proc, fam = build_training_model(cfg, torch.device("cpu"))
     assert model.get_input_embeddings().weight.dtype == torch.float16
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
-    enc = Encoder(proc, fam, max_seq_length=512)
-    batch = collate([enc(r) for r in chat_rows], enc.pad_id, fam.batch_layout)
+    batch = lora_b_drawn_and_batch(model, proc, fam, chat_rows)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, {**cfg["train"], "learning_rate": 1e-2}, torch.device("cpu"))
     sched = build_scheduler(opt, cfg["train"], 10)
