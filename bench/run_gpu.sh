@@ -6,7 +6,8 @@
 #     "--impl hf --quant 16bit"
 #     "--impl vlmflow --quant 4bit --gc offload --set model.quantize_vision=true --tag q"
 # Env: STEPS (8), WARMUP (3), MODEL_DIR (/tmp/qwen7b), BUNDLE (.site/bench.tgz),
-#      PROFILE=1 writes OUTDIR/profile.txt for every vlmflow variant.
+#      PROFILE=1 writes OUTDIR/profile.txt for every vlmflow variant,
+#      VARIANT_TIMEOUT (400) seconds per variant (a killed variant records nothing).
 set -uo pipefail
 out=${1:?usage: run_gpu.sh OUTDIR VARIANT...}; shift
 mkdir -p "$out"
