@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -22,6 +23,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .io import atomic_file
+from .redact import find_secrets, redact_text, redact_url
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "data/manifest.json"
 CHECKSUMS = "SHA256SUMS"
@@ -162,11 +166,11 @@ def git_info(repo: str | os.PathLike) -> tuple[dict, str]:
         return {"commit": None, "note": f"{repo} is not a git checkout"}, ""
     status = _run(["git", "status", "--porcelain"], cwd=repo) or ""
     diff = _run(["git", "diff", "HEAD", "--binary"], cwd=repo) or ""
+    remote = (_run(["git", "config", "--get", "remote.origin.url"], cwd=repo) or "").strip()
     return {
         "commit": commit.strip(),
         "branch": (_run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=repo) or "").strip(),
-        "remote": (_run(["git", "config", "--get", "remote.origin.url"], cwd=repo) or "").strip()
-        or None,
+        "remote": redact_url(remote) or None,  # no https://user:TOKEN@ in the archive
         "dirty": bool(status.strip()),
         "status": status.splitlines(),
     }, diff
@@ -216,6 +220,40 @@ def seeds_of(config: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------- the archive
+# Members read as text and redacted (`vlmflow.redact`) before they are archived.
+TEXT_SUFFIXES = {
+    ".json", ".jsonl", ".yaml", ".yml", ".md", ".txt", ".log", ".tsv", ".csv", ".diff",
+    ".html", ".lock", ".rst", ".cfg", ".toml",
+}  # fmt: skip
+
+
+def redact_members(members: dict[str, bytes | Path]) -> dict[str, bytes | Path]:
+    """Every text member (by suffix) with credentials removed: URL userinfo and token query
+    parameters, token patterns (hf_, ghp_, AWS keys...) and secret environment values. Each
+    member that had any is named in a warning (with the kinds found, never the values)."""
+    out: dict[str, bytes | Path] = {}
+    for name, value in members.items():
+        out[name] = value
+        if Path(name).suffix.lower() not in TEXT_SUFFIXES:
+            continue
+        data = value if isinstance(value, bytes) else Path(value).read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        clean = redact_text(text)
+        if clean != text:
+            kinds = sorted(set(find_secrets(text))) or ["credential"]
+            log.warning(
+                "%s: credentials redacted before archiving (%s)%s",
+                name,
+                ", ".join(kinds),
+                ": commit or remove them from the working tree" if name.endswith(".diff") else "",
+            )
+            out[name] = clean.encode("utf-8")
+    return out
+
+
 def write_tar_gz(path: str | os.PathLike, members: dict[str, bytes | Path]) -> None:
     """A deterministic .tar.gz: sorted members, fixed mtime/owner/mode, no gzip timestamp."""
     mtime = int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_MTIME))
@@ -485,7 +523,7 @@ def build_archive(
         manifest=manifest,
         save_method=config["export"]["save_method"],
     ).encode()
-    write_tar_gz(out, with_checksums(members, run))
+    write_tar_gz(out, with_checksums(redact_members(members), run))
     return manifest
 
 
