@@ -16,6 +16,7 @@ finished ones is saved even when the job is interrupted.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import ipaddress
 import json
@@ -28,7 +29,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 from .images import BlobStore
 
@@ -158,6 +159,21 @@ def _deadline_error(policy: DownloadPolicy) -> _Deadline:
     return _Deadline(f"download_timeout: deadline of {policy.deadline:g} s for this URL passed")
 
 
+def _request(url: str) -> urllib.request.Request:
+    """The request for `url`; `user:password@` in it becomes HTTP basic authentication, sent to
+    that host only (not to redirect targets)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    netloc = parts.netloc.rpartition("@")[2]
+    req = urllib.request.Request(parts._replace(netloc=netloc).geturl())
+    req.add_header("User-Agent", USER_AGENT)
+    user, password = unquote(parts.username or ""), unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    req.add_unredirected_header("Authorization", f"Basic {token}")
+    return req
+
+
 def _attempt(url: str, policy: DownloadPolicy, deadline_at: float | None = None) -> bytes:
     """One download. Every socket wait is bounded by `policy.timeout` and by what is left until
     `deadline_at` (time.monotonic)."""
@@ -170,7 +186,7 @@ def _attempt(url: str, policy: DownloadPolicy, deadline_at: float | None = None)
             raise _deadline_error(policy)
         return min(policy.timeout, left)
 
-    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    req = _request(url)
     opener = urllib.request.build_opener(_CheckedRedirects(policy.allow_private_addresses))
     try:
         with opener.open(req, timeout=wait()) as resp:
