@@ -17,6 +17,7 @@ finished ones is saved even when the job is interrupted.
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.client
 import ipaddress
 import json
@@ -32,6 +33,7 @@ from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
 from .images import BlobStore
+from .redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +274,9 @@ def _fetch_guarded(url: str, blobs: BlobStore, policy: DownloadPolicy) -> Fetche
 
 
 class UrlIndex:
-    """url → blob file of earlier successful downloads (a JSON-lines file beside the blobs)."""
+    """url → blob file of earlier successful downloads (a JSON-lines file beside the blobs).
+    Entries are keyed by the sha256 of the URL and show it without credentials
+    (`vlmflow.redact`): the cache holds no token."""
 
     def __init__(self, blobs: BlobStore):
         self.path = blobs.dir.parent / "url_index.jsonl"
@@ -281,12 +285,17 @@ class UrlIndex:
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:
                     rec = json.loads(line)
-                    self.entries[rec["url"]] = rec
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    key = rec.get("key") or self.key(rec["url"])  # files of older versions
+                    self.entries[key] = {**rec, "key": key, "url": redact_url(rec["url"])}
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                     continue
 
+    @staticmethod
+    def key(url: str) -> str:
+        return hashlib.sha256(url.encode("utf-8", "surrogateescape")).hexdigest()
+
     def get(self, url: str) -> Fetched | None:
-        rec = self.entries.get(url)
+        rec = self.entries.get(self.key(url))
         if rec and os.path.isfile(rec["path"]):
             return Fetched(url, path=Path(rec["path"]), sha256=rec["sha256"])
         return None
@@ -296,7 +305,13 @@ class UrlIndex:
 
         for f in fetched:
             if not f.error:
-                self.entries[f.url] = {"url": f.url, "sha256": f.sha256, "path": str(f.path)}
+                key = self.key(f.url)
+                self.entries[key] = {
+                    "key": key,
+                    "url": redact_url(f.url),
+                    "sha256": f.sha256,
+                    "path": str(f.path),
+                }
         with atomic_file(self.path) as tmp:
             tmp.write_text(
                 "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.entries.values()),
