@@ -229,7 +229,7 @@ def test_a_dripping_server_is_cut_off_at_the_deadline(server, tmp_path):
     got = fetch(server + "/drip", BlobStore(tmp_path), policy)
     took = time.monotonic() - start
     assert got.error.startswith("download_timeout: deadline of 1.5 s"), got.error
-    assert took < 2.5, took
+    assert took < 4, took  # not the 100 s the drip would take
 
 
 @pytest.mark.parametrize(

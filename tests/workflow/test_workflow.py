@@ -376,11 +376,11 @@ def test_archive_quotes_a_dataset_path_with_a_space_quotes_and_dollar(workflow_r
     """A source folder named `messy "data" $(touch PWNED) 'x'`: the archive rule (whose command
     names every source file) runs it as a path, neither breaking on the space nor running the
     command substitution. A copy of the finished run is reused: `--rerun-triggers mtime` keeps
-    the other steps (inputs moved, not modified) from running again."""
+    the other steps (inputs copied with their mtimes, not modified) from running again."""
     work = tmp_path / "wf"
     shutil.copytree(workflow_run, work, symlinks=True)
     weird = """.test/data/messy "data" $(touch PWNED) 'x'"""
-    os.rename(work / ".test/data/messy", work / weird)
+    shutil.copytree(work / ".test/data/messy", work / weird)  # mtimes kept
     cfg = yaml.safe_load((work / ".test/config.yaml").read_text())
     for s in cfg["datasets"]["digits"]["sources"]:
         if s["path"].startswith(".test/data/messy/"):
@@ -392,7 +392,9 @@ def test_archive_quotes_a_dataset_path_with_a_space_quotes_and_dollar(workflow_r
         "archive": 1,
         "all": 1,
     }
-    snakemake(work, *args, "--forcerun", "archive")
+    res = snakemake(work, *args, "--forcerun", "archive", check=False)
+    log = work / "logs/archive/test.log"
+    assert res.returncode == 0, res.stderr[-3000:] + (log.read_text() if log.is_file() else "")
     assert not list(work.rglob("PWNED")) and not list(Path.cwd().glob("PWNED"))
     _, files = _archive_members(work / "results/runs/test/archive.tar.gz")
     listed = {e["path"] for e in json.loads(files["test/data/manifest.json"])["files"]}
