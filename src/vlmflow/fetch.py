@@ -341,12 +341,13 @@ def fetch_all(
             todo.append(url)
     if todo:
         workers = max(1, min(32, 4 * threads, len(todo)))
+        pool = ThreadPoolExecutor(max_workers=workers)
         try:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                results = pool.map(lambda u: _fetch_guarded(u, blobs, policy), todo)
-                for f in tqdm(results, total=len(todo), desc="download", disable=not progress):
-                    out[f.url] = f
-        finally:  # the finished downloads are remembered even when the job is stopped
+            results = pool.map(lambda u: _fetch_guarded(u, blobs, policy), todo)
+            for f in tqdm(results, total=len(todo), desc="download", disable=not progress):
+                out[f.url] = f
+        finally:  # stopped: no new download starts, and the finished ones are remembered
+            pool.shutdown(wait=True, cancel_futures=True)
             index.save([out[u] for u in todo if u in out])
         failed = sum(1 for u in todo if out[u].error)
         log.info("downloaded %d URLs (%d failed)", len(todo) - failed, failed)
