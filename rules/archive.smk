@@ -34,16 +34,17 @@ rule archive:
         script=script("archive"),
         config=json.dumps(config, sort_keys=True),
         repo=os.path.relpath(workflow.basedir),
+        # Lists: the shell command quotes each item (`:q`).
         export=lambda wildcards, input: (
-            f"--merged {input.merged} --merge-check {input.merge_check}"
+            ["--merged", input.merged, "--merge-check", input.merge_check]
             if "merged" in input.keys()
-            else ""
+            else []
         ),
-        lock=lambda wildcards, input: f"--lock {input.lock}" if input.lock else "",
+        lock=lambda wildcards, input: ["--lock", *input.lock] if input.lock else [],
     shell:
-        "python {params.script} --config {params.config:q} --out {output.archive} "
-        "--images {input.images} --data {input.data} --summary {input.summary} "
-        "--adapter {input.adapter} --metrics {input.metrics} "
-        "--predictions {input.predictions} {params.export} {params.lock} "
-        "--report {input.report} "
-        "--repo {params.repo:q} > {log} 2>&1"
+        "python {params.script:q} --config {params.config:q} --out {output.archive:q} "
+        "--images {input.images:q} --data {input.data:q} --summary {input.summary:q} "
+        "--adapter {input.adapter:q} --metrics {input.metrics:q} "
+        "--predictions {input.predictions:q} {params.export:q} {params.lock:q} "
+        "--report {input.report:q} "
+        "--repo {params.repo:q} > {log:q} 2>&1"

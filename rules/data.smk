@@ -24,9 +24,9 @@ rule validate_images:
         dataset=dataset_json,
         cache=dataset_cache_dir,
     shell:
-        "python {params.script} --config {params.dataset:q} --cache-dir {params.cache:q} "
-        "--name {wildcards.dataset} --out {output.images} --rejected {output.rejected} "
-        "--threads {threads} > {log} 2>&1"
+        "python {params.script:q} --config {params.dataset:q} --cache-dir {params.cache:q} "
+        "--name {wildcards.dataset:q} --out {output.images:q} --rejected {output.rejected:q} "
+        "--threads {threads:q} > {log:q} 2>&1"
 
 
 rule format_conversations:
@@ -56,8 +56,8 @@ rule format_conversations:
         dataset=dataset_json,
         outdir=subpath(output.summary, parent=True),
     shell:
-        "python {params.script} --config {params.dataset:q} --images {input.images} "
-        "--outdir {params.outdir} --rejects-copy {log.rejected} > {log.log} 2>&1"
+        "python {params.script:q} --config {params.dataset:q} --images {input.images:q} "
+        "--outdir {params.outdir:q} --rejects-copy {log.rejected:q} > {log.log:q} 2>&1"
 
 
 rule token_budget:
@@ -92,7 +92,7 @@ rule token_budget:
         datadir=subpath(input.train, parent=True),
         outdir=subpath(output.summary, parent=True),
     shell:
-        "python {params.script} --config {params.config:q} --data {params.datadir} "
-        "--images {input.images} --outdir {params.outdir} "
-        "--max-bad-fraction {params.max_bad_fraction} --rejects-copy {log.rejected} "
-        "--threads {threads} > {log.log} 2>&1"
+        "python {params.script:q} --config {params.config:q} --data {params.datadir:q} "
+        "--images {input.images:q} --outdir {params.outdir:q} "
+        "--max-bad-fraction {params.max_bad_fraction:q} --rejects-copy {log.rejected:q} "
+        "--threads {threads:q} > {log.log:q} 2>&1"

@@ -22,8 +22,8 @@ if DEMO_DIGITS:
             scale=config["demo"]["digits_scale"],
             limit=config["demo"]["digits_limit"] or 0,
         shell:
-            "python {params.script} --out {params.folder} "
-            "--scale {params.scale} --limit {params.limit} > {log} 2>&1"
+            "python {params.script:q} --out {params.folder:q} "
+            "--scale {params.scale:q} --limit {params.limit:q} > {log:q} 2>&1"
 
 
 rule build_tiny_model:
@@ -42,5 +42,5 @@ rule build_tiny_model:
         script=script("build_tiny_model"),
         seed=0,
     shell:
-        "python {params.script} --family {wildcards.family} "
-        "--out {output.model} --seed {params.seed} > {log} 2>&1"
+        "python {params.script:q} --family {wildcards.family:q} "
+        "--out {output.model:q} --seed {params.seed:q} > {log:q} 2>&1"

@@ -23,6 +23,6 @@ rule evaluate:
         script=script("evaluate"),
         config=as_json("model", "eval"),
     shell:
-        "exec python {params.script} --config {params.config:q} "
-        "--test {input.test} --tuned {input.tuned} --metrics {output.metrics} "
-        "--predictions {output.predictions} --threads {threads} > {log} 2>&1"
+        "exec python {params.script:q} --config {params.config:q} "
+        "--test {input.test:q} --tuned {input.tuned:q} --metrics {output.metrics:q} "
+        "--predictions {output.predictions:q} --threads {threads:q} > {log:q} 2>&1"

@@ -22,5 +22,5 @@ if is_hub_id(config["model"]["name"]):
             script=script("fetch_model"),
             model=model_source_json(),
         shell:
-            "HF_HUB_OFFLINE=0 python {params.script} --config {params.model:q} "
-            "--out {output.marker} > {log} 2>&1"
+            "HF_HUB_OFFLINE=0 python {params.script:q} --config {params.model:q} "
+            "--out {output.marker:q} > {log:q} 2>&1"

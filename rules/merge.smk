@@ -25,6 +25,6 @@ rule merge:
         script=script("merge"),
         config=as_json("model", "export"),
     shell:
-        "python {params.script} --config {params.config:q} "
-        "--adapter {input.adapter} --train {input.train} --data-summary {input.summary} "
-        "--out {output.merged} --check {output.check} --threads {threads} > {log} 2>&1"
+        "python {params.script:q} --config {params.config:q} "
+        "--adapter {input.adapter:q} --train {input.train:q} --data-summary {input.summary:q} "
+        "--out {output.merged:q} --check {output.check:q} --threads {threads:q} > {log:q} 2>&1"

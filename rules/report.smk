@@ -31,9 +31,9 @@ rule report_data:
         script=script("report"),
         config=as_json("report"),
     shell:
-        "python {params.script} data --config {params.config:q} "
-        "--summary {input.summary} --rejected {input.rejected} --images {input.images} "
-        "--extra {input.extra} --html {output.html} --figures {output.figures} > {log} 2>&1"
+        "python {params.script:q} data --config {params.config:q} "
+        "--summary {input.summary:q} --rejected {input.rejected:q} --images {input.images:q} "
+        "--extra {input.extra:q} --html {output.html:q} --figures {output.figures:q} > {log:q} 2>&1"
 
 
 rule report_training:
@@ -56,8 +56,8 @@ rule report_training:
         script=script("report"),
         config=as_json("report"),
     shell:
-        "python {params.script} training --config {params.config:q} "
-        "--log {input.adapter}/train_log.jsonl --png {output.png} > {log} 2>&1"
+        "python {params.script:q} training --config {params.config:q} "
+        "--log {input.adapter:q}/train_log.jsonl --png {output.png:q} > {log:q} 2>&1"
 
 
 rule report_evaluation:
@@ -92,11 +92,11 @@ rule report_evaluation:
         script=script("report"),
         config=as_json("report"),
         merge_check=lambda wildcards, input: (
-            f"--merge-check {input.merge_check}"
+            ["--merge-check", input.merge_check]
             if "merge_check" in input.keys()
-            else ""
+            else []
         ),
     shell:
-        "python {params.script} evaluation --config {params.config:q} "
-        "--metrics {input.metrics} --predictions {input.predictions} {params.merge_check} "
-        "--html {output.html} --png {output.png} --gallery {output.gallery} > {log} 2>&1"
+        "python {params.script:q} evaluation --config {params.config:q} "
+        "--metrics {input.metrics:q} --predictions {input.predictions:q} {params.merge_check:q} "
+        "--html {output.html:q} --png {output.png:q} --gallery {output.gallery:q} > {log:q} 2>&1"

@@ -27,6 +27,6 @@ rule train:
     # `exec`: SLURM's SIGTERM (time limit, preemption) reaches the training process itself,
     # which checkpoints and exits 75; the retried job resumes.
     shell:
-        "exec {params.launch} {params.script} --config {params.config:q} "
-        "--train {input.train} --out {output.adapter} --work-dir {params.work_dir} "
-        "--threads {threads} > {log} 2>&1"
+        "exec {params.launch} {params.script:q} --config {params.config:q} "
+        "--train {input.train:q} --out {output.adapter:q} --work-dir {params.work_dir:q} "
+        "--threads {threads:q} > {log:q} 2>&1"

@@ -5,7 +5,9 @@ Parquet files) against a data folder, and every archive member against its SHA25
   python scripts/verify_archive.py results/runs/demo/archive.tar.gz --root .
 
 Prints each missing or changed file; exits 1 when anything differs, 2 when the archive
-cannot be read.
+cannot be read. A manifest path outside --root (`../..`, an absolute path elsewhere) is refused,
+never read: give `--root /` for an archive whose config used absolute paths. Members are hashed
+in bounded chunks, whatever their size.
 """
 
 import argparse
@@ -22,7 +24,11 @@ from vlmflow.archive import verify_archive  # noqa: E402
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("archive")
-    p.add_argument("--root", default=".", help="folder the manifest's relative paths start from")
+    p.add_argument(
+        "--root",
+        default=".",
+        help="folder the manifest's relative paths start from; no path outside it is read",
+    )
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     a = p.parse_args()
     try:
@@ -32,6 +38,8 @@ def main() -> int:
         return 2
     if a.json:
         print(json.dumps(res, indent=2))
+    for path in res["refused"]:
+        print(f"REFUSED  {path}  (outside --root {a.root})")
     for path in res["missing"]:
         print(f"MISSING  {path}")
     for c in res["changed"]:

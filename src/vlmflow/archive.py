@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -22,6 +23,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .io import atomic_file
+from .redact import find_secrets, redact_text, redact_url
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "data/manifest.json"
 CHECKSUMS = "SHA256SUMS"
@@ -162,11 +166,11 @@ def git_info(repo: str | os.PathLike) -> tuple[dict, str]:
         return {"commit": None, "note": f"{repo} is not a git checkout"}, ""
     status = _run(["git", "status", "--porcelain"], cwd=repo) or ""
     diff = _run(["git", "diff", "HEAD", "--binary"], cwd=repo) or ""
+    remote = (_run(["git", "config", "--get", "remote.origin.url"], cwd=repo) or "").strip()
     return {
         "commit": commit.strip(),
         "branch": (_run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=repo) or "").strip(),
-        "remote": (_run(["git", "config", "--get", "remote.origin.url"], cwd=repo) or "").strip()
-        or None,
+        "remote": redact_url(remote) or None,  # no https://user:TOKEN@ in the archive
         "dirty": bool(status.strip()),
         "status": status.splitlines(),
     }, diff
@@ -216,6 +220,40 @@ def seeds_of(config: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------- the archive
+# Members read as text and redacted (`vlmflow.redact`) before they are archived.
+TEXT_SUFFIXES = {
+    ".json", ".jsonl", ".yaml", ".yml", ".md", ".txt", ".log", ".tsv", ".csv", ".diff",
+    ".html", ".lock", ".rst", ".cfg", ".toml",
+}  # fmt: skip
+
+
+def redact_members(members: dict[str, bytes | Path]) -> dict[str, bytes | Path]:
+    """Every text member (by suffix) with credentials removed: URL userinfo and token query
+    parameters, token patterns (hf_, ghp_, AWS keys...) and secret environment values. Each
+    member that had any is named in a warning (with the kinds found, never the values)."""
+    out: dict[str, bytes | Path] = {}
+    for name, value in members.items():
+        out[name] = value
+        if Path(name).suffix.lower() not in TEXT_SUFFIXES:
+            continue
+        data = value if isinstance(value, bytes) else Path(value).read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        clean = redact_text(text)
+        if clean != text:
+            kinds = sorted(set(find_secrets(text))) or ["credential"]
+            log.warning(
+                "%s: credentials redacted before archiving (%s)%s",
+                name,
+                ", ".join(kinds),
+                ": commit or remove them from the working tree" if name.endswith(".diff") else "",
+            )
+            out[name] = clean.encode("utf-8")
+    return out
+
+
 def write_tar_gz(path: str | os.PathLike, members: dict[str, bytes | Path]) -> None:
     """A deterministic .tar.gz: sorted members, fixed mtime/owner/mode, no gzip timestamp."""
     mtime = int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_MTIME))
@@ -252,43 +290,90 @@ def read_members(archive: str | os.PathLike) -> dict[str, bytes]:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
 
 
+# The manifest and SHA256SUMS are the only members verify_archive keeps in memory.
+MAX_INDEX_BYTES = 512 << 20
+
+
+def _hash_members(archive: str | os.PathLike) -> tuple[dict[str, str], dict[str, bytes]]:
+    """(sha256 of every file member, the bytes of the manifest and SHA256SUMS members), in one
+    streamed pass: members are read in 1 MiB chunks, so memory stays bounded whatever their
+    size (a small .tar.gz may unpack to gigabytes)."""
+    digests: dict[str, str] = {}
+    kept: dict[str, bytes] = {}
+    with tarfile.open(archive, "r|gz") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            keep = m.name.endswith("/" + MANIFEST) or m.name.endswith("/" + CHECKSUMS)
+            if keep and m.size > MAX_INDEX_BYTES:
+                raise ValueError(
+                    f"{archive}: member {m.name} has {m.size} bytes (at most {MAX_INDEX_BYTES})"
+                )
+            f = tar.extractfile(m)
+            h, parts = hashlib.sha256(), []
+            while block := f.read(1 << 20):
+                h.update(block)
+                if keep:
+                    parts.append(block)
+            digests[m.name] = h.hexdigest()
+            if keep:
+                kept[m.name] = b"".join(parts)
+    return digests, kept
+
+
+def confined_path(path: str, root: str | os.PathLike) -> Path | None:
+    """`path` (relative: joined to `root`) when it lies inside `root`, else None. Lexical:
+    `..` and absolute paths outside `root` are refused (use `--root /` for absolute paths)."""
+    base = Path(os.path.abspath(root))
+    p = Path(path)
+    full = Path(os.path.normpath(p if p.is_absolute() else base / p))
+    return full if full.is_relative_to(base) else None
+
+
 def verify_archive(archive: str | os.PathLike, root: str | os.PathLike = ".") -> dict:
     """Re-hash every file of the archive's data manifest under `root` (relative paths are joined
-    to it) and every archive member against SHA256SUMS. Returns the differences."""
-    members = read_members(archive)
-    manifest_name = next((n for n in members if n.endswith("/" + MANIFEST)), None)
+    to it; a path outside `root` is refused, not read) and every archive member against
+    SHA256SUMS. Returns the differences."""
+    digests, kept = _hash_members(archive)
+    manifest_name = next((n for n in kept if n.endswith("/" + MANIFEST)), None)
     if manifest_name is None:
         raise ValueError(f"{archive}: no {MANIFEST} inside; not a vlmflow run archive")
     prefix = manifest_name[: -len(MANIFEST) - 1]
-    manifest = json.loads(members[manifest_name])
-    missing, changed, ok = [], [], 0
-    for e in manifest["files"]:
-        p = Path(e["path"])
-        p = p if p.is_absolute() else Path(root) / p
+    try:
+        manifest = json.loads(kept[manifest_name])
+        entries = [(str(e["path"]), str(e["sha256"])) for e in manifest["files"]]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{archive}: {manifest_name} is malformed ({e})") from None
+    missing, changed, refused, ok = [], [], [], 0
+    for path, expected in entries:
+        p = confined_path(path, root)
+        if p is None:
+            refused.append(path)
+            continue
         if not p.is_file():
-            missing.append(e["path"])
+            missing.append(path)
             continue
         digest = sha256_file(p)
-        if digest != e["sha256"]:
-            changed.append({"path": e["path"], "expected": e["sha256"], "actual": digest})
+        if digest != expected:
+            changed.append({"path": path, "expected": expected, "actual": digest})
         else:
             ok += 1
     bad_members = []
-    sums = members.get(f"{prefix}/{CHECKSUMS}", b"").decode().splitlines()
+    sums = kept.get(f"{prefix}/{CHECKSUMS}", b"").decode("utf-8", "replace").splitlines()
     for line in sums:
-        digest, name = line.split("  ", 1)
-        data = members.get(f"{prefix}/{name}")
-        if data is None or sha256_bytes(data) != digest:
+        digest, _, name = line.partition("  ")
+        if digests.get(f"{prefix}/{name}") != digest:
             bad_members.append(name)
     return {
         "archive": str(archive),
         "root": str(root),
-        "checked": len(manifest["files"]),
+        "checked": len(entries),
         "ok": ok,
         "missing": missing,
         "changed": changed,
+        "refused": refused,
         "archive_members_bad": bad_members,
-        "passed": not (missing or changed or bad_members) and bool(sums),
+        "passed": not (missing or changed or refused or bad_members) and bool(sums),
     }
 
 
@@ -485,7 +570,7 @@ def build_archive(
         manifest=manifest,
         save_method=config["export"]["save_method"],
     ).encode()
-    write_tar_gz(out, with_checksums(members, run))
+    write_tar_gz(out, with_checksums(redact_members(members), run))
     return manifest
 
 

@@ -20,11 +20,25 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from .redact import RedactingFormatter
+
+    for handler in logging.getLogger().handlers:  # no credential reaches a log
+        handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    sys.excepthook = _redacting_excepthook
     for noisy in ("httpx", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     where = slurm_context()  # which job, partition and GPUs this step ran on
     if where:
         logging.getLogger("vlmflow").info("%s", where)
+
+
+def _redacting_excepthook(exc_type, exc, tb) -> None:
+    """Uncaught exceptions are printed as usual, less any credential."""
+    import traceback
+
+    from .redact import redact_text
+
+    sys.stderr.write(redact_text("".join(traceback.format_exception(exc_type, exc, tb))))
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -67,5 +81,7 @@ def run(main: Callable[[], None]) -> None:
         if not _expected(e):
             raise
         logging.getLogger("vlmflow").error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+        from .redact import redact_text
+
+        print(f"error: {redact_text(str(e))}", file=sys.stderr)
         sys.exit(1)

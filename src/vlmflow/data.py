@@ -39,6 +39,7 @@ from .formats import (
     iter_samples,
     raw_json,
 )
+from .redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +206,8 @@ def _rejected(
         row=row,
         id=row_id,
         kind=kind or reason_kind(reason),
-        reason=reason,
-        raw=raw if isinstance(raw, str) else raw_json(raw),
+        reason=redact_text(reason),  # no URL credential or token in rejected.parquet
+        raw=redact_text(raw if isinstance(raw, str) else raw_json(raw)),
     )
 
 

@@ -388,7 +388,11 @@ def _hf_disk_files(folder: Path) -> list[Path]:
             splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataError(f"{folder}/dataset_dict.json: unreadable ({e})") from None
-        return [f for s in splits for f in _hf_disk_files(folder / s)]
+        return [
+            f
+            for s in splits
+            for f in _hf_disk_files(_inside(folder, s, folder / "dataset_dict.json"))
+        ]
     state = folder / "state.json"
     if not state.is_file():
         raise DataError(
@@ -396,13 +400,25 @@ def _hf_disk_files(folder: Path) -> list[Path]:
             "(state.json or dataset_dict.json not found)"
         )
     try:
-        files = [folder / d["filename"] for d in json.loads(state.read_text())["_data_files"]]
+        names = [d["filename"] for d in json.loads(state.read_text())["_data_files"]]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataError(f"{state}: unreadable ({e})") from None
+    files = [_inside(folder, n, state) for n in names]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise DataError(f"{folder}: data files listed in state.json are missing: {missing}")
     return files
+
+
+def _inside(folder: Path, name, listed_in: Path) -> Path:
+    """`folder / name` for a file or split a save_to_disk index lists, refused when it is not a
+    relative path inside `folder` (symbolic links resolved)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise DataError(f"{listed_in}: entry {name!r} is not a relative path inside {folder}")
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise DataError(f"{listed_in}: entry {name!r} points outside {folder}; refused")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -402,12 +402,22 @@ class ImageRef:
 
     @property
     def key(self) -> tuple[str, str, str]:
-        return (self.kind, self.root, self.value)
+        """(kind, root, value) as written to images.parquet: a URL without its credentials."""
+        return (self.kind, self.root, self.shown)
+
+    @property
+    def shown(self) -> str:
+        """`value` as it may be written out (Parquet, logs): URL userinfo and tokens removed."""
+        if self.kind == "url":
+            from .redact import redact_url
+
+            return redact_url(self.value)
+        return self.value
 
     def describe(self) -> str:
         if self.kind == "bytes":
             return f"embedded image sha256:{self.value[:12]}"
-        return f"'{self.value}'"
+        return f"'{self.shown}'"
 
 
 def record_key(rec: dict) -> tuple[str, str, str]:
@@ -618,7 +628,7 @@ def validate_refs(
 
     hits = 0
     for ref in unique:
-        rec = _empty_record(kind=ref.kind, root=ref.root, path=ref.value)
+        rec = _empty_record(kind=ref.kind, root=ref.root, path=ref.shown)
         path = None
         if ref.kind == "path":
             try:
@@ -634,7 +644,9 @@ def validate_refs(
         elif ref.kind == "url":
             got = fetched[ref.value]
             if got.error:
-                rec["reason"] = got.error
+                from .redact import redact_text
+
+                rec["reason"] = redact_text(got.error)
             else:
                 path = str(got.path)
         else:

@@ -1,4 +1,5 @@
-"""Atomic writes: outputs appear complete or not at all."""
+"""Atomic writes: outputs appear complete or not at all, with the permissions the umask gives (not
+the 0600 / 0700 of mkstemp / mkdtemp, which would hide a lab's outputs from its group)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,25 @@ import tempfile
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else by setting
+    and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _umask_mode(path: Path, base: int) -> None:
+    """chmod `path` to what open()/mkdir() would have given it: `base` less the umask."""
+    os.chmod(path, base & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike):
     """Yield a temporary folder beside `final`; on success it replaces `final` in one rename."""
@@ -18,6 +38,7 @@ def atomic_dir(final: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        _umask_mode(tmp, 0o777)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
@@ -39,6 +60,7 @@ def atomic_file(final: str | os.PathLike, mode: str = "w"):
     os.close(fd)
     try:
         yield Path(tmp)
+        _umask_mode(Path(tmp), 0o666)
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

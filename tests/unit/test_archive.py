@@ -1,4 +1,5 @@
 import hashlib
+import io
 import json
 import os
 import tarfile
@@ -77,3 +78,66 @@ def test_verify_reports_changed_missing_and_corrupt_members(tmp_path, monkeypatc
     assert res["missing"] == ["data.jsonl"]
     assert res["archive_members_bad"] == ["note.txt"]
     assert set(read_members(tmp_path / "bad.tar.gz")) == set(members)
+
+
+def _archive_with_manifest(tmp_path, entries, name="crafted.tar.gz"):
+    manifest = {"format": "vlmflow-data-manifest/1", "files": entries, "totals": {}}
+    members = with_checksums({"run/data/manifest.json": json.dumps(manifest).encode()}, "run")
+    write_tar_gz(tmp_path / name, members)
+    return tmp_path / name
+
+
+def test_verify_reads_no_path_outside_root(tmp_path):
+    """A crafted manifest naming /etc/hostname or ../../.. (with the right hashes, so that
+    hashing them would pass) is refused without reading those files."""
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "ok.png").write_bytes(b"fine")
+    outside = tmp_path / "secret.txt"
+    outside.write_bytes(b"not yours")
+    digest = hashlib.sha256(b"not yours").hexdigest()
+    entries = [
+        {"path": "ok.png", "sha256": hashlib.sha256(b"fine").hexdigest()},
+        {"path": str(outside), "sha256": digest},
+        {"path": "../secret.txt", "sha256": digest},
+        {"path": "sub/../../secret.txt", "sha256": digest},
+    ]
+    res = verify_archive(_archive_with_manifest(tmp_path, entries), root)
+    assert res["refused"] == [str(outside), "../secret.txt", "sub/../../secret.txt"]
+    assert res["ok"] == 1 and not res["passed"]
+    # Absolute paths inside the root are fine; `--root /` allows them anywhere.
+    inside = [{"path": str(root / "ok.png"), "sha256": entries[0]["sha256"]}]
+    assert verify_archive(_archive_with_manifest(tmp_path, inside, "abs.tar.gz"), root)["passed"]
+    res = verify_archive(_archive_with_manifest(tmp_path, entries[1:2], "any.tar.gz"), "/")
+    assert res["passed"]
+
+
+def test_verify_hashes_members_in_bounded_memory(tmp_path):
+    """A 128 MiB member (a few hundred KB compressed) is hashed in chunks: Python's peak
+    allocation stays far below the member's size."""
+    import tracemalloc
+
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(128 << 20)
+    manifest = {"format": "vlmflow-data-manifest/1", "files": [], "totals": {}}
+    sums = f"{hashlib.sha256(b'').hexdigest()}  wrong.bin\n"
+    out = tmp_path / "bomb.tar.gz"
+    with tarfile.open(out, "w:gz", compresslevel=1) as tar:
+        tar.add(big, "run/big.bin")
+        for name, data in (
+            ("run/data/manifest.json", json.dumps(manifest)),
+            ("run/SHA256SUMS", sums),
+        ):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data.encode())
+            tar.addfile(ti, io.BytesIO(data.encode()))
+    assert out.stat().st_size < 2 << 20
+    tracemalloc.start()
+    try:
+        res = verify_archive(out, tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert res["archive_members_bad"] == ["wrong.bin"]
+    assert peak < 16 << 20, peak

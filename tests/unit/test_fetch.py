@@ -1,4 +1,5 @@
-"""URL images, served by a local HTTP server on 127.0.0.1 that the test starts."""
+"""URL images, served by a local HTTP server on 127.0.0.1 that the test starts (allowed by
+`allow_private_addresses`, which is off by default)."""
 
 import contextlib
 import http.server
@@ -9,7 +10,8 @@ import time
 import pytest
 from PIL import Image
 
-from vlmflow.fetch import DownloadPolicy, fetch, fetch_all
+from vlmflow import fetch as fetch_module
+from vlmflow.fetch import DownloadPolicy, UrlIndex, check_url, fetch, fetch_all
 from vlmflow.images import BlobStore, ImagePolicy, ImageRef, validate_refs
 
 
@@ -41,29 +43,56 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         HITS[self.path] = HITS.get(self.path, 0) + 1
-        if self.path == "/ok.png":
+        path = self.path.split("?", 1)[0]
+        if path == "/ok.png":
             self.send(200, PNG)
-        elif self.path == "/octet":
+        elif path == "/octet":
             self.send(200, PNG, ctype="application/octet-stream")
-        elif self.path == "/html":
+        elif path == "/html":
             self.send(200, b"<html><body>login</body></html>", ctype="text/html; charset=utf-8")
-        elif self.path == "/slow":
+        elif path == "/slow":
             time.sleep(1.0)
             self.send(200, PNG)
-        elif self.path == "/big-declared":
+        elif path == "/big-declared":
             self.send(200, b"\0" * 5000)
-        elif self.path == "/big-streamed":
+        elif path == "/big-streamed":
             self.send(200, b"\x89PNG" + b"\0" * 5000, length=False)
-        elif self.path == "/flaky":
+        elif path == "/flaky":
             if HITS[self.path] == 1:
                 self.send(503, b"busy", ctype="text/plain")
             else:
                 self.send(200, PNG)
-        elif self.path == "/to-file":
+        elif path == "/to-file":
             self.send_response(302)
             self.send_header("Location", "file:///etc/passwd")
             self.end_headers()
-        elif self.path == "/broken.jpg":
+        elif path == "/to-metadata":
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.end_headers()
+        elif path == "/chunked-broken":  # a chunk announced, the connection dropped
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"400\r\n" + PNG[:10])
+        elif path == "/truncated":  # Content-Length says more than comes
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(PNG)))
+            self.end_headers()
+            self.wfile.write(PNG[:20])
+        elif path == "/drip":  # one byte every 0.25 s, each read well within the timeout
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "400")
+            self.end_headers()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                for _ in range(400):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.25)
+        elif path == "/broken.jpg":
             self.send(200, JPEG[: len(JPEG) // 2], ctype="image/jpeg")
         else:
             self.send(404, b"not found", ctype="text/plain")
@@ -79,7 +108,9 @@ def server():
     httpd.shutdown()
 
 
-FAST = DownloadPolicy(timeout=0.3, max_bytes=1000, retries=1, backoff=0.0)
+FAST = DownloadPolicy(
+    timeout=0.3, max_bytes=1000, retries=1, backoff=0.0, allow_private_addresses=True
+)
 
 
 @pytest.mark.parametrize(
@@ -92,7 +123,9 @@ FAST = DownloadPolicy(timeout=0.3, max_bytes=1000, retries=1, backoff=0.0)
         ("/big-declared", "too_large: Content-Length 5000"),
         ("/big-streamed", "too_large: more than max_bytes 1000"),
         ("/html", "bad_content_type: server sent 'text/html'"),
-        ("/to-file", "download_error"),
+        ("/to-file", "bad_redirect: redirect to a non-http(s) URL refused: file:///etc/passwd"),
+        ("/chunked-broken", "download_error: broken response (IncompleteRead"),
+        ("/truncated", "download_error: broken response (IncompleteRead"),
     ],
 )
 def test_fetch_reasons(server, tmp_path, path, reason):
@@ -139,7 +172,7 @@ def test_each_url_is_downloaded_once(server, tmp_path):
 
 def test_url_images_are_validated_like_files(server, tmp_path):
     refs = [ImageRef("url", "", server + p) for p in ("/ok.png", "/broken.jpg", "/html")]
-    policy = DownloadPolicy(timeout=2, max_bytes=100_000, retries=0)
+    policy = DownloadPolicy(timeout=2, max_bytes=100_000, retries=0, allow_private_addresses=True)
     recs = validate_refs(
         refs, ImagePolicy(), cache_dir=tmp_path, download=policy, threads=2, progress=False
     )
@@ -147,3 +180,109 @@ def test_url_images_are_validated_like_files(server, tmp_path):
     assert (recs[0]["width"], recs[0]["height"]) == (10, 8) and recs[0]["kind"] == "url"
     assert recs[1]["reason"].startswith("decode_error")
     assert recs[2]["reason"].startswith("bad_content_type")
+
+
+def test_redirects_to_other_schemes_are_refused_without_retrying(server, tmp_path):
+    HITS.pop("/to-file", None)
+    got = fetch(server + "/to-file", BlobStore(tmp_path), FAST)
+    assert got.error.startswith("bad_redirect") and "attempts" not in got.error
+    assert HITS["/to-file"] == 1
+
+
+def test_a_broken_response_quarantines_its_row_and_keeps_the_index(server, tmp_path):
+    """IncompleteRead from one server (a chunked response cut off) is that URL's reason; the
+    other downloads finish and the index remembers them."""
+    blobs = BlobStore(tmp_path)
+    urls = [server + "/ok.png", server + "/chunked-broken", server + "/octet"]
+    got = fetch_all(urls, blobs, FAST, threads=1, progress=False)
+    assert got[urls[1]].error.startswith("download_error: broken response (IncompleteRead")
+    assert "after 2 attempts" in got[urls[1]].error
+    assert got[urls[0]].error == "" and got[urls[2]].error == ""
+    index = UrlIndex(blobs)
+    assert len(index.entries) == 2 and index.get(urls[0]) and index.get(urls[2])
+
+
+def test_the_index_is_saved_when_the_downloads_are_interrupted(server, tmp_path, monkeypatch):
+    blobs = BlobStore(tmp_path)
+    real = fetch_module.fetch
+
+    def stop_at_second(url, blobs_, policy):
+        if url.endswith("/octet"):
+            raise KeyboardInterrupt
+        return real(url, blobs_, policy)
+
+    monkeypatch.setattr(fetch_module, "fetch", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        fetch_all([server + "/ok.png", server + "/octet"], blobs, FAST, threads=1, progress=False)
+    index = UrlIndex(blobs)
+    assert len(index.entries) == 1 and index.get(server + "/ok.png")
+
+
+def test_a_dripping_server_is_cut_off_at_the_deadline(server, tmp_path):
+    """Each byte comes well within the 1 s timeout; the 1.5 s deadline per URL (all attempts
+    included) stops the download anyway."""
+    policy = DownloadPolicy(
+        timeout=1.0, max_bytes=1000, retries=3, backoff=0.1, deadline=1.5,
+        allow_private_addresses=True,
+    )  # fmt: skip
+    start = time.monotonic()
+    got = fetch(server + "/drip", BlobStore(tmp_path), policy)
+    took = time.monotonic() - start
+    assert got.error.startswith("download_timeout: deadline of 1.5 s"), got.error
+    assert took < 4, took  # not the 100 s the drip would take
+
+
+@pytest.mark.parametrize(
+    "url, kind",
+    [
+        ("http://127.0.0.1:8080/a.png", "loopback"),
+        ("http://localhost/a.png", "loopback"),
+        ("http://[::1]/a.png", "loopback"),
+        ("http://[::ffff:127.0.0.1]/a.png", "loopback"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://10.1.2.3/a.png", "private"),
+        ("http://192.168.0.10/a.png", "private"),
+        ("http://0.0.0.0/a.png", "unspecified"),
+    ],
+)
+def test_private_addresses_are_refused_by_default(url, kind):
+    assert check_url(url).startswith("private_address:") and f"({kind})" in check_url(url)
+    assert check_url(url, allow_private=True) == ""
+
+
+def test_public_addresses_pass_the_address_check():
+    assert check_url("http://93.184.215.14/a.png") == ""
+    assert check_url("https://[2606:4700::1111]/a.png") == ""
+
+
+def test_private_hosts_are_not_contacted_unless_allowed(server, tmp_path):
+    HITS.pop("/ok.png", None)
+    strict = DownloadPolicy(timeout=1, max_bytes=1000, retries=0)
+    got = fetch(server + "/ok.png", BlobStore(tmp_path), strict)
+    assert got.error.startswith("private_address: host '127.0.0.1' resolves to 127.0.0.1")
+    assert "/ok.png" not in HITS  # refused before any request
+    assert fetch(server + "/ok.png", BlobStore(tmp_path), FAST).error == ""
+
+
+def test_redirects_to_private_addresses_are_refused(server, tmp_path, monkeypatch):
+    """The test server stands for a public host; its redirect to the cloud metadata address
+    is refused at once."""
+    real = fetch_module._address_reason
+    monkeypatch.setattr(
+        fetch_module, "_address_reason", lambda h: "" if h == "127.0.0.1" else real(h)
+    )
+    strict = DownloadPolicy(timeout=1, max_bytes=1000, retries=2)
+    HITS.pop("/to-metadata", None)
+    got = fetch(server + "/to-metadata", BlobStore(tmp_path), strict)
+    assert got.error.startswith("bad_redirect: http://169.254.169.254/latest/meta-data/: private")
+    assert HITS["/to-metadata"] == 1
+
+
+def test_the_url_index_holds_no_credentials(server, tmp_path):
+    blobs = BlobStore(tmp_path)
+    host = server.removeprefix("http://")
+    url = f"http://me:pw-9931@{host}/ok.png?token=tk-5521"
+    assert fetch_all([url], blobs, FAST, progress=False)[url].error == ""
+    text = UrlIndex(blobs).path.read_text()
+    assert "pw-9931" not in text and "tk-5521" not in text
+    assert UrlIndex(blobs).get(url) is not None  # found again by the full URL

@@ -536,3 +536,32 @@ def test_splits_do_not_move_when_rows_are_appended(folder):
     after = splits()
     assert len(after) == 350 and all(after[k] == v for k, v in before.items())
     assert 30 < sum(v == "test" for v in before.values()) < 100
+
+
+@pytest.mark.parametrize(
+    "index, entry",
+    [
+        ("state.json", "../../etc/passwd"),
+        ("state.json", "/etc/passwd"),
+        ("state.json", "link.arrow"),  # a symbolic link to a file outside the folder
+        ("dataset_dict.json", "../elsewhere"),
+    ],
+)
+def test_save_to_disk_folder_files_stay_inside_it(tmp_path, index, entry):
+    """A save_to_disk folder whose index lists a file or split outside the folder is refused
+    (naming the index and the entry), before anything outside is opened."""
+    from vlmflow.formats import Reader
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "state.json").write_text(json.dumps({"_data_files": [{"filename": "x.arrow"}]}))
+    (outside / "x.arrow").write_bytes(b"not arrow")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "link.arrow").symlink_to(outside / "x.arrow")
+    if index == "state.json":
+        (folder / index).write_text(json.dumps({"_data_files": [{"filename": entry}]}))
+    else:
+        (folder / index).write_text(json.dumps({"splits": [entry]}))
+    with pytest.raises(DataError, match=rf"{index}: entry .* (outside|inside)"):
+        Reader(folder)

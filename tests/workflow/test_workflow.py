@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -369,6 +370,38 @@ def test_archive_holds_the_run_and_verify_archive_finds_tampering(workflow_run, 
     assert f"CHANGED  {tampered}" in res.stdout
     assert "MISSING  results/data/digits/val.parquet" in res.stdout
     assert f"DIFFERENT: {len(listed) - 2} of {len(listed)}" in res.stdout
+
+
+def test_archive_quotes_a_dataset_path_with_a_space_quotes_and_dollar(workflow_run, tmp_path):
+    """A source folder named `messy "data" $(touch PWNED) 'x'`: the archive rule (whose command
+    names every source file) runs it as a path, neither breaking on the space nor running the
+    command substitution. A copy of the finished run is reused: `--rerun-triggers mtime` keeps
+    the other steps (inputs copied with their mtimes, not modified) from running again."""
+    work = tmp_path / "wf"
+    shutil.copytree(workflow_run, work, symlinks=True)
+    weird = """.test/data/messy "data" $(touch PWNED) 'x'"""
+    shutil.copytree(work / ".test/data/messy", work / weird)  # mtimes kept
+    cfg = yaml.safe_load((work / ".test/config.yaml").read_text())
+    for s in cfg["datasets"]["digits"]["sources"]:
+        if s["path"].startswith(".test/data/messy/"):
+            s["path"] = s["path"].replace(".test/data/messy", weird)
+            s["image_root"] = weird
+    (work / ".test/weird.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["--configfile", ".test/weird.yaml", "--rerun-triggers", "mtime"]
+    assert planned_jobs(snakemake(work, "-n", *args, "--forcerun", "archive")) == {
+        "archive": 1,
+        "all": 1,
+    }
+    res = snakemake(work, *args, "--forcerun", "archive", check=False)
+    log = work / "logs/archive/test.log"
+    assert res.returncode == 0, res.stderr[-3000:] + (log.read_text() if log.is_file() else "")
+    assert not list(work.rglob("PWNED")) and not list(Path.cwd().glob("PWNED"))
+    _, files = _archive_members(work / "results/runs/test/archive.tar.gz")
+    listed = {e["path"] for e in json.loads(files["test/data/manifest.json"])["files"]}
+    assert f"{weird}/data.jsonl" in listed
+    # And the command Snakemake prints for it is one a shell runs as written.
+    res = snakemake(work, "-n", "-p", *args, "--forcerun", "archive")
+    assert shlex.quote(f"{weird}/data.jsonl") in res.stdout
 
 
 def test_a_second_run_on_the_same_config_and_data_has_the_same_manifest(
