@@ -57,7 +57,8 @@ rule format_conversations:
         outdir=subpath(output.summary, parent=True),
     shell:
         "python {params.script} --config {params.dataset:q} --images {input.images} "
-        "--outdir {params.outdir} --rejects-copy {log.rejected} > {log.log} 2>&1"
+        "--outdir {params.outdir} --rejects-copy {log.rejected} --name {wildcards.dataset} "
+        "> {log.log} 2>&1"
 
 
 rule token_budget:
