@@ -709,7 +709,12 @@ def _turn_fields(turn: dict, i: int, col: str, tags: dict | None = None) -> tupl
                 "are not supported (every assistant turn is trained on, no other turn)"
             )
         if key in _TURN_KEYS:
-            continue  # the other spelling, empty or duplicated, e.g. HF structs with both
+            if key in ("content", "value") and v == turn.get(content_key):
+                continue  # the same content under both spellings
+            raise RowProblem(
+                f"bad_field: {where} has both '{content_key}' and '{key}' (tags.role_tag / "
+                "tags.content_tag say which keys to read)"
+            )
         raise RowProblem(f"unsupported_field: {where} has '{key}', which is not converted")
     return role, turn.get(content_key)
 
@@ -810,7 +815,10 @@ def _typed_part(p, source: Source, where: str):
         return text_part(_as_text(p[held[0]], where) if held else "")
     if _filled(p.get("text")):
         raise RowProblem(f"bad_field: image part {where} also holds text")
-    value = next((p[k] for k in _VALUE_KEYS if p.get(k) not in (None, "")), None)
+    held = [p[k] for k in _VALUE_KEYS if p.get(k) not in (None, "")]
+    if any(v != held[0] for v in held[1:]):
+        raise RowProblem(f"bad_field: image part {where} holds several different images")
+    value = held[0] if held else None
     if value is None and p.get("base64"):
         value = {"base64": p["base64"]}
     if value is None:

@@ -756,6 +756,8 @@ def test_content_the_converter_does_not_understand_is_quarantined(folder):
         row([{"type": "audio", "audio": "a.wav"}], {}),
         row([text], {}, tools='[{"name": "f"}]'),
         row([{"type": "text", "text": "q2"}], {"tool_calls": None}),  # empty: nothing is lost
+        row([text], {"value": "another answer"}),  # two contents: which one is meant?
+        row([{"type": "image", "image": "img/red.png", "url": "img/blue.png"}, text], {}),
     ]
     ok, rejected, _ = stage(
         folder, [{"path": jsonl(folder / "u.jsonl", rows), "format": "messages"}]
@@ -766,7 +768,11 @@ def test_content_the_converter_does_not_understand_is_quarantined(folder):
         (4, "unsupported_field"),
         (5, "unsupported_part"),
         (6, "unsupported_field"),
+        (8, "bad_field"),
+        (9, "bad_field"),
     ]
+    assert "both 'content' and 'value'" in rejected[5]["reason"]
+    assert "several different images" in rejected[6]["reason"]
     assert "loss_weight" in rejected[0]["reason"] and "'tool_calls'" in rejected[1]["reason"]
     assert "cache_control" in rejected[2]["reason"] and "'tools'" in rejected[4]["reason"]
     assert len(ok) == 2
