@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from vlmflow.cluster import job_resources, launch_prefix  # noqa: E402
 from vlmflow.config import validate_config  # noqa: E402
-from vlmflow.hub import is_hub_id, marker_path  # noqa: E402
+from vlmflow.hub import check_model_source, is_hub_id, marker_path  # noqa: E402
 from vlmflow.paths import cache_dir_of, referenced_images  # noqa: E402
 
 # Every key is checked (and defaults filled) before the job graph is built, so a typo fails here,
@@ -22,6 +22,8 @@ RUN = config["run"]["name"]
 DATASET = config["run"]["dataset"]
 DEMO_DIGITS = config["demo"]["digits"]
 TINY_MODEL_PREFIX = "resources/models/tiny-"
+# A missing or unusable local base model fails here, before any job (hub ids: rule fetch_model).
+check_model_source(config["model"], built_by_rule=TINY_MODEL_PREFIX)
 
 
 def script(name):

@@ -57,7 +57,8 @@ rule format_conversations:
         outdir=subpath(output.summary, parent=True),
     shell:
         "python {params.script:q} --config {params.dataset:q} --images {input.images:q} "
-        "--outdir {params.outdir:q} --rejects-copy {log.rejected:q} > {log.log:q} 2>&1"
+        "--outdir {params.outdir:q} --rejects-copy {log.rejected:q} --name {wildcards.dataset:q} "
+        "> {log.log:q} 2>&1"
 
 
 rule token_budget:

@@ -27,6 +27,7 @@ from vlmflow.evaluate import (
     reference_of,
     score,
 )
+from vlmflow.hub import check_model_source
 from vlmflow.io import write_json, write_parquet
 
 log = logging.getLogger("vlmflow.evaluate")
@@ -60,6 +61,7 @@ def main() -> None:
     a = p.parse_args()
     setup_logging(a.verbose)
     cfg = resolve_sections(a.config, ["model", "eval"])
+    check_model_source(cfg["model"])  # a missing or unusable local model: say so now
     eval_cfg = cfg["eval"]
     torch.set_num_threads(a.threads)
     rows = read_conversations(a.test)

@@ -19,10 +19,19 @@ def main() -> None:
     p.add_argument("--images", required=True, help="images.parquet from validate_images")
     p.add_argument("--outdir", required=True, help="folder for train/val/test/rejected.parquet")
     p.add_argument("--rejects-copy", help="also write the rejects table here (e.g. a log file)")
+    p.add_argument("--name", default="", help="the dataset's key under `datasets` (for messages)")
     a = p.parse_args()
     setup_logging(a.verbose)
     ds = resolve_dataset(a.config)
-    summary = format_dataset(ds, read_images_table(a.images), a.outdir, rejects_copy=a.rejects_copy)
+    # The workflow trains on the train split and evaluates on the test split: both must have rows.
+    summary = format_dataset(
+        ds,
+        read_images_table(a.images),
+        a.outdir,
+        rejects_copy=a.rejects_copy,
+        name=a.name,
+        require=("train", "test"),
+    )
     log.info("%s", summary)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from vlmflow.cli import parser, run, setup_logging
 from vlmflow.config import resolve_sections
 from vlmflow.data import read_conversations
+from vlmflow.hub import check_model_source
 from vlmflow.merge import MergeCheckError, MergeError, export_model
 
 
@@ -31,6 +32,7 @@ def main() -> None:
     a = p.parse_args()
     setup_logging(a.verbose)
     cfg = resolve_sections(a.config, ["model", "export"])
+    check_model_source(cfg["model"])  # a missing or unusable local model: say so now
     import torch
 
     torch.set_num_threads(a.threads)

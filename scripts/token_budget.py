@@ -9,6 +9,7 @@ import os
 
 from vlmflow.cli import parser, run, setup_logging
 from vlmflow.config import resolve_sections
+from vlmflow.hub import check_model_source
 
 log = logging.getLogger("vlmflow.token_budget")
 
@@ -23,6 +24,7 @@ def main() -> None:
     a = p.parse_args()
     setup_logging(a.verbose)
     cfg = resolve_sections(a.config, ["model"])
+    check_model_source(cfg["model"])  # a missing or unusable local model: say so now
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     from vlmflow.budget import token_budget
 

@@ -19,6 +19,7 @@ from vlmflow.cluster import slurm_context
 from vlmflow.config import resolve_sections
 from vlmflow.data import read_conversations
 from vlmflow.distributed import init_distributed
+from vlmflow.hub import check_model_source
 from vlmflow.preempt import EXIT_PREEMPTED, Preempted, PreemptionHandler, oom_advice
 from vlmflow.train import train
 
@@ -33,6 +34,7 @@ def main() -> None:
     a = p.parse_args()
     setup_logging(a.verbose)
     cfg = resolve_sections(a.config, ["model", "lora", "train"])
+    check_model_source(cfg["model"])  # a missing or unusable local model: say so now
     preempt = PreemptionHandler()
     ctx = init_distributed()
     # the rule's threads are per node: share them among this node's ranks

@@ -59,6 +59,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 # (an error of a class can only be raised once its module is), so a data CLI never imports torch.
 _LAZY_EXPECTED = (
     ("vlmflow.data", "DataError"),
+    ("vlmflow.hub", "ModelSourceError"),
     ("vlmflow.collate", "SampleTooLongError"),
     ("vlmflow.train", "NonFiniteLossError"),
 )

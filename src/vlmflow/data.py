@@ -138,6 +138,89 @@ def assign_split(row_id: str, val: float, test: float, seed: int) -> str:
     return "train"
 
 
+class SplitGroups:
+    """Rows that share an image (its content hash) or a value of the group column are one group,
+    and a group goes to one split: no image is in both train and test. Groups are merged as rows
+    arrive (union-find over the keys); a group's split is the hash of (seed, its smallest key),
+    so that a row alone with its image keeps its split when other rows are added."""
+
+    def __init__(self, split_cfg: dict):
+        self.cfg = split_cfg
+        self.by = split_cfg.get("group_by", "none")
+        self.parent: dict[str, str] = {}
+        self.first: list[str] = []
+
+    def _find(self, k: str) -> str:
+        root = k
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[k] != root:
+            self.parent[k], k = root, self.parent[k]
+        return root
+
+    def _union(self, a: str, b: str) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra != rb:  # the smaller key is the root: the group's name, whatever the order of rows
+            lo, hi = (ra, rb) if ra < rb else (rb, ra)
+            self.parent[hi] = lo
+
+    def keys_of(self, row: dict) -> list[str]:
+        if self.by == "image" and row["_images"]:
+            return ["image:" + k for k in row["_images"]]
+        if self.by == "column":
+            col = self.cfg["group_column"]
+            raw = row["_raw"] if isinstance(row["_raw"], dict) else {}
+            v = raw.get(col)
+            if v not in (None, ""):
+                return [f"column:{v}"]
+        return ["id:" + row["id"]]
+
+    def add(self, row: dict) -> None:
+        keys = self.keys_of(row)
+        for k in keys:
+            self.parent.setdefault(k, k)
+        for k in keys[1:]:
+            self._union(keys[0], k)
+        self.first.append(keys[0])
+
+    def split(self, i: int) -> str:
+        """Split of the i-th row added."""
+        name = self._find(self.first[i])
+        if name.startswith("id:"):
+            name = name[3:]  # a row on its own: the historical hash of its id
+        return assign_split(name, self.cfg["val"], self.cfg["test"], self.cfg["seed"])
+
+    def count(self) -> int:
+        return sum(1 for k in self.parent if self.parent[k] == k)
+
+
+def empty_split_message(
+    dataset: str, split: str, counts: dict, split_cfg: dict, groups: int, need: str
+) -> str:
+    accepted = sum(counts.values())
+    key = f"datasets.{dataset}.split" if dataset else "split"
+    grouped = {
+        "image": f"rows that share an image stay together: {groups} groups",
+        "column": f"rows with the same '{split_cfg.get('group_column')}' stay together: "
+        f"{groups} groups",
+    }.get(split_cfg.get("group_by"), f"{groups} rows")
+    if not accepted:
+        return f"no row was accepted, so the {split} split is empty; {need}"
+    if split == "train":
+        fix = f"lower {key}.val / {key}.test, or add rows"
+        asked = f"{key}.val = {split_cfg['val']}, {key}.test = {split_cfg['test']}"
+    else:
+        asked = f"{key}.{split} = {split_cfg[split]}"
+        expect = accepted * split_cfg[split]
+        asked += f" (about {expect:.1f} of them)"
+        fix = f"raise {key}.{split} (or change {key}.seed), or add rows"
+    return (
+        f"the {split} split is empty: {accepted} rows accepted ({grouped}), {asked}, split "
+        f"train/val/test = {counts['train']}/{counts['val']}/{counts['test']}; {need}. "
+        f"Fix: {fix}."
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Conversion.
 
@@ -169,7 +252,7 @@ def convert_source(source: Source, images: dict, split_cfg: dict) -> Iterator[tu
 
 def _convert(label: str, s: Sample, images: dict, split_cfg: dict) -> tuple[bool, dict]:
     row_id = s.id or content_id(label, s.messages, s.images)
-    paths = []
+    paths, shas = [], []
     for ref in s.images:
         info = _lookup(images, ref)
         if info is None:
@@ -186,6 +269,7 @@ def _convert(label: str, s: Sample, images: dict, split_cfg: dict) -> tuple[bool
             reason = f"bad_image: {ref.describe()}: {info['reason']}"
             return False, _rejected(label, s.row, row_id, reason, s.raw, kind)
         paths.append(info["resolved"])
+        shas.append(info.get("sha256") or info["resolved"])
     row = dict(
         id=row_id,
         source=label,
@@ -194,6 +278,7 @@ def _convert(label: str, s: Sample, images: dict, split_cfg: dict) -> tuple[bool
         split=assign_split(row_id, split_cfg["val"], split_cfg["test"], split_cfg["seed"]),
         _row=s.row,
         _raw=s.raw,
+        _images=shas,
     )
     return True, row
 
@@ -326,6 +411,8 @@ def format_dataset(
     outdir: str | os.PathLike,
     *,
     rejects_copy: str | os.PathLike | None = None,
+    name: str = "",
+    require: tuple[str, ...] = ("train",),
 ) -> dict:
     """Convert every source of a dataset config; write {train,val,test}.parquet,
     rejected.parquet, rejected.tsv and summary.json under `outdir`. Returns the summary.
@@ -333,10 +420,17 @@ def format_dataset(
     Rows stream through (memory does not grow with the dataset except for the set of ids).
     The rejects are written before the `max_bad_fraction` check, also to `rejects_copy` (a log
     file, which Snakemake keeps when the job fails), so that a failed run shows why.
+
+    Splits keep groups together (`split.group_by`): accepted rows are staged in one Parquet file
+    while the groups form, then written to their split. A split in `require` (and the test split
+    whenever `split.test` > 0) that comes out empty is a DataError naming the numbers and the
+    key to change (`name` is the dataset's key in the config).
     """
     outdir = Path(outdir)
     sources = sources_of(ds)
     sinks = {s: _Sink(outdir / f"{s}.parquet", CONVERSATION_SCHEMA, to_table) for s in SPLITS}
+    staged = _Sink(outdir / ".staged.parquet", CONVERSATION_SCHEMA, to_table)
+    groups = SplitGroups(ds["split"])
     rejected: list[dict] = []
     seen: dict[str, tuple[str, int]] = {}
     per_source: dict[str, Counter] = {}
@@ -364,7 +458,8 @@ def format_dataset(
                     continue
                 seen[row["id"]] = (row["source"], row["_row"])
                 n_images += len(row["images"])
-                sinks[row["split"]].add(row)
+                groups.add(row)
+                staged.add(row)
                 counts["accepted"] += 1
         n_in = sum(c["rows"] for c in per_source.values())
         write_parquet_table(outdir / "rejected.parquet", rejected_table(rejected))
@@ -377,18 +472,43 @@ def format_dataset(
             msg = bad_fraction_message(n_in, rejected, ds["max_bad_fraction"])
             where = rejects_copy or outdir / "rejected.tsv"
             raise DataError(f"{msg}\nEvery rejected row with its reason: {where}")
+        staged.commit()
+        i = 0
+        for batch in pq.ParquetFile(staged.path).iter_batches(batch_size=20_000):
+            for row in batch.to_pylist():
+                row["split"] = groups.split(i)
+                sinks[row["split"]].add(row)
+                i += 1
+        counts_by_split = {s: sinks[s].count for s in SPLITS}
+        for s in SPLITS:
+            if counts_by_split[s]:
+                continue
+            if s in require or (s == "test" and ds["split"]["test"] > 0):
+                need = (
+                    "training needs rows" if s == "train" else f"a later rule reads the {s} split"
+                )
+                raise DataError(
+                    empty_split_message(name, s, counts_by_split, ds["split"], groups.count(), need)
+                )
+            if ds["split"][s] > 0:
+                log.warning("the %s split is empty (split.%s = %s)", s, s, ds["split"][s])
         for sink in sinks.values():
             sink.commit()
     except BaseException:
         for sink in sinks.values():
             if sink.tmp.exists():
                 sink.discard()
+        if staged.tmp.exists():
+            staged.discard()
         raise
+    finally:
+        staged.path.unlink(missing_ok=True)
     summary = {
         "rows_in": n_in,
         "accepted": n_in - len(rejected),
         "rejected": len(rejected),
         "splits": {s: sinks[s].count for s in SPLITS},
+        "split_groups": groups.count(),
         "images_in_accepted_rows": n_images,
         "rejected_by_reason": dict(Counter(r["kind"] for r in rejected).most_common()),
         "sources": {k: dict(v) for k, v in per_source.items()},

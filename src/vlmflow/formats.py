@@ -56,10 +56,34 @@ DEFAULT_COLUMNS = {
     "id": None,
     "image": "image",
     "instruction": "instruction",
+    "input": "input",
     "response": "response",
-    "system": None,
+    "system": "system",
     "messages": None,
     "images": None,
+}
+# LLaMA-Factory's `tags` of dataset_info.json: which keys and values a conversation's turns use.
+TAG_KEYS = (
+    "role_tag",
+    "content_tag",
+    "user_tag",
+    "assistant_tag",
+    "system_tag",
+    "observation_tag",
+    "function_tag",
+)
+VIDEO_PLACEHOLDER = "<video>"
+AUDIO_PLACEHOLDER = "<audio>"
+# Row columns holding content that no layout converts: a row where one is filled is quarantined
+# (never trained on without it). kind of the reason, what it holds.
+UNSUPPORTED_COLUMNS = {
+    "videos": ("video_unsupported", "video"),
+    "video": ("video_unsupported", "video"),
+    "audios": ("audio_unsupported", "audio"),
+    "audio": ("audio_unsupported", "audio"),
+    "tools": ("unsupported_field", "tool definitions"),
+    "functions": ("unsupported_field", "tool definitions"),
+    "history": ("unsupported_field", "earlier turns (LLaMA-Factory alpaca `history`)"),
 }
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _PEEK_ROWS = 1000
@@ -87,6 +111,8 @@ class Source:
     name: str | None = None
     format: str = "seed"
     columns: dict = field(default_factory=dict)
+    tags: dict = field(default_factory=dict)
+    """LLaMA-Factory role tags (TAG_KEYS): the keys and role values of the turns."""
     hash_embedded: bool = field(default=True, repr=False)
     """False: embedded images are neither decoded nor hashed (job-graph time listing)."""
     default_label: str | None = field(default=None, repr=False)
@@ -98,6 +124,10 @@ class Source:
         if unknown:
             raise DataError(f"{self.path}: unknown column keys {sorted(unknown)}")
         self.columns = {**DEFAULT_COLUMNS, **{k: v for k, v in self.columns.items()}}
+        unknown = set(self.tags or {}) - set(TAG_KEYS)
+        if unknown:
+            raise DataError(f"{self.path}: unknown tags keys {sorted(unknown)} (known: {TAG_KEYS})")
+        self.tags = {k: (self.tags or {}).get(k) for k in TAG_KEYS}
 
     @property
     def label(self) -> str:
@@ -573,13 +603,19 @@ def parse_seed(rec: dict, source: Source, csv_cells: bool) -> tuple[list[dict], 
             (_as_text(i, f"'{c['instruction']}'[{n}]"), _as_text(r, f"'{c['response']}'[{n}]"))
             for n, (i, r) in enumerate(zip(instr, resp))
         ]
-    else:
-        turns = [
-            (
-                text_value(rec, c["instruction"], required=False),
-                text_value(rec, c["response"], required=False),
+        if c["input"] and _filled(rec.get(c["input"])):
+            raise RowProblem(
+                f"unsupported_field: '{c['input']}' is set on a row whose turns are lists (which "
+                "turn it belongs to is not known)"
             )
-        ]
+    else:
+        user = text_value(rec, c["instruction"], required=False)
+        if c["input"]:
+            # Alpaca convention: the input follows the instruction (joined as LLaMA-Factory does).
+            extra = text_value(rec, c["input"], required=False)
+            if extra.strip():
+                user = f"{user}\n{extra}" if user.strip() else extra
+        turns = [(user, text_value(rec, c["response"], required=False))]
     messages = []
     if c["system"]:
         system = text_value(rec, c["system"], required=False)
@@ -645,14 +681,63 @@ def _load_turns(rec: dict, col: str) -> list:
     return list(turns)
 
 
-def _turn_fields(turn: dict, i: int, col: str) -> tuple[str, object]:
-    if "role" in turn or "content" in turn:
-        role, content = turn.get("role"), turn.get("content")
+_TURN_KEYS = {"role", "content", "from", "value"}
+_WEIGHT_KEYS = ("loss_weight", "weight")
+
+
+def _turn_fields(turn: dict, i: int, col: str, tags: dict | None = None) -> tuple[str, object]:
+    """(canonical role, content) of one turn. `tags` (LLaMA-Factory's role tags) name the role
+    and content keys and the role values; a key the converter does not use, holding a value,
+    quarantines the row (e.g. `tool_calls`, a loss weight that would change what is trained)."""
+    tags = tags or {}
+    where = f"{col}[{i}]"
+    role_key, content_key = tags.get("role_tag"), tags.get("content_tag")
+    if role_key or content_key:
+        role_key = role_key or ("from" if content_key == "value" else "role")
+        content_key = content_key or ("value" if role_key == "from" else "content")
+        if role_key not in turn:
+            raise RowProblem(f"bad_field: {where} has no '{role_key}' (tags.role_tag)")
+    elif "role" in turn or "content" in turn:
+        role_key, content_key = "role", "content"
     elif "from" in turn or "value" in turn:
-        role, content = turn.get("from"), turn.get("value")
+        role_key, content_key = "from", "value"
     else:
-        raise RowProblem(f"bad_field: {col}[{i}] has neither role/content nor from/value")
-    return _role(role, f"{col}[{i}]"), content
+        raise RowProblem(f"bad_field: {where} has neither role/content nor from/value")
+    value = turn.get(role_key)
+    by_tag = {tags.get("user_tag"): "user", tags.get("assistant_tag"): "assistant"}
+    by_tag[tags.get("system_tag")] = "system"
+    by_tag.pop(None, None)
+    if value in (tags.get("observation_tag"), tags.get("function_tag")) and value is not None:
+        raise RowProblem(
+            f"unsupported_role: {where} has role {value!r}, a tool call or tool output "
+            "(tool use is not converted)"
+        )
+    role = by_tag[value] if value in by_tag else _role(value, where)
+    for key, v in turn.items():
+        if key in (role_key, content_key) or not _filled(v):
+            continue
+        if key in _WEIGHT_KEYS:
+            default = 1.0 if role == "assistant" else 0.0
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) == default:
+                continue  # what training does anyway: the loss is on the answers only
+            raise RowProblem(
+                f"unsupported_field: {where} ({role}) has {key} {v!r}: per-message loss weights "
+                "are not supported (every assistant turn is trained on, no other turn)"
+            )
+        if key in _TURN_KEYS:
+            if key in ("content", "value") and v == turn.get(content_key):
+                continue  # the same content under both spellings
+            raise RowProblem(
+                f"bad_field: {where} has both '{content_key}' and '{key}' (tags.role_tag / "
+                "tags.content_tag say which keys to read)"
+            )
+        raise RowProblem(f"unsupported_field: {where} has '{key}', which is not converted")
+    return role, turn.get(content_key)
+
+
+def _filled(v) -> bool:
+    """Whether a value holds something (None, '', [] and {} do not)."""
+    return v is not None and not (isinstance(v, (str, list, tuple, dict)) and len(v) == 0)
 
 
 def parse_messages(rec: dict, source: Source, fmt: str, msg_col: str) -> tuple[list[dict], _Images]:
@@ -664,12 +749,20 @@ def parse_messages(rec: dict, source: Source, fmt: str, msg_col: str) -> tuple[l
     # None for a slot that takes the next image of the `images` column; indices are assigned
     # afterwards in reading order (the order the processor matches images to image tokens).
     staged: list[tuple[str, list]] = []
-    if source.columns["system"]:
+    system = ""
+    if source.columns["system"] and source.columns["system"] != msg_col:
         system = text_value(rec, source.columns["system"], required=False)
         if system.strip():
             staged.append(("system", [text_part(system)]))
     for i, turn in enumerate(turns):
-        role, content = _turn_fields(turn, i, msg_col)
+        role, content = _turn_fields(turn, i, msg_col, source.tags)
+        if role == "system" and system.strip():
+            if content == system:
+                continue  # the same prompt twice (a field and a message): once
+            raise RowProblem(
+                f"conflicting_system: the row's '{source.columns['system']}' field and "
+                f"{msg_col}[{i}] are two different system prompts"
+            )
         where = f"{msg_col}[{i}]"
         parts: list = []
         if content is None:
@@ -705,25 +798,76 @@ def parse_messages(rec: dict, source: Source, fmt: str, msg_col: str) -> tuple[l
     return messages, imgs
 
 
-_VALUE_KEYS = ("image", "image_url", "url", "path", "bytes")
+_VALUE_KEYS = ("image", "image_url", "url", "path", "bytes", "value")
+_PART_KEYS = {"type", "text", "base64", *_VALUE_KEYS}
+_VIDEO_TYPES = ("video", "video_url", "input_video")
 
 
 def _typed_part(p, source: Source, where: str):
+    """One typed part: a text part, None (an image taking the next `images` entry), or
+    ("ref", (ref, payload)). The payload may be under its type's key, `value` (LLaMA-Factory's
+    typed parts) or the OpenAI keys; anything else that holds a value quarantines the row."""
     if isinstance(p, str):
         return text_part(p)
     if not isinstance(p, dict):
         raise RowProblem(f"bad_field: {where} is a {type(p).__name__}")
-    kind = p.get("type") or ("text" if "text" in p else "image")
+    kind = p.get("type") or ("text" if _filled(p.get("text")) else "image")
+    if kind in _VIDEO_TYPES:
+        raise RowProblem(
+            f"video_unsupported: {where} is a {kind} part (video training is not supported yet)"
+        )
+    if kind not in ("text", "image", "image_url"):
+        raise RowProblem(f"unsupported_part: {where} has type {kind!r} (text and image only)")
+    extra = [k for k, v in p.items() if k not in _PART_KEYS and _filled(v)]
+    if extra:
+        raise RowProblem(f"unsupported_field: {where} has {extra}, which is not converted")
     if kind == "text":
-        return text_part(text_value(p, "text", required=False))
-    if kind in ("image", "image_url"):
-        value = next((p[k] for k in _VALUE_KEYS if p.get(k) not in (None, "")), None)
-        if value is None and p.get("base64"):
-            value = {"base64": p["base64"]}
-        if value is None:
-            return None
-        return ("ref", image_ref(value, source, where))
-    raise RowProblem(f"unsupported_part: {where} has type {kind!r} (text and image only)")
+        held = [k for k in ("text", "value") if _filled(p.get(k))]
+        if len(held) > 1 and p["text"] != p["value"]:
+            raise RowProblem(f"bad_field: {where} has both 'text' and 'value'")
+        stray = [k for k in _VALUE_KEYS if k != "value" and _filled(p.get(k))]
+        if stray:
+            raise RowProblem(f"bad_field: text part {where} also holds {stray}")
+        return text_part(_as_text(p[held[0]], where) if held else "")
+    if _filled(p.get("text")):
+        raise RowProblem(f"bad_field: image part {where} also holds text")
+    held = [p[k] for k in _VALUE_KEYS if p.get(k) not in (None, "")]
+    if any(v != held[0] for v in held[1:]):
+        raise RowProblem(f"bad_field: image part {where} holds several different images")
+    value = held[0] if held else None
+    if value is None and p.get("base64"):
+        value = {"base64": p["base64"]}
+    if value is None:
+        return None
+    return ("ref", image_ref(value, source, where))
+
+
+def check_supported(rec: dict, source: Source) -> None:
+    """Raise RowProblem when a row holds content no layout converts (videos, audio, tools):
+    such a row is quarantined, never trained on without that content."""
+    mapped = {v for v in source.columns.values() if v}
+    for col, (kind, what) in UNSUPPORTED_COLUMNS.items():
+        if col in rec and col not in mapped and _filled(rec[col]):
+            extra = " (video training is not supported yet)" if kind == "video_unsupported" else ""
+            raise RowProblem(f"{kind}: column '{col}' holds {what}, which is not converted{extra}")
+
+
+def check_placeholders(messages: list[dict]) -> None:
+    """`<video>` / `<audio>` left in the text: media the row refers to but does not train on."""
+    for i, m in enumerate(messages):
+        for p in m["content"]:
+            if p["type"] != "text":
+                continue
+            if VIDEO_PLACEHOLDER in p["text"]:
+                raise RowProblem(
+                    f"video_unsupported: message {i} ({m['role']}) holds a {VIDEO_PLACEHOLDER} "
+                    "placeholder (video training is not supported yet)"
+                )
+            if AUDIO_PLACEHOLDER in p["text"]:
+                raise RowProblem(
+                    f"audio_unsupported: message {i} ({m['role']}) holds an {AUDIO_PLACEHOLDER} "
+                    "placeholder (audio is not converted)"
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -826,11 +970,13 @@ def iter_samples(source: Source) -> Iterator[Sample | RowError]:
             yield rec
             continue
         try:
+            check_supported(rec, source)
             if source.format == "seed":
                 messages, imgs = parse_seed(rec, source, csv_cells)
             else:
                 col = msg_col if msg_col in rec else _messages_column(rec, source, source.format)
                 messages, imgs = parse_messages(rec, source, source.format, col)
+            check_placeholders(messages)
             check_messages(messages, len(imgs.refs))
         except RowProblem as e:
             yield RowError(row, str(e), rec)

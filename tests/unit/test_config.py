@@ -15,7 +15,13 @@ def test_defaults_are_filled_from_the_schema():
     assert cfg["lora"]["r"] == 16
     assert cfg["lora"]["finetune_vision_layers"] is True
     assert cfg["train"]["optim"] == "adamw_8bit"
-    assert cfg["datasets"]["d"]["split"] == {"val": 0.05, "test": 0.1, "seed": 0}
+    assert cfg["datasets"]["d"]["split"] == {
+        "val": 0.05,
+        "test": 0.1,
+        "seed": 0,
+        "group_by": "image",
+        "group_column": None,
+    }
     assert cfg["datasets"]["d"]["sources"][0]["columns"]["response"] == "response"
     assert cfg["model"]["trust_remote_code"] is False
 

@@ -187,7 +187,7 @@ def test_messages_typed_parts_every_image_kind(folder):
     )
     assert [r["row"] for r in rejected] == [3, 4, 5, 6]
     assert [r["kind"] for r in rejected] == [
-        "unsupported_part",
+        "video_unsupported",
         "image_count_mismatch",
         "bad_image_ref",
         "bad_image_ref",
@@ -514,7 +514,8 @@ def test_duplicates_and_the_bad_fraction_gate(folder, tmp_path):
 
 def test_splits_do_not_move_when_rows_are_appended(folder):
     rows = [{"image": "img/red.png", "instruction": f"q{i}", "response": "a"} for i in range(300)]
-    cfg = {"split": {"val": 0.1, "test": 0.2, "seed": 0}}
+    # One image for every row: split row by row here (group_by image would keep them together).
+    cfg = {"split": {"val": 0.1, "test": 0.2, "seed": 0, "group_by": "none"}}
     src = jsonl(folder / "d.jsonl", rows)
 
     def splits():
@@ -565,3 +566,317 @@ def test_save_to_disk_folder_files_stay_inside_it(tmp_path, index, entry):
         (folder / index).write_text(json.dumps({"splits": [entry]}))
     with pytest.raises(DataError, match=rf"{index}: entry .* (outside|inside)"):
         Reader(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Foreign datasets (fixtures in the shapes of LLaMA-Factory's and Qwen's demo files).
+
+
+def kinds(rejected):
+    return [(r["row"], r["kind"]) for r in rejected]
+
+
+def test_llamafactory_v1_typed_parts_carry_their_payload_under_value(folder):
+    """LLaMA-Factory's v1 typed-part files (data/v1_multimodal_demo.jsonl): `value` holds the
+    text or the image path; a missing image names the path that was tried."""
+    t = lambda s: {"type": "text", "value": s}  # noqa: E731
+    i = lambda p: {"type": "image_url", "value": p}  # noqa: E731
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": [i("img/red.png"), t("Who are they?")]},
+                {"role": "assistant", "content": [t("Two players.")]},
+                {"role": "user", "content": [t("Doing what?"), i("img/blue.png")]},
+                {"role": "assistant", "content": [t("Celebrating.")]},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": [i("img/nope.jpg"), t("Who is he?")]},
+                {"role": "assistant", "content": [t("A player.")]},
+            ]
+        },
+    ]
+    ok, rejected, _ = stage(
+        folder, [{"path": jsonl(folder / "v1.jsonl", rows), "format": "messages"}]
+    )
+    assert kinds(rejected) == [(2, "bad_image/missing")]
+    assert str(folder / "img" / "nope.jpg") in rejected[0]["reason"]
+    (row,) = ok
+    assert roles_and_parts(row) == [
+        ("user", ["<0>", "Who are they?"]),
+        ("assistant", ["Two players."]),
+        ("user", ["Doing what?", "<1>"]),
+        ("assistant", ["Celebrating."]),
+    ]
+    assert colours(row) == [(255, 0, 0), (0, 0, 255)]
+
+
+def test_sharegpt_top_level_system_is_the_system_turn_by_default(folder):
+    rows = [
+        {
+            "conversations": [
+                {"from": "human", "value": "<image>Colour?"},
+                {"from": "gpt", "value": "red"},
+            ],
+            "images": ["img/red.png"],
+            "system": "Answer in one word.",
+        },
+        {  # the same prompt as a field and a message: once
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "<image>Colour?"},
+                {"from": "gpt", "value": "blue"},
+            ],
+            "images": ["img/blue.png"],
+            "system": "Be brief.",
+        },
+        {
+            "conversations": [
+                {"from": "system", "value": "Be verbose."},
+                {"from": "human", "value": "<image>Colour?"},
+                {"from": "gpt", "value": "green"},
+            ],
+            "images": ["img/green.png"],
+            "system": "Be brief.",
+        },
+    ]
+    ok, rejected, _ = stage(
+        folder, [{"path": jsonl(folder / "s.jsonl", rows), "format": "sharegpt"}]
+    )
+    assert kinds(rejected) == [(3, "conflicting_system")]
+    first, second = sorted(ok, key=lambda r: colours(r))[::-1]
+    assert roles_and_parts(first)[0] == ("system", ["Answer in one word."])
+    assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant"]
+
+
+def test_alpaca_input_joins_the_instruction(folder):
+    rows = [
+        {"image": "img/red.png", "instruction": "Translate.", "input": "rouge", "output": "red"},
+        {"image": "img/red.png", "instruction": "Name the colour.", "input": "", "output": "red"},
+    ]
+    ok, rejected, _ = stage(
+        folder, [{"path": jsonl(folder / "a.jsonl", rows), "columns": {"response": "output"}}]
+    )
+    assert not rejected
+    prompts = sorted(roles_and_parts(r)[0][1][-1] for r in ok)
+    assert prompts == ["Name the colour.", "Translate.\nrouge"]
+
+
+def test_llamafactory_role_tags_are_mapped(folder):
+    rows = [
+        {
+            "dialogue": [
+                {"speaker": "questioner", "text": "<image>Colour?"},
+                {"speaker": "answerer", "text": "red"},
+            ],
+            "pictures": ["img/red.png"],
+        },
+        {
+            "dialogue": [
+                {"speaker": "questioner", "text": "<image>Look it up"},
+                {"speaker": "tool", "text": "{}"},
+                {"speaker": "answerer", "text": "red"},
+            ],
+            "pictures": ["img/red.png"],
+        },
+    ]
+    tags = {
+        "role_tag": "speaker",
+        "content_tag": "text",
+        "user_tag": "questioner",
+        "assistant_tag": "answerer",
+        "observation_tag": "tool",
+    }
+    ok, rejected, _ = stage(
+        folder,
+        [
+            {
+                "path": jsonl(folder / "t.jsonl", rows),
+                "format": "sharegpt",
+                "columns": {"messages": "dialogue", "images": "pictures"},
+                "tags": tags,
+            }
+        ],
+    )
+    assert kinds(rejected) == [(2, "unsupported_role")]
+    assert roles_and_parts(ok[0]) == [("user", ["<0>", "Colour?"]), ("assistant", ["red"])]
+
+
+def test_rows_with_videos_are_quarantined_not_trained_without_them(folder):
+    rows = [
+        {  # LLaMA-Factory mllm_video_demo.json
+            "messages": [
+                {"role": "user", "content": "<video>What is she doing?"},
+                {"role": "assistant", "content": "Cooking."},
+            ],
+            "videos": ["clips/2.avi"],
+        },
+        {  # Qwen-VL finetune style: a `video` key
+            "video": "clips/1.mp4",
+            "conversations": [
+                {"from": "human", "value": "<video>\nWhat happens?"},
+                {"from": "gpt", "value": "A baby reads."},
+            ],
+        },
+        {  # a <video> tag without its column
+            "conversations": [
+                {"from": "human", "value": "<image> and <video>: same?"},
+                {"from": "gpt", "value": "no"},
+            ],
+            "images": ["img/red.png"],
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "<image> colour?"},
+                {"from": "gpt", "value": "red"},
+            ],
+            "images": ["img/red.png"],
+        },
+    ]
+    typed = [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "video_url", "value": "clips/3.gif"},
+                        {"type": "text", "value": "What happens?"},
+                    ],
+                },
+                {"role": "assistant", "content": [{"type": "text", "value": "Colours."}]},
+            ]
+        }
+    ]
+    ok, rejected, summary = stage(
+        folder,
+        [
+            {"path": jsonl(folder / "v.jsonl", rows), "format": "sharegpt"},
+            {"path": jsonl(folder / "vt.jsonl", typed), "format": "messages"},
+        ],
+    )
+    assert [(r["source"], r["row"], r["kind"]) for r in rejected] == [
+        ("v", 1, "video_unsupported"),
+        ("v", 2, "video_unsupported"),
+        ("v", 3, "video_unsupported"),
+        ("vt", 1, "video_unsupported"),
+    ]
+    assert summary["rejected_by_reason"] == {"video_unsupported": 4}
+    assert len(ok) == 1 and "<video>" not in json.dumps(ok[0]["messages"])
+
+
+def test_content_the_converter_does_not_understand_is_quarantined(folder):
+    def row(user, answer, **extra):
+        return {
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, *user]},
+                {"role": "assistant", "content": [{"type": "text", "text": "a"}], **answer},
+            ],
+            "images": ["img/red.png"],
+            **extra,
+        }
+
+    text = {"type": "text", "text": "q"}
+    rows = [
+        row([text], {"loss_weight": 1.0}),  # the default weight: fine
+        row([text], {"loss_weight": 0.0}),  # an answer not to train on: cannot be honoured
+        row([text], {"tool_calls": [{"name": "f"}]}),
+        row([{"type": "text", "text": "q", "cache_control": {"type": "x"}}], {}),
+        row([{"type": "audio", "audio": "a.wav"}], {}),
+        row([text], {}, tools='[{"name": "f"}]'),
+        row([{"type": "text", "text": "q2"}], {"tool_calls": None}),  # empty: nothing is lost
+        row([text], {"value": "another answer"}),  # two contents: which one is meant?
+        row([{"type": "image", "image": "img/red.png", "url": "img/blue.png"}, text], {}),
+    ]
+    ok, rejected, _ = stage(
+        folder, [{"path": jsonl(folder / "u.jsonl", rows), "format": "messages"}]
+    )
+    assert kinds(rejected) == [
+        (2, "unsupported_field"),
+        (3, "unsupported_field"),
+        (4, "unsupported_field"),
+        (5, "unsupported_part"),
+        (6, "unsupported_field"),
+        (8, "bad_field"),
+        (9, "bad_field"),
+    ]
+    assert "both 'content' and 'value'" in rejected[5]["reason"]
+    assert "several different images" in rejected[6]["reason"]
+    assert "loss_weight" in rejected[0]["reason"] and "'tool_calls'" in rejected[1]["reason"]
+    assert "cache_control" in rejected[2]["reason"] and "'tools'" in rejected[4]["reason"]
+    assert len(ok) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits.
+
+
+def split_stage(tmp_path, rows, split, name="d", require=("train",)):
+    cfg = resolve_dataset(
+        {"sources": [{"path": jsonl(tmp_path / "g.jsonl", rows)}], "split": split}
+    )
+    recs = validate_dataset(cfg, tmp_path / "cache", progress=False)
+    images = {(r["kind"], r["root"], r["path"]): r for r in recs}
+    summary = format_dataset(cfg, images, tmp_path / "o", name=name, require=require)
+    out = {s: read_conversations(tmp_path / "o" / f"{s}.parquet") for s in ("train", "val", "test")}
+    return out, summary
+
+
+def test_rows_that_share_an_image_stay_in_one_split(tmp_path):
+    img = tmp_path / "img"
+    img.mkdir()
+    for k in range(40):
+        (img / f"{k}.png").write_bytes(png((k * 6, 255 - k * 6, k)))
+    (img / "copy-of-0.png").write_bytes((img / "0.png").read_bytes())  # same picture, new name
+    rows = [
+        {"image": f"img/{k}.png", "instruction": f"question {q}", "response": "a"}
+        for k in range(40)
+        for q in range(5)
+    ]
+    rows.append({"image": "img/copy-of-0.png", "instruction": "again", "response": "a"})
+    # A row with two images joins their groups.
+    rows.append({"image": ["img/1.png", "img/2.png"], "instruction": "both", "response": "a"})
+    out, summary = split_stage(tmp_path, rows, {"val": 0.2, "test": 0.3})
+    where: dict[str, set] = {}
+    for s, got in out.items():
+        for r in got:
+            for path in r["images"]:
+                key = (img / "0.png") if path.endswith("copy-of-0.png") else path
+                where.setdefault(str(key), set()).add(s)
+    assert len(where) == 40 and all(len(v) == 1 for v in where.values()), where
+    assert where[str(img / "1.png")] == where[str(img / "2.png")]
+    assert summary["split_groups"] == 39  # 40 pictures, two of them joined by a row
+    assert all(summary["splits"][s] > 0 for s in ("train", "val", "test"))
+
+
+def test_rows_with_the_same_group_column_value_stay_in_one_split(tmp_path):
+    (tmp_path / "a.png").write_bytes(RED)
+    rows = [
+        {"image": "a.png", "instruction": f"q{i}", "response": "a", "patient": f"p{i % 10}"}
+        for i in range(100)
+    ]
+    split = {"val": 0.2, "test": 0.3, "group_by": "column", "group_column": "patient"}
+    out, summary = split_stage(tmp_path, rows, split)
+    by_patient: dict[str, set] = {}
+    for s, got in out.items():
+        for r in got:
+            q = int(r["messages"][0]["content"][-1]["text"][1:])
+            by_patient.setdefault(f"p{q % 10}", set()).add(s)
+    assert len(by_patient) == 10 and all(len(v) == 1 for v in by_patient.values())
+    assert summary["split_groups"] == 10
+    with pytest.raises(Exception, match="group_column"):
+        resolve_dataset({"sources": [{"path": "x.jsonl"}], "split": {"group_by": "column"}})
+
+
+def test_an_empty_split_fails_at_format_conversations_naming_the_key(tmp_path):
+    """Six rows on one image are one group: one split gets them all, the other is empty. That
+    is an error now (naming the numbers and the key), not after training."""
+    (tmp_path / "a.png").write_bytes(RED)
+    rows = [{"image": "a.png", "instruction": f"q{i}", "response": "a"} for i in range(6)]
+    with pytest.raises(DataError) as e:
+        split_stage(tmp_path, rows, {"val": 0.05, "test": 0.1}, require=("train", "test"))
+    msg = str(e.value)
+    assert "split is empty: 6 rows accepted" in msg and "1 groups" in msg
+    assert "datasets.d.split." in msg
+    assert not (tmp_path / "o" / "train.parquet").exists()
+    assert not list((tmp_path / "o").glob("*.parquet.tmp-*"))

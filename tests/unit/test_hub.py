@@ -167,3 +167,85 @@ def test_fetch_reports_a_missing_model_clearly(fake_hub, tmp_path):
     assert res.returncode != 0
     assert "model.name 'nobody/nothing' is not a model on the Hub" in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "x.json").exists()
+
+
+def _model_folder(path, files):
+    path.mkdir(parents=True)
+    for name in files:
+        (path / name).write_text("{}")
+    return path
+
+
+def test_local_paths_are_never_hub_ids(tmp_path, monkeypatch):
+    from vlmflow.hub import ModelSourceError, check_model_source, model_location
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for name in ("./models/foo", "/abs/missing", "models/foo", "../x/y", "a/b/c", "~/m"):
+        assert model_location(name) == "local" and not is_hub_id(name), name
+        with pytest.raises(ModelSourceError, match="is a local path") as e:
+            check_model_source({"name": name})
+        assert "no such folder" in str(e.value)
+    assert model_location("Qwen/Qwen2.5-VL-7B-Instruct") == "hub"
+    assert check_model_source({"name": "Qwen/Qwen2.5-VL-7B-Instruct"}) == "hub"
+    # a tiny model that a rule builds is checked once it exists
+    assert check_model_source({"name": "models/tiny-x"}, built_by_rule="models/tiny-") == "local"
+
+
+def test_fetch_refuses_a_local_path_before_any_network(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from vlmflow.hub import HubError, fetch
+
+    def no_network(*a, **k):
+        raise AssertionError("snapshot_download called for a local path")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_that_must_not_travel")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(HubError, match="is a local path"):
+        fetch("models/foo")
+
+
+def test_unusable_model_folders_are_refused_with_the_reason(tmp_path, tiny_qwen):
+    from vlmflow.hub import ModelSourceError, check_model_source
+
+    ok = check_model_source({"name": str(tiny_qwen)})
+    assert ok == "local"
+    weights = ["config.json", "model.safetensors"]
+    tok = ["tokenizer.json", "tokenizer_config.json"]
+    cases = {
+        "no-config": (["model.safetensors", *tok, "processor_config.json"], "no config.json"),
+        "no-tokenizer": (
+            [*weights, "processor_config.json"],
+            "has no tokenizer (one of tokenizer.json",
+        ),
+        "no-processor": ([*weights, *tok], "has no image processor (processor_config.json"),
+        "pickle-only": (
+            ["config.json", "pytorch_model.bin", *tok, "preprocessor_config.json"],
+            "only pickle weights (pytorch_model.bin)",
+        ),
+        "no-weights": (["config.json", *tok, "processor_config.json"], "no weights"),
+    }
+    for name, (files, message) in cases.items():
+        folder = _model_folder(tmp_path / name, files)
+        with pytest.raises(ModelSourceError) as e:
+            check_model_source({"name": str(folder)})
+        assert message in str(e.value) and str(folder) in str(e.value), name
+
+
+def test_clis_that_load_a_model_say_a_local_folder_is_missing(tmp_path):
+    cfg = json.dumps({"model": {"name": str(tmp_path / "nope")}})
+    for script, extra in (
+        ("token_budget.py", ["--data", str(tmp_path), "--outdir", str(tmp_path / "o")]),
+        ("merge.py", ["--adapter", str(tmp_path), "--out", str(tmp_path / "m")]),
+    ):
+        res = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / script), "--config", cfg, *extra],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        assert res.returncode == 1, res.stderr[-2000:]
+        assert f"model.name '{tmp_path / 'nope'}' is a local path (no such folder" in res.stderr

@@ -298,3 +298,49 @@ def test_fast_jpeg_catches_what_a_full_size_decode_catches(tmp_path, progressive
             assert a["ok"] == (name == "intact"), name
         assert (a["width"], a["height"]) == (160, 120)
     assert sum(not images.inspect_file(tmp_path / f"{n}.jpg", fast)["ok"] for n in variants) >= 7
+
+
+def _idat_offset(data: bytes) -> int:
+    pos = 8
+    while data[pos + 4 : pos + 8] != b"IDAT":
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
+    return pos
+
+
+def test_png_with_a_bad_chunk_crc_is_rejected(tmp_path):
+    """Bit rot inside the image data: Pillow decodes such a file (to wrong pixels) without a
+    word; the chunk's CRC says the file is damaged."""
+    x = np.arange(32)
+    arr = np.stack(
+        [np.add.outer(x, x) * 4 % 256, np.multiply.outer(x, x) % 256, np.full((32, 32), 7)], -1
+    ).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    data = buf.getvalue()
+    pos = _idat_offset(data)
+    silent = None
+    for off in range(int.from_bytes(data[pos : pos + 4], "big")):
+        rotten = bytearray(data)
+        rotten[pos + 8 + off] ^= 0x01
+        try:
+            with Image.open(io.BytesIO(bytes(rotten))) as im:
+                im.load()
+                if not (np.asarray(im) == arr).all():
+                    silent = bytes(rotten)
+                    break
+        except Exception:
+            continue
+    assert silent is not None  # Pillow alone accepts a damaged file with wrong pixels
+    (tmp_path / "rot.png").write_bytes(silent)
+    rec = check_image(str(tmp_path), "rot.png", ImagePolicy())
+    assert not rec.ok
+    assert rec.reason.startswith("corrupt: PNG chunk 'IDAT'") and "CRC" in rec.reason
+    (tmp_path / "fine.png").write_bytes(data)
+    assert check_image(str(tmp_path), "fine.png", ImagePolicy()).ok
+
+
+def test_missing_image_names_the_resolved_path(root):
+    rec = check_image(str(root), "sub/nope.png", ImagePolicy())
+    assert rec.reason == f"missing: file not found: {root / 'sub' / 'nope.png'}"
+    (out,) = validate_refs([ImageRef("path", str(root), "gone.png")], ImagePolicy())
+    assert out["reason"] == f"missing: file not found: {root / 'gone.png'}"
