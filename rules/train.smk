@@ -25,8 +25,9 @@ rule train:
         work_dir="results/runs/{run}/work/train",
         launch=train_launcher(),
     # `exec`: SLURM's SIGTERM (time limit, preemption) reaches the training process itself,
-    # which checkpoints and exits 75; the retried job resumes.
+    # which checkpoints and exits 75; the retried job resumes. --stop-with-parent: the same
+    # when Snakemake (its parent) is killed, so that no orphan trains on beside the next run.
     shell:
         "exec {params.launch} {params.script} --config {params.config:q} "
         "--train {input.train} --out {output.adapter} --work-dir {params.work_dir} "
-        "--threads {threads} > {log} 2>&1"
+        "--threads {threads} --stop-with-parent > {log} 2>&1"
