@@ -313,7 +313,8 @@ def base_model_hashes(model_cfg: dict, cache: Path | None = None) -> dict[str, s
             old = json.loads(cache.read_text())
         except ValueError:
             old = {}
-    new, out = {}, {}
+    new, out, hashed = {}, {}, 0
+    t0 = time.perf_counter()
     for p in sorted(Path(name).rglob("*")):
         if not p.is_file():
             continue
@@ -322,8 +323,16 @@ def base_model_hashes(model_cfg: dict, cache: Path | None = None) -> dict[str, s
         entry = old.get(str(p.resolve()))
         if entry is None or entry.get("key") != key:
             entry = {"key": key, "sha256": sha256_file(p)}
+            hashed += st.st_size
         new[str(p.resolve())] = entry
         out[str(p.relative_to(name))] = entry["sha256"]
+    if hashed:
+        log.info(
+            "sha256 of the base model's files: %.2f GB hashed in %.1f s (again only when a "
+            "file changes)",
+            hashed / 1e9,
+            time.perf_counter() - t0,
+        )
     if cache is not None and new != old:
         write_json(cache, new)
     return out

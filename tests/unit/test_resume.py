@@ -165,7 +165,7 @@ def test_a_killed_parent_leaves_no_trainer_running(tiny_qwen, digits_rows, tmp_p
 
 
 def test_a_second_trainer_on_the_same_work_folder_refuses_naming_the_first(
-    tiny_qwen, rows, tmp_path
+    tiny_qwen, rows, tmp_path, monkeypatch, capsys
 ):
     work = tmp_path / "work"
     work.mkdir()
@@ -186,6 +186,12 @@ def test_a_second_trainer_on_the_same_work_folder_refuses_naming_the_first(
         with pytest.raises(T.WorkDirBusy, match=f"another trainer \\(PID {holder.pid} on "):
             T.train(_cfg(tiny_qwen), rows, tmp_path / "out", work)
         assert not (tmp_path / "out").exists() and not list(work.glob("checkpoint-*"))
+        # the CLI: one line and exit 1, before the model is loaded
+        args = ["--config", json.dumps(_raw(tiny_qwen)), "--train", str(tmp_path / "none")]
+        args += ["--out", str(tmp_path / "out"), "--work-dir", str(work)]
+        pq.write_table(to_table(rows), tmp_path / "none")
+        assert _train_cli(monkeypatch, *args) == 1
+        assert f"error: another trainer (PID {holder.pid} on " in capsys.readouterr().err
     finally:
         holder.kill()
         holder.wait()
@@ -225,6 +231,8 @@ def test_resume_crosses_bookkeeping_changes_but_not_learning_ones(
             preempt=StopAfter(1),
         )
     assert e.value.step == 1  # started over
+    # its first checkpoint replaced the stale one
+    assert [p.name for p in (tmp_path / "w2").glob("checkpoint-*")] == ["checkpoint-00000001"]
     assert (
         "checkpoint-00000002 not resumed: made with other settings: train.learning_rate "
         "was 0.002, now 0.001" in caplog.text
@@ -365,31 +373,31 @@ def test_checkpoints_that_cannot_be_trusted_are_passed_over(tmp_path, caplog):
     assert not (tmp_path / "checkpoint-00000003").exists()
 
 
+class FullDisk:
+    """A file on a disk that fills up after 64 bytes (what the kernel then answers)."""
+
+    def __init__(self, path):
+        self.f, self.n = open(path, "wb"), 0  # noqa: SIM115 (closed by __exit__)
+
+    def write(self, b):
+        self.n += len(b)
+        if self.n > 64:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
 def test_a_full_disk_is_named_and_the_last_good_checkpoint_kept(tmp_path, monkeypatch):
     t = _Tiny()
     good = t.save(tmp_path, 2, loss=1.0)
-
-    class FullDisk:
-        """A file on a disk that fills up after 64 bytes (what the kernel then answers)."""
-
-        def __init__(self, path):
-            self.f, self.n = open(path, "wb"), 0  # noqa: SIM115 (closed by __exit__)
-
-        def write(self, b):
-            self.n += len(b)
-            if self.n > 64:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return self.f.write(b)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
     monkeypatch.setattr(T, "_open_for_write", FullDisk)
     with pytest.raises(T.CheckpointWriteError) as e:
         t.save(tmp_path, 4, loss=1.0)
@@ -397,3 +405,38 @@ def test_a_full_disk_is_named_and_the_last_good_checkpoint_kept(tmp_path, monkey
     assert "the last good checkpoint checkpoint-00000002 is kept" in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000002"]  # no .tmp-*
     T.read_checkpoint(good)
+
+
+def _train_cli(monkeypatch, *args):
+    """scripts/train.py's main, in this process; its exit code."""
+    import runpy
+
+    mod = runpy.run_path(str(ROOT / "scripts/train.py"), run_name="vlmflow_train_cli")
+    monkeypatch.setattr(sys, "argv", ["train.py", *args, "--threads", "1"])
+    with pytest.raises(SystemExit) as e:
+        mod["run"](mod["main"])
+    return e.value.code
+
+
+def test_the_train_cli_stops_on_a_full_disk_with_exit_1(
+    tiny_qwen, digits_rows, tmp_path, monkeypatch, capsys
+):
+    data = tmp_path / "train.parquet"
+    pq.write_table(to_table([r for r in digits_rows if r["split"] == "train"][:16]), data)
+    real, opened = T._open_for_write, []
+
+    def filling(path):  # the first checkpoint's two files fit, then the disk is full
+        opened.append(path)
+        return real(path) if len(opened) <= 2 else FullDisk(path)
+
+    monkeypatch.setattr(T, "_open_for_write", filling)
+    cfg = json.dumps(_raw(tiny_qwen, max_steps=4, save_steps=1))
+    work = tmp_path / "w"
+    args = ["--config", cfg, "--train", str(data), "--out", str(tmp_path / "o")]
+    assert _train_cli(monkeypatch, *args, "--work-dir", str(work)) == 1
+    err = capsys.readouterr().err
+    assert "error: no space left on device while writing the checkpoint of step 2" in err
+    assert "the last good checkpoint checkpoint-00000001 is kept" in err
+    assert sorted(p.name for p in work.glob("*checkpoint-*")) == ["checkpoint-00000001"]
+    T.read_checkpoint(work / "checkpoint-00000001")
+    assert not (tmp_path / "o").exists()
