@@ -440,3 +440,37 @@ def test_the_train_cli_stops_on_a_full_disk_with_exit_1(
     assert sorted(p.name for p in work.glob("*checkpoint-*")) == ["checkpoint-00000001"]
     T.read_checkpoint(work / "checkpoint-00000001")
     assert not (tmp_path / "o").exists()
+
+
+def test_two_ranks_resume_rank_0s_choice(tiny_qwen, digits_rows, tmp_path):
+    """Under torchrun rank 0 alone holds the lock, verifies and picks the checkpoint; both ranks
+    resume from it. A completed run leaves its checkpoints: a re-run with the adapter removed
+    resumes from it and ends with the same adapter. Tolerance: 1e-6 absolute (same
+    ranks, same threads)."""
+    from safetensors.torch import load_file
+
+    from vlmflow.cluster import launch_prefix
+
+    data = tmp_path / "train.parquet"
+    pq.write_table(to_table([r for r in digits_rows if r["split"] == "train"][:32]), data)
+    # resumed at step 2 of 4: the weights of step 4 depend on rank 1's own optimizer and
+    # scheduler state at step 3 (not broadcast), so rank 1 must have resumed too
+    cfg = json.dumps(_raw(tiny_qwen, max_steps=4, save_steps=2, per_device_train_batch_size=4))
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+
+    def run(out):
+        cmd = [str(bin_dir / "torchrun"), *launch_prefix(2).split()[1:]]
+        cmd += [str(ROOT / "scripts/train.py"), "--config", cfg, "--train", str(data)]
+        cmd += ["--out", str(out), "--work-dir", str(tmp_path / "w"), "--threads", "2"]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-5000:]
+        return json.loads((out / "train_summary.json").read_text())["resumed_from_step"]
+
+    assert run(tmp_path / "a") == 0
+    assert run(tmp_path / "b") == 2
+    wa = load_file(tmp_path / "a/adapter_model.safetensors")
+    wb = load_file(tmp_path / "b/adapter_model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
