@@ -25,8 +25,9 @@ rule train:
         work_dir="results/runs/{run}/work/train",
         launch=train_launcher(),
     # `exec`: SLURM's SIGTERM (time limit, preemption) reaches the training process itself,
-    # which checkpoints and exits 75; the retried job resumes.
+    # which checkpoints and exits 75; the retried job resumes. --stop-with-parent: the same
+    # when Snakemake (its parent) is killed, so that no orphan trains on beside the next run.
     shell:
         "exec {params.launch} {params.script:q} --config {params.config:q} "
         "--train {input.train:q} --out {output.adapter:q} --work-dir {params.work_dir:q} "
-        "--threads {threads:q} > {log:q} 2>&1"
+        "--threads {threads:q} --stop-with-parent > {log:q} 2>&1"

@@ -2,9 +2,9 @@
 """Fine-tune a VLM with LoRA/QLoRA on a conversation Parquet file; write a PEFT adapter.
 
 Runs as one process, or as one rank of several under torchrun (data-parallel over GPUs/nodes).
-SIGTERM/SIGUSR1 (SLURM's time-limit warning, preemption) end it cleanly at the next step with a
-checkpoint and exit code 75; running it again resumes. CUDA out-of-memory ends with the settings
-to lower.
+SIGTERM/SIGUSR1 (SLURM's time-limit warning, preemption) and SIGINT (Ctrl-C) end it cleanly at
+the next step with a checkpoint and exit code 75; running it again resumes. CUDA out-of-memory
+and a full disk end with what to do. One trainer per work folder (a second one stops at once).
 """
 
 import logging
@@ -20,8 +20,14 @@ from vlmflow.config import resolve_sections
 from vlmflow.data import read_conversations
 from vlmflow.distributed import init_distributed
 from vlmflow.hub import check_model_source
-from vlmflow.preempt import EXIT_PREEMPTED, Preempted, PreemptionHandler, oom_advice
-from vlmflow.train import train
+from vlmflow.preempt import (
+    EXIT_PREEMPTED,
+    Preempted,
+    PreemptionHandler,
+    oom_advice,
+    stop_with_parent,
+)
+from vlmflow.train import CheckpointWriteError, WorkDirBusy, train
 
 log = logging.getLogger("vlmflow.train")
 
@@ -31,11 +37,19 @@ def main() -> None:
     p.add_argument("--train", required=True, help="train.parquet")
     p.add_argument("--out", required=True, help="adapter folder to write")
     p.add_argument("--work-dir", required=True, help="checkpoints and the running log (resumable)")
+    p.add_argument(
+        "--stop-with-parent",
+        action="store_true",
+        help="checkpoint and stop when the process that started this one dies (Linux; the "
+        "train rule sets it: a killed Snakemake leaves no trainer behind)",
+    )
     a = p.parse_args()
     setup_logging(a.verbose)
     cfg = resolve_sections(a.config, ["model", "lora", "train"])
     check_model_source(cfg["model"])  # a missing or unusable local model: say so now
     preempt = PreemptionHandler()
+    if a.stop_with_parent:
+        stop_with_parent()  # SIGTERM, which the handler turns into a checkpoint
     ctx = init_distributed()
     # the rule's threads are per node: share them among this node's ranks
     torch.set_num_threads(max(1, a.threads // ctx.local_world_size))
@@ -51,6 +65,10 @@ def main() -> None:
             with open(Path(a.work_dir) / "preemptions.log", "a") as f:
                 f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {slurm_context() or ''} {e}\n")
         sys.exit(EXIT_PREEMPTED)
+    except (WorkDirBusy, CheckpointWriteError) as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except torch.cuda.OutOfMemoryError:
         log.error("%s", oom_advice(cfg, ctx.world_size), exc_info=a.verbose)
         print(f"error: {oom_advice(cfg, ctx.world_size)}", file=sys.stderr)

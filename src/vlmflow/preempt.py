@@ -2,16 +2,22 @@
 
 SLURM warns a job before its time limit (`sbatch --signal=TERM@180`, which the train rule asks
 for) and before preemption (SIGTERM, then SIGKILL after the grace time); users and admins may
-send SIGUSR1. `PreemptionHandler` turns SIGTERM and SIGUSR1 into a flag; the train loop checks
-it at every step boundary, writes a checkpoint atomically and raises `Preempted`; the train CLI
-then exits with `EXIT_PREEMPTED` (75) and a message saying where it stopped. The retried job
-(Snakemake `retries:` or a SLURM requeue) resumes from that checkpoint.
+send SIGUSR1; Ctrl-C sends SIGINT. `PreemptionHandler` turns SIGTERM, SIGUSR1 and SIGINT into a
+flag; the train loop checks it at every step boundary, writes a checkpoint atomically and raises
+`Preempted`; the train CLI then exits with `EXIT_PREEMPTED` (75) and a message saying where it
+stopped. The retried job (Snakemake `retries:` or a SLURM requeue) resumes from that checkpoint.
+
+`stop_with_parent` (Linux) asks the kernel for a SIGTERM when the process that started the
+trainer dies (Snakemake killed with -9): the orphan then checkpoints and stops instead of
+training on beside the next run.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -19,9 +25,28 @@ from .cluster import EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EXIT_PREEMPTED", "Preempted", "PreemptionHandler", "oom_advice"]
+__all__ = ["EXIT_PREEMPTED", "Preempted", "PreemptionHandler", "oom_advice", "stop_with_parent"]
 
-DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent(signum: int = signal.SIGTERM) -> bool:
+    """Have the kernel send `signum` to this process when its parent dies (prctl
+    PR_SET_PDEATHSIG; Linux only, else False). Under torchrun the parent is torchrun; under
+    Snakemake, the Snakemake process (the rule `exec`s the trainer)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+        return False
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signum)
+    return True
 
 
 class Preempted(Exception):  # noqa: N818 (not an error: a requested stop)
@@ -45,6 +70,8 @@ class PreemptionHandler:
 
     def __init__(self, signals=DEFAULT_SIGNALS):
         self.received: signal.Signals | None = None
+        self.orphaned = False  # the signal came with the parent's death (stop_with_parent)
+        self._parent = os.getppid()
         self._previous: dict[signal.Signals, object] = {}
         if threading.current_thread() is not threading.main_thread():
             log.warning("not in the main thread: preemption signals are not handled")
@@ -60,8 +87,9 @@ class PreemptionHandler:
     def _on_signal(self, signum, frame) -> None:
         if self.received is None:
             self.received = signal.Signals(signum)
+            self.orphaned = os.getppid() != self._parent
             # logging from a handler is safe in CPython: handlers run between bytecodes
-            log.warning("%s received: will checkpoint and stop after this step", self.received.name)
+            log.warning("%s received: will checkpoint and stop after this step", self.signame)
 
     @property
     def requested(self) -> bool:
@@ -69,7 +97,11 @@ class PreemptionHandler:
 
     @property
     def signame(self) -> str:
-        return self.received.name if self.received is not None else "stop request"
+        if self.received is None:
+            return "stop request"
+        if self.orphaned:
+            return f"{self.received.name} (its parent process {self._parent} ended)"
+        return self.received.name
 
     def close(self) -> None:
         for sig, prev in self._previous.items():

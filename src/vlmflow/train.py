@@ -7,8 +7,10 @@ reads global sample position `p = (s * accum + m) * batch + i`, i.e. epoch `p //
 micro-batches (`group_by_length`); `train.packing` packs each micro-batch's samples into rows
 (`vlmflow.collate.collate_packed`). Neither changes which samples a step sees.
 Checkpoints (trainable weights, optimizer, scheduler, RNG) go to a work folder outside the rule's
-outputs, atomically, every `save_steps`; a re-run resumes from the newest one whose fingerprint
-(config + data) matches.
+outputs, atomically, every `save_steps` / `save_minutes` and on a stop signal, with the sha256 of
+each file; a re-run resumes from the newest one that verifies and was made with the same
+identity (settings but those of `RESUME_IGNORES`, data, base model, ranks), and logs why it passed
+over any newer one. One trainer at a time holds the work folder (`lock_work_dir`).
 
 `train_step` (one optimizer step over a list of micro-batches) and
 `vlmflow.modeling.build_training_model` are the pieces benchmarks call, so that what they time
@@ -251,11 +253,145 @@ def build_scheduler(optimizer, train_cfg: dict, steps: int):
 
 
 # ----------------------------------------------------------------------------------- checkpoints
-def fingerprint(cfg: dict, data_files: list[str]) -> str:
-    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
-    for f in data_files:
-        h.update(hashlib.sha256(Path(f).read_bytes()).digest())
-    return h.hexdigest()[:16]
+# What a checkpoint may be resumed across. Every other key of the model, lora and train sections
+# (data, model identity, LoRA shape, optimizer, schedule, seed, batch, ...) is part of the run's
+# identity, as are the sha256 of the data files and of the base model and the number of ranks;
+# a checkpoint made with another identity is not resumed and the log says what differs. These
+# keys only change how fast, where or how verbosely the same optimisation runs (the
+# recomputation and compilation knobs give the same numbers up to rounding).
+RESUME_IGNORES = {
+    "model": ("attn_implementation", "offload_embeddings", "trust_remote_code"),
+    "train": (
+        "logging_steps",
+        "save_steps",
+        "save_minutes",
+        "threads",
+        "dataloader_workers",
+        "cache_encoded",
+        "compile",
+        "use_gradient_checkpointing",
+        "gpus",  # the number of ranks (gpus x nodes) is part of the identity instead
+        "nodes",
+    ),
+}
+CHECKPOINT_FILES = ("trainable.safetensors", "state.pt")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed (damaged, non-finite); the message says why."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (no space left, quota); the older checkpoints are kept."""
+
+
+class WorkDirBusy(RuntimeError):
+    """Another trainer holds the work folder's lock."""
+
+
+def base_model_hashes(model_cfg: dict, cache: Path | None = None) -> dict[str, str]:
+    """What identifies the base weights: the sha256 of every file of a local folder (cached in
+    `cache`, keyed by size, mtime, ctime and inode: a file is hashed again only once it changed),
+    or the resolved commit of a hub model in the local cache."""
+    name = model_cfg["name"]
+    if not Path(name).is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(
+                snapshot_download(name, revision=model_cfg["revision"], local_files_only=True)
+            )
+            commit = folder.name if folder.parent.name == "snapshots" else str(folder)
+        except Exception:  # not in the cache: from_pretrained will say so
+            commit = "unresolved"
+        return {"hub commit": commit}
+    from .archive import sha256_file
+
+    old = {}
+    if cache is not None and cache.exists():
+        try:
+            old = json.loads(cache.read_text())
+        except ValueError:
+            old = {}
+    new, out, hashed = {}, {}, 0
+    t0 = time.perf_counter()
+    for p in sorted(Path(name).rglob("*")):
+        if not p.is_file():
+            continue
+        st = p.stat()
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        entry = old.get(str(p.resolve()))
+        if entry is None or entry.get("key") != key:
+            entry = {"key": key, "sha256": sha256_file(p)}
+            hashed += st.st_size
+        new[str(p.resolve())] = entry
+        out[str(p.relative_to(name))] = entry["sha256"]
+    if hashed:
+        log.info(
+            "sha256 of the base model's files: %.2f GB hashed in %.1f s (again only when a "
+            "file changes)",
+            hashed / 1e9,
+            time.perf_counter() - t0,
+        )
+    if cache is not None and new != old:
+        write_json(cache, new)
+    return out
+
+
+def run_identity(
+    cfg: dict, data_files: list[str], world_size: int = 1, model_hashes: dict | None = None
+) -> dict:
+    """What a checkpoint must share with this run to be resumed (see RESUME_IGNORES)."""
+    return {
+        "config": {
+            f"{section}.{k}": v
+            for section in ("model", "lora", "train")
+            for k, v in sorted(cfg.get(section, {}).items())
+            if k not in RESUME_IGNORES.get(section, ())
+        },
+        "data": {
+            Path(f).name: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in data_files
+        },
+        "base_model": dict(model_hashes or {}),
+        "world_size": world_size,
+    }
+
+
+def fingerprint(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
+
+
+def identity_differences(old: dict | None, new: dict) -> list[str]:
+    """What differs between a checkpoint's identity and this run's, in words."""
+    if not isinstance(old, dict):
+        return ["it records no settings (made by an older vlmflow)"]
+    out = []
+
+    def show(v):
+        return json.dumps(v, default=str)
+
+    oc, nc = old.get("config", {}), new["config"]
+    for k in sorted(set(oc) | set(nc)):
+        if k not in oc:
+            out.append(f"{k} is new ({show(nc[k])})")
+        elif k not in nc:
+            out.append(f"{k} is gone (was {show(oc[k])})")
+        elif show(oc[k]) != show(nc[k]):
+            out.append(f"{k} was {show(oc[k])}, now {show(nc[k])}")
+    od, nd = old.get("data", {}), new["data"]
+    if od != nd:
+        changed = sorted(k for k in set(od) | set(nd) if od.get(k) != nd.get(k))
+        out.append(f"the training data changed ({', '.join(changed)})")
+    ob, nb = old.get("base_model", {}), new["base_model"]
+    if ob != nb:
+        changed = sorted(k for k in set(ob) | set(nb) if ob.get(k) != nb.get(k))
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        out.append(f"the base model's files changed ({', '.join(changed[:3])}{more})")
+    if old.get("world_size") != new["world_size"]:
+        out.append(f"it was made by {old.get('world_size')} rank(s), now {new['world_size']}")
+    return out or ["its fingerprint differs"]
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -264,47 +400,197 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     }
 
 
+class _HashingWriter:
+    """A file that hashes what goes through it (torch.save writes to it)."""
+
+    def __init__(self, f):
+        self.f, self.h = f, hashlib.sha256()
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _open_for_write(path: Path):
+    return open(path, "wb")
+
+
+def _write_checkpoint_file(path: Path, write) -> str:
+    """Write one file through Python's own file object (a full disk then raises
+    OSError(ENOSPC) rather than torch's 'unexpected pos' error), fsync it; its sha256."""
+    with _open_for_write(path) as f:
+        w = _HashingWriter(f)
+        write(w)
+        f.flush()
+        os.fsync(f.fileno())
+    return w.h.hexdigest()
+
+
 def save_checkpoint(
-    work_dir: Path, step: int, model, optimizer, scheduler, fp: str, scaler=None
+    work_dir: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    fp: str,
+    scaler=None,
+    *,
+    identity: dict | None = None,
+    loss: float | None = None,
 ) -> Path:
-    from safetensors.torch import save_file
+    """Write `checkpoint-<step>` atomically, with the sha256 of each file in its meta.json, then
+    keep the two newest checkpoints of this fingerprint (older ones, those of other settings and
+    unreadable ones are removed). A full disk raises CheckpointWriteError; the older checkpoints
+    are then left as they are."""
+    import errno
+
+    from safetensors.torch import save as save_safetensors
 
     final = work_dir / f"checkpoint-{step:08d}"
-    with atomic_dir(final) as tmp:
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
-            },
-            tmp / "state.pt",
+    weights = trainable_state(model)
+    bad = [n for n, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad or (loss is not None and not math.isfinite(loss)):
+        what = f"the trainable weight {bad[0]} is" if bad else f"the loss is {loss}"
+        raise NonFiniteLossError(
+            f"{what} not finite after step {step}: not checkpointed, and stopped. The last good "
+            f"checkpoint (if any) is kept in {work_dir}. Lower train.learning_rate or check the "
+            "data."
         )
-        write_json(tmp / "meta.json", {"step": step, "fingerprint": fp})
-    for old in sorted(work_dir.glob("checkpoint-*"))[:-2]:  # keep the two newest
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+    }
+    try:
+        with atomic_dir(final) as tmp:
+            blob = save_safetensors(weights)
+            files = {
+                "trainable.safetensors": _write_checkpoint_file(
+                    tmp / "trainable.safetensors", lambda f: f.write(blob)
+                ),
+                "state.pt": _write_checkpoint_file(
+                    tmp / "state.pt", lambda f: torch.save(state, f)
+                ),
+            }
+            meta = {"step": step, "fingerprint": fp, "files": files, "loss": loss}
+            if identity is not None:
+                meta["identity"] = identity
+            write_json(tmp / "meta.json", meta)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        kept = [p.name for p in _checkpoints_of(work_dir, fp)]
+        why = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        raise CheckpointWriteError(
+            f"{why} while writing the checkpoint of step {step} in {work_dir}: "
+            + (
+                f"the last good checkpoint {kept[-1]} is kept; "
+                if kept
+                else "no earlier checkpoint to keep; "
+            )
+            + "free some space and run again to resume"
+        ) from None
+    keep = _checkpoints_of(work_dir, fp)[-2:]  # the two newest of these settings
+    for old in sorted(p for p in work_dir.glob("checkpoint-*") if p not in keep):
+        log.info("removed %s (older, or made with other settings, or unreadable)", old.name)
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest_checkpoint(work_dir: Path, fp: str) -> Path | None:
+def _read_meta(ckpt: Path) -> dict | None:
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _checkpoints_of(work_dir: Path, fp: str) -> list[Path]:
+    """Checkpoints of fingerprint `fp` whose meta.json reads, oldest first."""
+    out = []
+    for ckpt in sorted(work_dir.glob("checkpoint-*")):
+        meta = _read_meta(ckpt)
+        if meta is not None and meta.get("fingerprint") == fp:
+            out.append(ckpt)
+    return out
+
+
+def read_checkpoint(ckpt: Path) -> tuple[dict, dict, int]:
+    """(trainable weights, optimizer/scheduler/RNG state, step) of a checkpoint, verified: every
+    file matches the sha256 recorded when it was saved, and loss and weights are finite.
+    Raises CheckpointError saying what is wrong (never a loader's advice: state.pt is read with
+    weights_only=True only)."""
+    from safetensors.torch import load_file
+
+    from .archive import sha256_file
+
+    meta = _read_meta(ckpt)
+    if meta is None:
+        raise CheckpointError("meta.json is missing or unreadable")
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError("meta.json records no file hashes (made by an older vlmflow)")
+    for name in CHECKPOINT_FILES:
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{name} is missing")
+        if sha256_file(path) != files.get(name):
+            raise CheckpointError(
+                f"{name} does not match the sha256 recorded when it was saved (damaged or "
+                "truncated)"
+            )
+    loss = meta.get("loss")
+    if loss is not None and not math.isfinite(float(loss)):
+        raise CheckpointError(f"its loss is {loss}")
+    try:
+        weights = load_file(ckpt / "trainable.safetensors")
+    except Exception as e:
+        raise CheckpointError(
+            f"trainable.safetensors cannot be read ({type(e).__name__})"
+        ) from None
+    for n, t in weights.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"its weight {n} is not finite")
+    try:
+        state = torch.load(ckpt / "state.pt", weights_only=True)
+    except Exception as e:  # its message may suggest weights_only=False: never repeated
+        raise CheckpointError(f"state.pt cannot be read ({type(e).__name__})") from None
+    return weights, state, int(meta["step"])
+
+
+def latest_checkpoint(work_dir: Path, fp: str, identity: dict | None = None):
+    """The newest checkpoint of fingerprint `fp` that verifies, as (path, weights, state, step),
+    or None. Every newer checkpoint passed over is logged with the reason: made with other
+    settings (what differs, from `identity`), or damaged (a warning)."""
     for ckpt in sorted(work_dir.glob("checkpoint-*"), reverse=True):
-        meta = ckpt / "meta.json"
-        if meta.exists() and json.loads(meta.read_text())["fingerprint"] == fp:
-            return ckpt
+        meta = _read_meta(ckpt)
+        if meta is not None and meta.get("fingerprint") != fp:
+            why = "; ".join(identity_differences(meta.get("identity"), identity or {}))
+            log.warning("%s not resumed: made with other settings: %s", ckpt.name, why)
+            continue
+        try:
+            weights, state, step = read_checkpoint(ckpt)
+        except CheckpointError as e:
+            log.warning("%s skipped: %s", ckpt.name, e)
+            continue
+        return ckpt, weights, state, step
     return None
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler, scaler=None) -> int:
-    from safetensors.torch import load_file
-
-    weights = load_file(ckpt / "trainable.safetensors")
+def load_checkpoint(
+    ckpt: Path, model, optimizer, scheduler, scaler=None, *, loaded: tuple | None = None
+) -> int:
+    """Restore a checkpoint (read and verified by read_checkpoint unless `loaded` is given)."""
+    weights, state, step = loaded if loaded is not None else read_checkpoint(ckpt)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
-    state = torch.load(ckpt / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and "scaler" in state:
@@ -312,7 +598,53 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, scaler=None) -> int
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return json.loads((ckpt / "meta.json").read_text())["step"]
+    return step
+
+
+def lock_work_dir(work_dir: Path):
+    """Take the work folder's exclusive lock (`trainer.lock`, holding this process's PID and
+    host) and return its file descriptor; WorkDirBusy names the holder when another trainer has
+    it. Where the file system has no locks, a warning and None."""
+    import errno
+    import fcntl
+    import socket
+
+    path = work_dir / "trainer.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            os.close(fd)
+            log.warning(
+                "cannot lock %s (%s): nothing keeps a second trainer off this work folder",
+                path,
+                e.strerror,
+            )
+            return None
+        holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+        os.close(fd)
+        pid = holder[0] if holder else "?"
+        host = f" on {holder[1]}" if len(holder) > 1 else ""
+        raise WorkDirBusy(
+            f"another trainer (PID {pid}{host}) is using the work folder {work_dir} (it holds "
+            f"{path.name}): wait for it to end, or stop it (`kill {pid}`: it checkpoints and "
+            "exits) and run again"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
+def clean_leftovers(work_dir: Path) -> None:
+    """Remove what an interrupted save left behind (`.checkpoint-*.tmp-*` folders of atomic_dir,
+    `.*.old-*`, temporary log files). Called under the work folder's lock."""
+    for p in sorted(work_dir.glob(".*.tmp-*")) + sorted(work_dir.glob(".*.old-*")):
+        log.info("removed %s (left by an interrupted save)", p.name)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------- the step
@@ -430,7 +762,25 @@ def train(
     `preempt.PreemptionHandler`) is checked at every step boundary: when it was signalled, a
     checkpoint is written and `Preempted` is raised. `dist_ctx` (from
     `distributed.init_distributed`) makes this one of several data-parallel ranks.
+
+    Rank 0 holds the work folder's lock (`lock_work_dir`) for the whole run: a second trainer
+    on the same folder stops with WorkDirBusy, naming this one's PID. It then removes what an
+    interrupted save left there.
     """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    main = dist_ctx is None or dist_ctx.is_main
+    lock = lock_work_dir(work_dir) if main else None
+    try:
+        if main:
+            clean_leftovers(work_dir)
+        return _train(cfg, train_rows, out_dir, work_dir, data_files, preempt, dist_ctx)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _train(cfg, train_rows, out_dir, work_dir, data_files, preempt, dist_ctx) -> TrainResult:
     model_cfg, train_cfg = cfg["model"], cfg["train"]
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -471,11 +821,22 @@ def train(
             "lora.modules_to_save empty (or use bfloat16/float32)"
         )
     scheduler = build_scheduler(optimizer, train_cfg, steps)
-    fp = fingerprint(cfg, list(data_files))
-    start = 0
-    ckpt = latest_checkpoint(work_dir, fp)
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, model, optimizer, scheduler, scaler)
+    # rank 0 decides what to resume (identity, hashes) and tells the others the step
+    identity, fp, start, loaded = None, None, 0, None
+    if ctx.is_main:
+        hashes = base_model_hashes(model_cfg, work_dir / "base_model_sha256.json")
+        identity = run_identity(cfg, list(data_files), ctx.world_size, hashes)
+        fp = fingerprint(identity)
+        found = latest_checkpoint(work_dir, fp, identity)
+        if found is not None:
+            _, *loaded = found
+            start = loaded[2]
+        elif any(work_dir.glob("checkpoint-*")):
+            log.warning("no checkpoint to resume (see above): training starts at step 0")
+    start = ctx.sum(start)
+    if start:
+        ckpt = work_dir / f"checkpoint-{start:08d}"
+        load_checkpoint(ckpt, model, optimizer, scheduler, scaler, loaded=loaded)
         log.info("resumed from %s (step %d)", ckpt, start)
     ctx.broadcast_params(params)
     log_path = work_dir / "train_log.jsonl"
@@ -498,6 +859,8 @@ def train(
     model.train()
     loss_value = float("nan")
     t_start = time.perf_counter()
+    save_every_s = 60 * train_cfg["save_minutes"]
+    last_save = time.monotonic()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -561,20 +924,22 @@ def train(
                     record["tokens_per_s"],
                 )
             saved = False
-            if (
-                train_cfg["save_steps"]
-                and (step + 1) % train_cfg["save_steps"] == 0
-                and step + 1 < steps
-            ):
+            ckpt_args = (work_dir, step + 1, model, optimizer, scheduler, fp, scaler)
+            ckpt_kw = {"identity": identity, "loss": res.loss}
+            due = (
+                train_cfg["save_steps"] and (step + 1) % train_cfg["save_steps"] == 0
+            ) or (  # time-based: rank 0's clock (it alone writes checkpoints)
+                save_every_s > 0 and time.monotonic() - last_save >= save_every_s
+            )
+            if due and step + 1 < steps:
                 if ctx.is_main:
-                    save_checkpoint(work_dir, step + 1, model, optimizer, scheduler, fp, scaler)
+                    save_checkpoint(*ckpt_args, **ckpt_kw)
+                    last_save = time.monotonic()
                 saved = True
             if step + 1 < steps and ctx.any(preempt is not None and preempt.requested):
                 ckpt = work_dir / f"checkpoint-{step + 1:08d}"
                 if ctx.is_main and not saved:
-                    ckpt = save_checkpoint(
-                        work_dir, step + 1, model, optimizer, scheduler, fp, scaler
-                    )
+                    ckpt = save_checkpoint(*ckpt_args, **ckpt_kw)
                 ctx.barrier()  # no rank exits before the checkpoint is complete
                 raise Preempted(getattr(preempt, "signame", "stop request"), step + 1, steps, ckpt)
     finally:
@@ -616,12 +981,20 @@ def train(
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Keep only records of steps ≤ `step` (a resumed run rewrites what came after)."""
+    """Keep only records of steps ≤ `step` (a resumed run rewrites what came after). A line that
+    is not a record (the half-written last line of a killed run) is dropped, with a warning."""
     if not path.exists():
         return
-    keep = [
-        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-    ]
+    keep, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            if record["step"] <= step:
+                keep.append(line)
+        except (ValueError, TypeError, KeyError):
+            dropped += line.strip() != ""
+    if dropped:
+        log.warning("%s: dropped %d unreadable line(s) (a write cut short)", path, dropped)
     with atomic_file(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in keep))
 
