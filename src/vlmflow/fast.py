@@ -38,6 +38,7 @@ _VISION_ATTENTION_CLASSES = {
     "Qwen2_5_VLVisionAttention",
     "VisionAttention",
     "Qwen3VLVisionAttention",
+    "Qwen3_5VisionAttention",  # the same forward as Qwen3-VL's
 }
 
 
@@ -260,6 +261,49 @@ def packed_attention(model) -> int:
         cfg._attn_implementation = PACKED_ATTENTION
         n += 1
     return n
+
+
+# ------------------------------------------------------------------ linear-attention kernels
+# The kernels transformers uses for Gated DeltaNet layers when their package imports, else
+# a PyTorch reference (more than 10x slower on a GPU): (function in the modeling module, pip
+# distribution, import name).
+LINEAR_ATTENTION_KERNELS = (
+    ("torch_chunk_gated_delta_rule", "flash-linear-attention", "fla"),
+    ("causal_conv1d_fn", "causal-conv1d", "causal_conv1d"),
+)
+
+
+def _uses_fast_kernel(function, import_name: str) -> bool:
+    """Whether a function decorated by transformers' `use_kernel_func_from_hub_with_fallback`
+    resolved to the package's kernel: read off the decorator's closure where it has one, else
+    whether the package imports (what the decorator checks at import time)."""
+    import importlib.util
+    import inspect
+
+    try:
+        resolved = inspect.getclosurevars(function).nonlocals.get("is_new_implementation")
+    except (TypeError, ValueError):
+        resolved = None
+    if isinstance(resolved, bool):
+        return resolved
+    return importlib.util.find_spec(import_name) is not None
+
+
+def slow_linear_attention(model) -> list[str]:
+    """Pip distributions whose kernels the model's Gated DeltaNet layers (Qwen3.5, Qwen3-Next)
+    lack, i.e. run the slow PyTorch reference instead; [] when there are none or all are fast."""
+    import sys
+
+    missing: dict[str, None] = {}
+    for module in model.modules():
+        if not type(module).__name__.endswith("GatedDeltaNet"):
+            continue
+        code = sys.modules.get(type(module).__module__)
+        for func, dist, import_name in LINEAR_ATTENTION_KERNELS:
+            fn = getattr(code, func, None)
+            if fn is not None and not _uses_fast_kernel(fn, import_name):
+                missing[dist] = None
+    return list(missing)
 
 
 # ---------------------------------------------------------------------------------- LoRA

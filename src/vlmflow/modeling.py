@@ -19,6 +19,7 @@ from .fast import (
     fast_lora,
     linear_patch_embed,
     packed_attention,
+    slow_linear_attention,
 )
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,25 @@ def load_model(model_cfg: dict, device: torch.device | None = None, *, quantize:
         model.to(device)
     if four and device.type == "cpu":
         _cpu_4bit_workaround(model)
+    warn_slow_linear_attention(model)
     return model, family
+
+
+def warn_slow_linear_attention(model) -> list[str]:
+    """One WARNING line when the model's linear-attention layers will run transformers' PyTorch
+    reference instead of the Triton/CUDA kernels (training then takes many times longer, with
+    nothing else to show for it). Returns the missing pip distributions."""
+    missing = slow_linear_attention(model)
+    if missing:
+        n = sum(type(m).__name__.endswith("GatedDeltaNet") for m in model.modules())
+        log.warning(
+            "SLOW PATH: the %d Gated DeltaNet (linear-attention) layers of this %s run the "
+            "PyTorch reference, many times slower than the kernels: pip install %s",
+            n,
+            type(model).__name__,
+            " ".join(missing),
+        )
+    return missing
 
 
 class HostEmbedding(torch.nn.Module):
