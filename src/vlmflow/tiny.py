@@ -766,20 +766,9 @@ GEMMA4_SPECIALS = [
 ]
 
 
-def build_tiny_gemma4(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Gemma 4 (dense, like gemma-4-31B: no per-layer embeddings): a ViT with 2-D RoPE over
-    variable-size patch grids, pooled to soft tokens (`embed_vision` projects them) + a decoder
-    with sliding and full attention layers (the full ones with their own head_dim)."""
-    from transformers import (
-        Gemma4AudioFeatureExtractor,
-        Gemma4Config,
-        Gemma4ForConditionalGeneration,
-        Gemma4ImageProcessor,
-        Gemma4Processor,
-        Gemma4VideoProcessor,
-    )
-
-    tok = _fast_tokenizer(
+def _gemma4_tokenizer():
+    """Gemma 4's named special tokens (the processor reads them off the tokenizer)."""
+    return _fast_tokenizer(
         GEMMA4_SPECIALS,
         bos_token="<bos>",
         eos_token="<turn|>",
@@ -794,6 +783,22 @@ def build_tiny_gemma4(out_dir: str | os.PathLike, seed: int = 0) -> Path:
             "audio_token": "<|audio|>",
         },
     )
+
+
+def build_tiny_gemma4(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Gemma 4 (dense, like gemma-4-31B: no per-layer embeddings): a ViT with 2-D RoPE over
+    variable-size patch grids, pooled to soft tokens (`embed_vision` projects them) + a decoder
+    with sliding and full attention layers (the full ones with their own head_dim)."""
+    from transformers import (
+        Gemma4AudioFeatureExtractor,
+        Gemma4Config,
+        Gemma4ForConditionalGeneration,
+        Gemma4ImageProcessor,
+        Gemma4Processor,
+        Gemma4VideoProcessor,
+    )
+
+    tok = _gemma4_tokenizer()
     ids = _ids(tok, GEMMA4_SPECIALS)
     text = _llama_text(
         tok,

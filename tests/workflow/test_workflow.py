@@ -449,7 +449,8 @@ def test_family_trains_merges_and_evaluates_through_the_workflow(family, workflo
     cfg_path.write_text(yaml.safe_dump(cfg))
     run = work / "results/runs" / family
     targets = [run / "merge_check.json", run / "eval/metrics.json"]
-    snakemake(work, *(str(t.relative_to(work)) for t in targets), timeout=1200)
+    # (-p ends --configfile's list of files: the targets follow it)
+    snakemake(work, "-p", *(str(t.relative_to(work)) for t in targets), timeout=1200)
 
     assert (
         json.loads((work / f"resources/models/tiny-{family}/config.json").read_text())["model_type"]
