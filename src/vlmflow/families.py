@@ -277,6 +277,24 @@ _FAMILIES = [
         image_tokens=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
     ),
     Family(
+        # Mistral Small 3.1 / 3.2 (model_type mistral3): the Pixtral encoder and Mistral chat
+        # format of `pixtral`, a projector that merges 2x2 patches before its MLP.
+        name="mistral3",
+        model_types=("mistral3",),
+        vision_layers=r"model\.vision_tower\.transformer\.layers\.\d+",
+        language_layers=_LANG,
+        vision_attention=r"attention\.(?:q_proj|k_proj|v_proj|o_proj)",
+        vision_mlp=r"feed_forward\.(?:gate_proj|up_proj|down_proj)",
+        language_attention=_LANG_ATTN,
+        language_mlp=_LANG_MLP,
+        vision_tower=("model.vision_tower",),
+        projector=("model.multi_modal_projector",),
+        response_part="[/INST]",
+        instruction_part="[INST]",
+        end_of_turn="</s>",
+        image_tokens=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
+    ),
+    Family(
         name="llava",
         model_types=("llava",),
         **_CLIP_TOWER,

@@ -553,6 +553,58 @@ def build_tiny_pixtral(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return _save(model, proc, out_dir)
 
 
+def build_tiny_mistral3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Mistral Small 3.1 / 3.2 vision (model_type mistral3): a Pixtral encoder, a projector that
+    merges 2x2 patches (`patch_merger`) before its MLP, and a Mistral decoder; PixtralProcessor
+    with spatial_merge_size 2."""
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        PixtralImageProcessor,
+        PixtralProcessor,
+    )
+
+    specials = [*MISTRAL_SPECIALS, "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    tok = _fast_tokenizer(specials, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    ids = _ids(tok, specials)
+    text = _llama_text(
+        tok,
+        dict(bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"]),
+        model_type="mistral",
+        head_dim=16,
+        sliding_window=None,
+    )
+    vision = dict(
+        model_type="pixtral",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=64,
+        patch_size=8,
+        head_dim=16,
+    )
+    cfg = Mistral3Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=ids["[IMG]"],
+        vision_feature_layer=-1,
+        spatial_merge_size=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration._from_config(cfg, dtype=torch.float32)
+    _finish(model, ids["</s>"], ids["<pad>"], ids["<s>"])
+    proc = PixtralProcessor(
+        image_processor=PixtralImageProcessor(size={"longest_edge": 64}, patch_size=8),
+        tokenizer=tok,
+        patch_size=8,
+        spatial_merge_size=2,
+        chat_template=MISTRAL_CHAT_TEMPLATE,
+    )
+    return _save(model, proc, out_dir)
+
+
 def _clip_vision() -> dict:
     return dict(
         model_type="clip_vision_model",
@@ -942,6 +994,7 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "qwen3_5": build_tiny_qwen3_5,
     "mllama": build_tiny_mllama,
     "pixtral": build_tiny_pixtral,
+    "mistral3": build_tiny_mistral3,
     "llava": build_tiny_llava,
     "llava_next": build_tiny_llava_next,
     "gemma3": build_tiny_gemma3,

@@ -101,6 +101,15 @@ SPEC = {
         ),
         LANG,
     ),
+    "mistral3": (
+        blocks(
+            "model.vision_tower.transformer.layers",
+            2,
+            [f"attention.{x}" for x in QKVO],
+            [f"feed_forward.{x}" for x in GUD],
+        ),
+        LANG,
+    ),
     "llava": (CLIP, LANG),
     "llava_next": (CLIP, LANG),
     "gemma3": (CLIP, LANG),
@@ -150,6 +159,7 @@ END_OF_TURN = {
     "qwen3_5": "<|im_end|>",
     "mllama": "<|eot_id|>",
     "pixtral": "</s>",
+    "mistral3": "</s>",
     "llava": "</s>",
     "llava_next": "</s>",
     "gemma3": "<end_of_turn>",
