@@ -11,7 +11,7 @@ image tokens / vision patches the processor makes, which all follow the real che
     python make_family.py all --count                             # parameter counts, nothing saved
 
 FAMILY is one of mllama, gemma3, pixtral, llava, llava_next, qwen3_vl, qwen2_vl, idefics3,
-qwen3_5, gemma4 (the checkpoint each copies is in CHECKPOINTS). `--scale tiny` keeps the real processor geometry
+qwen3_5, gemma4, mistral3 (the checkpoint each copies is in CHECKPOINTS). `--scale tiny` keeps the real processor geometry
 (image size, patch size, tiles, image tokens) with tiny widths and a ~500-token vocabulary, so
 that the CPU exercises the same processor/model pairing as the real build.
 
@@ -59,6 +59,7 @@ CHECKPOINTS = {
     "idefics3": ("HuggingFaceM4/Idefics3-8B-Llama3", (32, 27), (8, 7)),
     "qwen3_5": ("Qwen/Qwen3.5-9B", (32, 27), (8, 8)),
     "gemma4": ("google/gemma-4-31B-it", (60, 27), (6, 7)),
+    "mistral3": ("mistralai/Mistral-Small-3.1-24B-Instruct-2503", (40, 24), (8, 6)),
 }
 TINY_DEPTH = (2, 2)  # text, vision (Mllama: 4 text layers so that layer 3 is a cross-attention one)
 
@@ -158,7 +159,7 @@ def _tokenizer(family: str):
                 "image_token": "<image_soft_token>",
             },
         )
-    elif family == "pixtral":
+    elif family in ("pixtral", "mistral3"):
         specials = [*tiny.MISTRAL_SPECIALS, "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
         kw = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     elif family == "llava":  # the list is inline in tiny.build_tiny_llava
@@ -229,6 +230,16 @@ def build_processor(family: str):
             tokenizer=tok,
             patch_size=16,
             spatial_merge_size=1,
+            chat_template=tiny.MISTRAL_CHAT_TEMPLATE,
+        )
+    elif family == "mistral3":
+        # Mistral-Small-3.1-24B-Instruct-2503: longest edge 1540, 14 px patches, 2x2 merge
+        image = tr.PixtralImageProcessor(size={"longest_edge": 1540}, patch_size=14)
+        proc = tr.PixtralProcessor(
+            image_processor=image,
+            tokenizer=tok,
+            patch_size=14,
+            spatial_merge_size=2,
             chat_template=tiny.MISTRAL_CHAT_TEMPLATE,
         )
     elif family == "llava":
@@ -472,6 +483,53 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             vision_feature_select_strategy="full",
             projector_hidden_act="gelu",
             multimodal_projector_bias=True,
+            tie_word_embeddings=False,
+        )
+
+    if family == "mistral3":
+        # mistralai/Mistral-Small-3.1-24B-Instruct-2503 (as recalled from its config.json, not
+        # checked against the hub here): Mistral text model 40 layers 5120 wide, 32 heads / 8 KV
+        # heads of 128, MLP 32768, vocab 131072, rope_theta 1e9; Pixtral encoder 24 layers 1024
+        # wide, 16 heads, MLP 4096, 1540 px images, 14 px patches; 2x2 patch merger, no
+        # projector bias.
+        text = dict(
+            model_type="mistral",
+            hidden_size=5120,
+            intermediate_size=32768,
+            num_hidden_layers=nt,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=131072,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000_000.0},
+            sliding_window=None,
+            tie_word_embeddings=False,
+            bos_token_id=ids["<s>"],
+            eos_token_id=ids["</s>"],
+            pad_token_id=ids["<pad>"],
+        )
+        vision = dict(
+            model_type="pixtral",
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=nv,
+            num_attention_heads=16,
+            head_dim=64,
+            image_size=1540,
+            patch_size=14,
+        )
+        if tiny:
+            text.update(vocab_size=vocab, **TINY_TEXT)
+            vision.update(TINY_VISION, head_dim=16)
+        return tr.Mistral3Config(
+            text_config=text,
+            vision_config=vision,
+            image_token_index=ids["[IMG]"],
+            vision_feature_layer=-1,
+            spatial_merge_size=2,
+            multimodal_projector_bias=False,
             tie_word_embeddings=False,
         )
 
@@ -775,6 +833,7 @@ MODEL_CLASSES = {
     "idefics3": "Idefics3ForConditionalGeneration",
     "qwen3_5": "Qwen3_5ForConditionalGeneration",
     "gemma4": "Gemma4ForConditionalGeneration",
+    "mistral3": "Mistral3ForConditionalGeneration",
 }
 
 
@@ -789,6 +848,7 @@ EOS_PAD_BOS = {  # generation_config tokens, as vlmflow.tiny sets them
     "idefics3": ("<end_of_utterance>", "<end_of_utterance>", "<|begin_of_text|>"),
     "qwen3_5": ("<|im_end|>", "<|endoftext|>", None),
     "gemma4": ("<turn|>", "<pad>", "<bos>"),
+    "mistral3": ("</s>", "<pad>", "<s>"),
 }
 
 

@@ -83,6 +83,7 @@ HF_TARGETS = {
     ),
 }
 HF_TARGETS["smolvlm"] = HF_TARGETS["idefics3"]
+HF_TARGETS["mistral3"] = HF_TARGETS["pixtral"]
 # Qwen3.5: the Gated DeltaNet layers' five projections count as attention (as in vlmflow)
 HF_TARGETS["qwen3_5"] = (
     HF_TARGETS["qwen3_vl"][0],
