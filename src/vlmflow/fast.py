@@ -19,7 +19,8 @@ replaces (tests compare them on random inputs); they change how, not what.
 - `label_only_loss`: the causal-LM loss needs logits only where a label is set (the answer:
   about a fifth of the tokens in a typical VQA batch). The head runs on those positions only, in
   chunks under checkpointing, with the cross-entropy in fp32: the (tokens x vocab) logits tensor
-  (3.4 GB in fp32 for 5.5k tokens and Qwen's 152k vocabulary) is never materialised.
+  (3.4 GB in fp32 for 5.5k tokens and Qwen's 152k vocabulary) is never materialised. A final
+  logit softcap (Gemma 4) is applied to those chunks, the model's own one is off meanwhile.
 """
 
 from __future__ import annotations
@@ -417,12 +418,29 @@ def _find_lm_head_owner(model):
     raise ValueError("no lm_head found on the model")
 
 
-def _has_logit_softcapping(model) -> bool:
+def _softcap_configs(model) -> list:
+    """The model's configs (top level and text) that set a final logit softcap."""
     cfg = getattr(model, "config", None)
-    for c in (cfg, getattr(cfg, "text_config", None)):
-        if c is not None and getattr(c, "final_logit_softcapping", None):
-            return True
-    return False
+    return [
+        c
+        for c in (cfg, getattr(cfg, "text_config", None))
+        if c is not None and getattr(c, "final_logit_softcapping", None)
+    ]
+
+
+@contextlib.contextmanager
+def _softcap_bypassed(model):
+    """Turn the model's final logit softcap off for one forward (its head is bypassed too, so
+    it would squash the hidden states); yields the cap (None when the model has none)."""
+    configs = _softcap_configs(model)
+    caps = [c.final_logit_softcapping for c in configs]
+    for c in configs:
+        c.final_logit_softcapping = None
+    try:
+        yield caps[0] if caps else None
+    finally:
+        for c, cap in zip(configs, caps):
+            c.final_logit_softcapping = cap
 
 
 @contextlib.contextmanager
@@ -436,17 +454,25 @@ def _head_bypassed(owner):
 
 
 def chunked_head_loss(
-    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk_size: int = 2048
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Module,
+    chunk_size: int = 2048,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Sum of token cross-entropies of `head(hidden)` against `targets`, chunk by chunk.
 
     hidden: (N, d); targets: (N,) int64 (no ignore index). Each chunk's logits (chunk, V) are
-    recomputed in the backward pass instead of being kept.
+    recomputed in the backward pass instead of being kept. `softcap`: the logits are
+    `softcap * tanh(logits / softcap)` first (Gemma's final_logit_softcapping).
     """
     acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 in tests
 
     def piece(h, t):
-        return F.cross_entropy(head(h).to(acc), t, reduction="sum")
+        logits = head(h).to(acc)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, t, reduction="sum")
 
     total = hidden.new_zeros((), dtype=acc)
     for i in range(0, hidden.shape[0], chunk_size):
@@ -481,14 +507,12 @@ def label_only_loss(
     positions: `label_positions(labels)` on the model's device, if already known.
     """
     labels = batch["labels"]
-    if _has_logit_softcapping(model):  # the head's output is transformed: use the model's loss
-        return model(**batch, num_items_in_batch=num_items_in_batch).loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     owner = _find_lm_head_owner(model)
-    with _head_bypassed(owner) as head:
+    with _head_bypassed(owner) as head, _softcap_bypassed(model) as softcap:
         hidden = model(**inputs, use_cache=False).logits  # (B, T, d): the head is bypassed
     index, targets = positions if positions is not None else label_positions(labels)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, index)
-    total = chunked_head_loss(h, targets, head, chunk_size)
+    total = chunked_head_loss(h, targets, head, chunk_size, softcap=softcap)
     denom = num_items_in_batch if num_items_in_batch is not None else int(index.numel())
     return total / max(denom, 1)
