@@ -40,10 +40,19 @@ def test_slow_fallback_is_one_loud_warning_naming_the_packages(tiny_model, caplo
     msg = lines[0].getMessage()
     assert "Gated DeltaNet" in msg and "pip install flash-linear-attention causal-conv1d" in msg
 
-    # with the kernels resolved: silent
+    # flash-linear-attention there, causal-conv1d not (it often does not build): INFO only
+    caplog.clear()
+    monkeypatch.setattr(fast, "_uses_fast_kernel", lambda fn, name: name == "fla")
+    with caplog.at_level(logging.INFO, logger="vlmflow.modeling"):
+        assert warn_slow_linear_attention(model) == ["causal-conv1d"]
+    lines = [r for r in caplog.records if r.name == "vlmflow.modeling"]
+    assert [r.levelno for r in lines] == [logging.INFO]
+    assert "pip install causal-conv1d" in lines[0].getMessage()
+
+    # with both kernels resolved: silent
     caplog.clear()
     monkeypatch.setattr(fast, "_uses_fast_kernel", lambda fn, name: True)
-    with caplog.at_level(logging.WARNING, logger="vlmflow.modeling"):
+    with caplog.at_level(logging.INFO, logger="vlmflow.modeling"):
         assert warn_slow_linear_attention(model) == []
     assert not [r for r in caplog.records if r.name == "vlmflow.modeling"]
 
