@@ -62,6 +62,9 @@ class Family:
     (Qwen-VL's `(4, B, T)` text + M-RoPE position ids, from which transformers builds the
     block-diagonal causal mask) and its processor returns image tensors concatenated along dim 0
     (see `vlmflow.collate.collate_packed`)."""
+    packing_refusal: str = ""
+    """Why `train.packing` is refused for this family, when there is more to say than that it is
+    not supported (the error message carries it)."""
 
     @property
     def image_token(self) -> str:
@@ -187,6 +190,19 @@ _CLIP_TOWER = dict(
     projector=("model.multi_modal_projector",),
 )
 
+# Qwen3.5's hybrid decoder: full (gated) attention layers and Gated DeltaNet (linear attention)
+# layers, whose five projections count as attention too.
+_QWEN3_5_ATTN = (
+    r"(?:self_attn\.(?:q_proj|k_proj|v_proj|o_proj)"
+    r"|linear_attn\.(?:in_proj_qkv|in_proj_z|in_proj_b|in_proj_a|out_proj))"
+)
+LINEAR_ATTENTION_PACKING = (
+    "its Gated DeltaNet (linear-attention) layers carry a recurrent state and a causal "
+    "convolution along the whole row: position ids do not reset them, so packed samples would "
+    "read each other's tokens (the varlen cu_seqlens path of flash-linear-attention is not "
+    "wired in)"
+)
+
 _FAMILIES = [
     Family(
         name="qwen2_vl",
@@ -206,6 +222,19 @@ _FAMILIES = [
         vision_mlp=r"mlp\.(?:linear_fc1|linear_fc2)",
         # the final merger and the DeepStack mergers that feed early decoder layers
         **{**_QWEN_VL, "projector": ("model.visual.merger", "model.visual.deepstack_merger_list")},
+    ),
+    Family(
+        # Qwen3.5 (dense, natively multimodal): the Qwen3-VL tower without DeepStack in front of
+        # a 3:1 hybrid of Gated DeltaNet and full attention layers.
+        name="qwen3_5",
+        model_types=("qwen3_5",),
+        vision_mlp=r"mlp\.(?:linear_fc1|linear_fc2)",
+        **{
+            **_QWEN_VL,
+            "language_attention": _QWEN3_5_ATTN,
+            "supports_packing": False,
+            "packing_refusal": LINEAR_ATTENTION_PACKING,
+        },
     ),
     Family(
         # Llama 3.2 Vision: a tile-based ViT (local + global transformer) feeding gated
@@ -248,6 +277,24 @@ _FAMILIES = [
         image_tokens=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
     ),
     Family(
+        # Mistral Small 3.1 / 3.2 (model_type mistral3): the Pixtral encoder and Mistral chat
+        # format of `pixtral`, a projector that merges 2x2 patches before its MLP.
+        name="mistral3",
+        model_types=("mistral3",),
+        vision_layers=r"model\.vision_tower\.transformer\.layers\.\d+",
+        language_layers=_LANG,
+        vision_attention=r"attention\.(?:q_proj|k_proj|v_proj|o_proj)",
+        vision_mlp=r"feed_forward\.(?:gate_proj|up_proj|down_proj)",
+        language_attention=_LANG_ATTN,
+        language_mlp=_LANG_MLP,
+        vision_tower=("model.vision_tower",),
+        projector=("model.multi_modal_projector",),
+        response_part="[/INST]",
+        instruction_part="[INST]",
+        end_of_turn="</s>",
+        image_tokens=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
+    ),
+    Family(
         name="llava",
         model_types=("llava",),
         **_CLIP_TOWER,
@@ -276,6 +323,26 @@ _FAMILIES = [
         instruction_part="<start_of_turn>user\n",
         end_of_turn="<end_of_turn>",
         image_tokens=("<image_soft_token>", "<start_of_image>", "<end_of_image>"),
+    ),
+    Family(
+        # Gemma 4 (dense: E2B/E4B/12B/31B): a ViT with 2-D RoPE whose linears are wrapped in
+        # `Gemma4ClippableLinear` (LoRA goes on the inner `.linear`), pooled soft tokens
+        # projected by `embed_vision`. The per-layer-embedding linears of E2B/E4B
+        # (per_layer_input_gate, per_layer_projection) are neither attention nor MLP: not targeted.
+        name="gemma4",
+        model_types=("gemma4",),
+        vision_layers=r"model\.vision_tower\.encoder\.layers\.\d+",
+        language_layers=_LANG,
+        vision_attention=r"self_attn\.(?:q_proj|k_proj|v_proj|o_proj)\.linear",
+        vision_mlp=r"mlp\.(?:gate_proj|up_proj|down_proj)\.linear",
+        language_attention=_LANG_ATTN,
+        language_mlp=_LANG_MLP,
+        vision_tower=("model.vision_tower",),
+        projector=("model.embed_vision",),
+        response_part="<|turn>model\n",
+        instruction_part="<|turn>user\n",
+        end_of_turn="<turn|>",
+        image_tokens=("<|image|>", "<|image>", "<image|>"),
     ),
     Family(
         # Idefics3 and SmolVLM v1 (model_type idefics3): SigLIP-like tower + pixel-shuffle

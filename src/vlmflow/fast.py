@@ -19,7 +19,8 @@ replaces (tests compare them on random inputs); they change how, not what.
 - `label_only_loss`: the causal-LM loss needs logits only where a label is set (the answer:
   about a fifth of the tokens in a typical VQA batch). The head runs on those positions only, in
   chunks under checkpointing, with the cross-entropy in fp32: the (tokens x vocab) logits tensor
-  (3.4 GB in fp32 for 5.5k tokens and Qwen's 152k vocabulary) is never materialised.
+  (3.4 GB in fp32 for 5.5k tokens and Qwen's 152k vocabulary) is never materialised. A final
+  logit softcap (Gemma 4) is applied to those chunks, the model's own one is off meanwhile.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ _VISION_ATTENTION_CLASSES = {
     "Qwen2_5_VLVisionAttention",
     "VisionAttention",
     "Qwen3VLVisionAttention",
+    "Qwen3_5VisionAttention",  # the same forward as Qwen3-VL's
 }
 
 
@@ -262,6 +264,49 @@ def packed_attention(model) -> int:
     return n
 
 
+# ------------------------------------------------------------------ linear-attention kernels
+# The kernels transformers uses for Gated DeltaNet layers when their package imports, else
+# a PyTorch reference (more than 10x slower on a GPU): (function in the modeling module, pip
+# distribution, import name).
+LINEAR_ATTENTION_KERNELS = (
+    ("torch_chunk_gated_delta_rule", "flash-linear-attention", "fla"),
+    ("causal_conv1d_fn", "causal-conv1d", "causal_conv1d"),
+)
+
+
+def _uses_fast_kernel(function, import_name: str) -> bool:
+    """Whether a function decorated by transformers' `use_kernel_func_from_hub_with_fallback`
+    resolved to the package's kernel: read off the decorator's closure where it has one, else
+    whether the package imports (what the decorator checks at import time)."""
+    import importlib.util
+    import inspect
+
+    try:
+        resolved = inspect.getclosurevars(function).nonlocals.get("is_new_implementation")
+    except (TypeError, ValueError):
+        resolved = None
+    if isinstance(resolved, bool):
+        return resolved
+    return importlib.util.find_spec(import_name) is not None
+
+
+def slow_linear_attention(model) -> list[str]:
+    """Pip distributions whose kernels the model's Gated DeltaNet layers (Qwen3.5, Qwen3-Next)
+    lack, i.e. run the slow PyTorch reference instead; [] when there are none or all are fast."""
+    import sys
+
+    missing: dict[str, None] = {}
+    for module in model.modules():
+        if not type(module).__name__.endswith("GatedDeltaNet"):
+            continue
+        code = sys.modules.get(type(module).__module__)
+        for func, dist, import_name in LINEAR_ATTENTION_KERNELS:
+            fn = getattr(code, func, None)
+            if fn is not None and not _uses_fast_kernel(fn, import_name):
+                missing[dist] = None
+    return list(missing)
+
+
 # ---------------------------------------------------------------------------------- LoRA
 def lora_delta_add(
     result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float
@@ -373,12 +418,29 @@ def _find_lm_head_owner(model):
     raise ValueError("no lm_head found on the model")
 
 
-def _has_logit_softcapping(model) -> bool:
+def _softcap_configs(model) -> list:
+    """The model's configs (top level and text) that set a final logit softcap."""
     cfg = getattr(model, "config", None)
-    for c in (cfg, getattr(cfg, "text_config", None)):
-        if c is not None and getattr(c, "final_logit_softcapping", None):
-            return True
-    return False
+    return [
+        c
+        for c in (cfg, getattr(cfg, "text_config", None))
+        if c is not None and getattr(c, "final_logit_softcapping", None)
+    ]
+
+
+@contextlib.contextmanager
+def _softcap_bypassed(model):
+    """Turn the model's final logit softcap off for one forward (its head is bypassed too, so
+    it would squash the hidden states); yields the cap (None when the model has none)."""
+    configs = _softcap_configs(model)
+    caps = [c.final_logit_softcapping for c in configs]
+    for c in configs:
+        c.final_logit_softcapping = None
+    try:
+        yield caps[0] if caps else None
+    finally:
+        for c, cap in zip(configs, caps):
+            c.final_logit_softcapping = cap
 
 
 @contextlib.contextmanager
@@ -392,17 +454,25 @@ def _head_bypassed(owner):
 
 
 def chunked_head_loss(
-    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk_size: int = 2048
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Module,
+    chunk_size: int = 2048,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Sum of token cross-entropies of `head(hidden)` against `targets`, chunk by chunk.
 
     hidden: (N, d); targets: (N,) int64 (no ignore index). Each chunk's logits (chunk, V) are
-    recomputed in the backward pass instead of being kept.
+    recomputed in the backward pass instead of being kept. `softcap`: the logits are
+    `softcap * tanh(logits / softcap)` first (Gemma's final_logit_softcapping).
     """
     acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 in tests
 
     def piece(h, t):
-        return F.cross_entropy(head(h).to(acc), t, reduction="sum")
+        logits = head(h).to(acc)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, t, reduction="sum")
 
     total = hidden.new_zeros((), dtype=acc)
     for i in range(0, hidden.shape[0], chunk_size):
@@ -437,14 +507,12 @@ def label_only_loss(
     positions: `label_positions(labels)` on the model's device, if already known.
     """
     labels = batch["labels"]
-    if _has_logit_softcapping(model):  # the head's output is transformed: use the model's loss
-        return model(**batch, num_items_in_batch=num_items_in_batch).loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     owner = _find_lm_head_owner(model)
-    with _head_bypassed(owner) as head:
+    with _head_bypassed(owner) as head, _softcap_bypassed(model) as softcap:
         hidden = model(**inputs, use_cache=False).logits  # (B, T, d): the head is bypassed
     index, targets = positions if positions is not None else label_positions(labels)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, index)
-    total = chunked_head_loss(h, targets, head, chunk_size)
+    total = chunked_head_loss(h, targets, head, chunk_size, softcap=softcap)
     denom = num_items_in_batch if num_items_in_batch is not None else int(index.numel())
     return total / max(denom, 1)

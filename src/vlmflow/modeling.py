@@ -19,6 +19,7 @@ from .fast import (
     fast_lora,
     linear_patch_embed,
     packed_attention,
+    slow_linear_attention,
 )
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,31 @@ def load_model(model_cfg: dict, device: torch.device | None = None, *, quantize:
         model.to(device)
     if four and device.type == "cpu":
         _cpu_4bit_workaround(model)
+    warn_slow_linear_attention(model)
     return model, family
+
+
+def warn_slow_linear_attention(model) -> list[str]:
+    """One WARNING line when the model's Gated DeltaNet layers will run transformers' PyTorch
+    reference of the gated delta rule instead of flash-linear-attention's Triton kernels
+    (training then takes many times longer, with nothing else to show for it). Without
+    `causal-conv1d` alone (it compiles against CUDA and often does not install) the short
+    convolution runs as `F.conv1d`: an INFO line. Returns the missing pip distributions."""
+    missing = slow_linear_attention(model)
+    if not missing:
+        return missing
+    n = sum(type(m).__name__.endswith("GatedDeltaNet") for m in model.modules())
+    where = f"the {n} Gated DeltaNet (linear-attention) layers of this {type(model).__name__}"
+    if "flash-linear-attention" in missing:
+        log.warning(
+            "SLOW PATH: %s run the PyTorch reference of the gated delta rule, many times slower "
+            "than the kernels: pip install %s",
+            where,
+            " ".join(missing),
+        )
+    else:
+        log.info("%s run their short convolution as F.conv1d: pip install %s", where, *missing)
+    return missing
 
 
 class HostEmbedding(torch.nn.Module):

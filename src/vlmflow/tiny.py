@@ -371,6 +371,65 @@ def build_tiny_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return _save(model, proc, out_dir)
 
 
+def build_tiny_qwen3_5(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Qwen3.5 (dense): the Qwen3-VL vision tower and processor in front of a hybrid decoder whose
+    layer 0 is a Gated DeltaNet (linear attention) and layer 1 full (gated) attention, as the
+    released 3:1 pattern alternates them."""
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3_5Config,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    tok = _qwen_tokenizer()
+    ids = _ids(tok, QWEN_SPECIALS)
+    text = _llama_text(
+        tok,
+        dict(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        head_dim=16,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        layer_types=["linear_attention", "full_attention"],
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True,
+        },
+    )
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=16,
+    )
+    cfg = Qwen3_5Config(
+        text_config=text, vision_config=vision, tie_word_embeddings=False, **_qwen_tokens(ids)
+    )
+    torch.manual_seed(seed)
+    model = Qwen3_5ForConditionalGeneration._from_config(cfg, dtype=torch.float32)
+    _finish(model, ids["<|im_end|>"], ids["<|endoftext|>"])
+    proc = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(
+            patch_size=16, merge_size=2, min_pixels=32 * 32, max_pixels=32 * 32 * 64
+        ),
+        tokenizer=tok,
+        video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    return _save(model, proc, out_dir)
+
+
 LLAMA3_SPECIALS = [
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -489,6 +548,58 @@ def build_tiny_pixtral(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         tokenizer=tok,
         patch_size=8,
         spatial_merge_size=1,
+        chat_template=MISTRAL_CHAT_TEMPLATE,
+    )
+    return _save(model, proc, out_dir)
+
+
+def build_tiny_mistral3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Mistral Small 3.1 / 3.2 vision (model_type mistral3): a Pixtral encoder, a projector that
+    merges 2x2 patches (`patch_merger`) before its MLP, and a Mistral decoder; PixtralProcessor
+    with spatial_merge_size 2."""
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        PixtralImageProcessor,
+        PixtralProcessor,
+    )
+
+    specials = [*MISTRAL_SPECIALS, "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    tok = _fast_tokenizer(specials, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    ids = _ids(tok, specials)
+    text = _llama_text(
+        tok,
+        dict(bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"]),
+        model_type="mistral",
+        head_dim=16,
+        sliding_window=None,
+    )
+    vision = dict(
+        model_type="pixtral",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=64,
+        patch_size=8,
+        head_dim=16,
+    )
+    cfg = Mistral3Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=ids["[IMG]"],
+        vision_feature_layer=-1,
+        spatial_merge_size=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration._from_config(cfg, dtype=torch.float32)
+    _finish(model, ids["</s>"], ids["<pad>"], ids["<s>"])
+    proc = PixtralProcessor(
+        image_processor=PixtralImageProcessor(size={"longest_edge": 64}, patch_size=8),
+        tokenizer=tok,
+        patch_size=8,
+        spatial_merge_size=2,
         chat_template=MISTRAL_CHAT_TEMPLATE,
     )
     return _save(model, proc, out_dir)
@@ -676,6 +787,125 @@ def build_tiny_gemma3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return _save(model, proc, out_dir)
 
 
+# Gemma 4: <bos><|turn>user\n...<turn|>\n<|turn>model\nanswer<turn|>\n; an image is the
+# placeholder <|image|>, which the processor expands to <|image> + soft tokens + <image|>.
+GEMMA4_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<|turn>{{ role }}\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    + _TEXT_PARTS
+    + "<turn|>{% endgeneration %}\n"
+    "{% else %}" + _user_parts("<|image|>") + "<turn|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+
+GEMMA4_SPECIALS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<|turn>",
+    "<turn|>",
+    "<|image>",
+    "<image|>",
+    "<|image|>",
+    "<|audio>",
+    "<audio|>",
+    "<|audio|>",
+]
+
+
+def _gemma4_tokenizer():
+    """Gemma 4's named special tokens (the processor reads them off the tokenizer)."""
+    return _fast_tokenizer(
+        GEMMA4_SPECIALS,
+        bos_token="<bos>",
+        eos_token="<turn|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={
+            "boi_token": "<|image>",
+            "eoi_token": "<image|>",
+            "image_token": "<|image|>",
+            "boa_token": "<|audio>",
+            "eoa_token": "<audio|>",
+            "audio_token": "<|audio|>",
+        },
+    )
+
+
+def build_tiny_gemma4(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Gemma 4 (dense, like gemma-4-31B: no per-layer embeddings): a ViT with 2-D RoPE over
+    variable-size patch grids, pooled to soft tokens (`embed_vision` projects them) + a decoder
+    with sliding and full attention layers (the full ones with their own head_dim)."""
+    from transformers import (
+        Gemma4AudioFeatureExtractor,
+        Gemma4Config,
+        Gemma4ForConditionalGeneration,
+        Gemma4ImageProcessor,
+        Gemma4Processor,
+        Gemma4VideoProcessor,
+    )
+
+    tok = _gemma4_tokenizer()
+    ids = _ids(tok, GEMMA4_SPECIALS)
+    text = _llama_text(
+        tok,
+        dict(bos_token_id=ids["<bos>"], eos_token_id=ids["<turn|>"], pad_token_id=ids["<pad>"]),
+        head_dim=16,
+        global_head_dim=32,
+        attention_k_eq_v=True,  # full layers: keys double as values, no v_proj (as in 31B)
+        num_global_key_value_heads=1,
+        sliding_window=256,  # past the 70 soft tokens of an image
+        layer_types=["sliding_attention", "full_attention"],
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=len(tok),
+        final_logit_softcapping=30.0,
+        tie_word_embeddings=True,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        patch_size=4,
+        pooling_kernel_size=2,
+        position_embedding_size=64,
+    )
+    cfg = Gemma4Config(
+        text_config=text,
+        vision_config=vision,
+        boi_token_id=ids["<|image>"],
+        eoi_token_id=ids["<image|>"],
+        image_token_id=ids["<|image|>"],
+        boa_token_id=ids["<|audio>"],
+        eoa_token_index=ids["<audio|>"],
+        audio_token_id=ids["<|audio|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Gemma4ForConditionalGeneration._from_config(cfg, dtype=torch.float32)
+    _finish(model, ids["<turn|>"], ids["<pad>"], ids["<bos>"])
+    proc = Gemma4Processor(
+        feature_extractor=Gemma4AudioFeatureExtractor(),
+        image_processor=Gemma4ImageProcessor(
+            patch_size=4, pooling_kernel_size=2, max_soft_tokens=70
+        ),
+        tokenizer=tok,
+        video_processor=Gemma4VideoProcessor(
+            patch_size=4, pooling_kernel_size=2, max_soft_tokens=70
+        ),
+        image_seq_length=70,
+        chat_template=GEMMA4_CHAT_TEMPLATE,
+    )
+    return _save(model, proc, out_dir)
+
+
 def build_tiny_idefics3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Idefics3 (SmolVLM v1's architecture): SigLIP-like tower + pixel-shuffle connector + Llama.
     pad == eos == <end_of_utterance>, as in SmolVLM's released tokenizer."""
@@ -761,11 +991,14 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "qwen2_vl": build_tiny_qwen2_vl,
     "qwen2_5_vl": build_tiny_qwen2_5_vl,
     "qwen3_vl": build_tiny_qwen3_vl,
+    "qwen3_5": build_tiny_qwen3_5,
     "mllama": build_tiny_mllama,
     "pixtral": build_tiny_pixtral,
+    "mistral3": build_tiny_mistral3,
     "llava": build_tiny_llava,
     "llava_next": build_tiny_llava_next,
     "gemma3": build_tiny_gemma3,
+    "gemma4": build_tiny_gemma4,
     "idefics3": build_tiny_idefics3,
     "smolvlm": build_tiny_smolvlm,
 }

@@ -105,8 +105,9 @@ def check_packing(family, attn_implementation: str) -> None:
         from .families import FAMILIES
 
         ok = ", ".join(f.name for f in FAMILIES.values() if f.supports_packing)
+        why = f": {family.packing_refusal}" if getattr(family, "packing_refusal", "") else ""
         raise ValueError(
-            f"train.packing is not supported for the '{family.name}' family (only {ok}); "
+            f"train.packing is not supported for the '{family.name}' family (only {ok}){why}; "
             "set train.packing: false (train.group_by_length reduces padding for any family)"
         )
     if attn_implementation not in PACKING_ATTENTION:

@@ -35,6 +35,7 @@ CLIP = blocks(
     ["mlp.fc1", "mlp.fc2"],
 )
 QWEN_ATTN = ["attn.qkv", "attn.proj"]
+GDN = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
 # (vision blocks, language layers), each a list of (layer name, attention linears, MLP linears),
 # read off the named_modules() of transformers 5.17's classes.
 SPEC = {
@@ -43,6 +44,22 @@ SPEC = {
     "qwen3_vl": (
         blocks("model.visual.blocks", 2, QWEN_ATTN, ["mlp.linear_fc1", "mlp.linear_fc2"]),
         LANG,
+    ),
+    # layer 0 a Gated DeltaNet (linear attention), layer 1 full attention
+    "qwen3_5": (
+        blocks("model.visual.blocks", 2, QWEN_ATTN, ["mlp.linear_fc1", "mlp.linear_fc2"]),
+        [
+            (
+                "model.language_model.layers.0",
+                [f"linear_attn.{x}" for x in GDN],
+                [f"mlp.{x}" for x in GUD],
+            ),
+            (
+                "model.language_model.layers.1",
+                [f"self_attn.{x}" for x in QKVO],
+                [f"mlp.{x}" for x in GUD],
+            ),
+        ],
     ),
     "mllama": (
         blocks(
@@ -84,9 +101,40 @@ SPEC = {
         ),
         LANG,
     ),
+    "mistral3": (
+        blocks(
+            "model.vision_tower.transformer.layers",
+            2,
+            [f"attention.{x}" for x in QKVO],
+            [f"feed_forward.{x}" for x in GUD],
+        ),
+        LANG,
+    ),
     "llava": (CLIP, LANG),
     "llava_next": (CLIP, LANG),
     "gemma3": (CLIP, LANG),
+    # vision linears inside Gemma4ClippableLinear; layer 1 (full attention, attention_k_eq_v)
+    # has no v_proj
+    "gemma4": (
+        blocks(
+            "model.vision_tower.encoder.layers",
+            2,
+            [f"self_attn.{x}.linear" for x in QKVO],
+            [f"mlp.{x}.linear" for x in GUD],
+        ),
+        [
+            (
+                "model.language_model.layers.0",
+                [f"self_attn.{x}" for x in QKVO],
+                [f"mlp.{x}" for x in GUD],
+            ),
+            (
+                "model.language_model.layers.1",
+                ["self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj"],
+                [f"mlp.{x}" for x in GUD],
+            ),
+        ],
+    ),
     "idefics3": (
         blocks(
             "model.vision_model.encoder.layers",
@@ -108,11 +156,14 @@ END_OF_TURN = {
     "qwen2_vl": "<|im_end|>",
     "qwen2_5_vl": "<|im_end|>",
     "qwen3_vl": "<|im_end|>",
+    "qwen3_5": "<|im_end|>",
     "mllama": "<|eot_id|>",
     "pixtral": "</s>",
+    "mistral3": "</s>",
     "llava": "</s>",
     "llava_next": "</s>",
     "gemma3": "<end_of_turn>",
+    "gemma4": "<turn|>",
     "idefics3": "<end_of_utterance>",
     "smolvlm": "<end_of_utterance>",
 }

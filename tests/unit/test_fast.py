@@ -107,6 +107,52 @@ def test_label_only_loss_equals_the_model_loss_and_gradients(tiny_qwen, digits_r
     assert type(model.base_model.model.lm_head).__name__ != "Identity"  # restored
 
 
+def test_label_only_loss_with_a_logit_softcap_runs_the_head_on_labels_only(tiny_model, chat_rows):
+    """Gemma 4 caps its logits (30 * tanh(logits / 30)): the same loss and gradients as the
+    model's, the head still sees only the labelled positions, and the cap is back afterwards."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlmflow.collate import Encoder, collate
+    from vlmflow.families import FAMILIES
+
+    path = tiny_model("gemma4")
+    proc = AutoProcessor.from_pretrained(path)
+    enc = Encoder(proc, FAMILIES["gemma4"], max_seq_length=512)
+    batch = collate([enc(r) for r in chat_rows], enc.pad_id)
+    batch["pixel_values"] = batch["pixel_values"].double()
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float64)
+    assert model.config.text_config.final_logit_softcapping == 30.0
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            target_modules=r".*language_model.*\.(?:q_proj|o_proj)",
+            modules_to_save=["lm_head"],
+            init_lora_weights=False,
+        ),
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = model(**batch).loss
+    ref_grads = torch.autograd.grad(ref, params)
+    rows = []
+    head = model.base_model.model.lm_head
+    hook = head.register_forward_hook(lambda m, a, out: rows.append(a[0].shape[0]))
+    ours = label_only_loss(model, batch, chunk_size=4)
+    grads = torch.autograd.grad(ours, params)
+    hook.remove()
+    n_labels = int((batch["labels"][:, 1:] != -100).sum())
+    assert sum(rows[: -(-n_labels // 4)]) == n_labels  # forward chunks: labelled rows only
+    assert torch.allclose(ours.float(), ref, rtol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-7)
+    assert model.config.text_config.final_logit_softcapping == 30.0  # restored
+    with torch.no_grad():
+        capped = model(**batch).logits
+    assert capped.abs().max() <= 30.0
+
+
 # ------------------------------------------------------------------------------ fast LoRA
 def _peft_pair(dtype, dropout=0.0, adapter_dtype=torch.float32):
     from peft import LoraConfig, get_peft_model

@@ -328,6 +328,9 @@ def test_packing_of_an_unsupported_family_is_a_clear_error(tiny_model, digits_ro
     with pytest.raises(ValueError, match="train.packing needs model.attn_implementation"):
         check_packing(FAMILIES["qwen2_5_vl"], "flash_attention_2")
     check_packing(FAMILIES["qwen3_vl"], "eager")
+    # Qwen3.5's linear-attention layers: refused, and the message says why
+    with pytest.raises(ValueError, match="'qwen3_5' family .*Gated DeltaNet.*recurrent state"):
+        check_packing(FAMILIES["qwen3_5"], "sdpa")
     cfg = resolve_sections(
         {"model": {"name": tiny_model("llava")}, "train": {"packing": True}},
         ["model", "lora", "train"],

@@ -461,3 +461,42 @@ def test_training_from_the_archived_config_repeats_the_losses_on_cpu(workflow_ru
     assert [r["step"] for r in second] == [r["step"] for r in first] == list(range(1, 7))
     assert [r["loss"] for r in second] == [r["loss"] for r in first]
     assert [r["grad_norm"] for r in second] == [r["grad_norm"] for r in first]
+
+
+# Families added after the seed, each run through the workflow on a small copy of the .test
+# config: the tiny model is built by the workflow's own rule, trained, merged (with the merge
+# check), and evaluated base vs tuned.
+NEW_FAMILIES = ["qwen3_5", "gemma4", "mistral3"]
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_family_trains_merges_and_evaluates_through_the_workflow(family, workflow_copy, tmp_path):
+    work = workflow_copy(tmp_path)
+    cfg_path = work / ".test/config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["run"]["name"] = family
+    cfg["model"]["name"] = f"resources/models/tiny-{family}"
+    cfg["demo"]["digits_limit"] = 40
+    cfg["datasets"]["digits"]["sources"] = cfg["datasets"]["digits"]["sources"][:1]
+    cfg["train"].update(max_steps=4, save_steps=2)
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    run = work / "results/runs" / family
+    targets = [run / "merge_check.json", run / "eval/metrics.json"]
+    # (-p ends --configfile's list of files: the targets follow it)
+    snakemake(work, "-p", *(str(t.relative_to(work)) for t in targets), timeout=1200)
+
+    assert (
+        json.loads((work / f"resources/models/tiny-{family}/config.json").read_text())["model_type"]
+        == family
+    )
+    log = [json.loads(x) for x in (run / "adapter/train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    check = json.loads((run / "merge_check.json").read_text())
+    assert check["passed"] and check["max_abs_diff"] <= check["tolerance"]
+    assert (run / "merged/config.json").exists()
+    metrics = json.loads((run / "eval/metrics.json").read_text())
+    n_test = pq.read_table(run / "data/test.parquet").num_rows
+    assert metrics["n"] == n_test > 0
+    preds = pq.read_table(run / "eval/predictions.parquet").to_pandas()
+    assert len(preds) == n_test
+    assert preds["tuned_answer"].notna().all() and preds["base_answer"].notna().all()

@@ -1,0 +1,1072 @@
+#!/usr/bin/env python
+"""Build a random-weight vision-language model folder (bf16 safetensors + a processor that works
+for it) whose widths are those of a released checkpoint, offline, for timing LoRA/QLoRA steps.
+Timings do not depend on weight values; they depend on widths, depth, vocabulary and on how many
+image tokens / vision patches the processor makes, which all follow the real checkpoint here.
+
+    python make_family.py mllama models/mllama                  # real widths, full depth
+    python make_family.py mllama models/mllama --recommended    # the reduced depth run.sh uses
+    python make_family.py gemma3 models/g --text-layers 8 --vision-layers 7
+    python make_family.py pixtral models/p-tiny --scale tiny    # tiny widths, for the CPU
+    python make_family.py all --count                             # parameter counts, nothing saved
+
+FAMILY is one of mllama, gemma3, pixtral, llava, llava_next, qwen3_vl, qwen2_vl, idefics3,
+qwen3_5, gemma4, mistral3 (the checkpoint each copies is in CHECKPOINTS). `--scale tiny` keeps the real processor geometry
+(image size, patch size, tiles, image tokens) with tiny widths and a ~500-token vocabulary, so
+that the CPU exercises the same processor/model pairing as the real build.
+
+Depth: --text-layers / --vision-layers cut the decoder / vision tower (default: the full depth).
+Structure that depends on depth is scaled with it: Mllama's cross-attention layers keep the
+checkpoint's "every 5th layer from layer 3" pattern and its local:global vision ratio (32:8),
+the intermediate vision layers it concatenates are spread over the kept layers; Gemma 3 keeps
+its 5 sliding : 1 full attention pattern; Qwen3-VL's DeepStack taps are spread over the kept
+vision blocks; Qwen3.5 keeps its 3 Gated DeltaNet : 1 full attention pattern, Gemma 4 its
+5 sliding : 1 full one.
+
+This copy (the project's bench/family/) adds qwen3_5 and gemma4 to shared/family-bench's
+harness; where their values come from is commented in build_config.
+
+Processors: the tokenizers (byte-level BPE trained with `tokenizers`), special-token lists and
+chat templates are imported from vlmflow.tiny. Its per-family builders cannot be reused as a
+whole: they hard-code tiny image geometry (28-64 px images, 8-px patches, 2 tiles) and tiny
+models, so the image processors and processor objects are built here with the checkpoints'
+values. The tokenizer vocabulary stays small (ids < 512): only the model's vocab_size (the
+embedding and the LM head, which is what costs time) is the real one, as in the vlmflow Qwen
+benchmark (bench/make_model.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+# family: (checkpoint whose widths are copied, full depth (text, vision), recommended reduced
+# depth (text, vision) for one spec of the fixed benchmark batch in <= 90 s on one H200)
+CHECKPOINTS = {
+    "mllama": ("meta-llama/Llama-3.2-11B-Vision-Instruct", (40, 32), (10, 8)),
+    "gemma3": ("google/gemma-3-4b-it", (34, 27), (12, 9)),
+    "pixtral": ("mistral-community/pixtral-12b", (40, 24), (10, 6)),
+    "llava": ("llava-hf/llava-1.5-7b-hf", (32, 24), (8, 6)),
+    "llava_next": ("llava-hf/llava-v1.6-mistral-7b-hf", (32, 24), (8, 6)),
+    "qwen3_vl": ("Qwen/Qwen3-VL-8B-Instruct", (36, 27), (9, 8)),
+    "qwen2_vl": ("Qwen/Qwen2-VL-7B-Instruct", (28, 32), (7, 8)),
+    "idefics3": ("HuggingFaceM4/Idefics3-8B-Llama3", (32, 27), (8, 7)),
+    "qwen3_5": ("Qwen/Qwen3.5-9B", (32, 27), (8, 8)),
+    "gemma4": ("google/gemma-4-31B-it", (60, 27), (6, 7)),
+    "mistral3": ("mistralai/Mistral-Small-3.1-24B-Instruct-2503", (40, 24), (8, 6)),
+}
+TINY_DEPTH = (2, 2)  # text, vision (Mllama: 4 text layers so that layer 3 is a cross-attention one)
+
+# Tiny widths (--scale tiny): a Llama-style decoder 64 wide, a vision tower 32 wide.
+TINY_TEXT = dict(
+    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16
+)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2)
+
+
+def ensure_vlmflow() -> Path:
+    """Make vlmflow importable: from PYTHONPATH, else from a `src/` beside (or above) this file
+    (the copy layout of README.md), else from $VLMFLOW_ROOT/src. vlmflow is a namespace package
+    (no __init__.py). Returns the checkout root (the folder holding src/, bench/, config/)."""
+    import importlib.util
+    import os
+
+    roots = [Path(os.environ["VLMFLOW_ROOT"])] if os.environ.get("VLMFLOW_ROOT") else []
+    roots += [HERE, HERE.parent, HERE.parent.parent]
+    try:
+        found = importlib.util.find_spec("vlmflow.families") is not None
+    except ImportError:
+        found = False
+    if not found:
+        for root in roots:
+            if (root / "src" / "vlmflow" / "families.py").is_file():
+                sys.path.insert(0, str(root / "src"))
+                break
+        else:
+            raise SystemExit(
+                "vlmflow not found: put its src/ on PYTHONPATH or beside this file, or set "
+                "VLMFLOW_ROOT to the folder that holds its src/"
+            )
+    import vlmflow.families
+
+    return Path(vlmflow.families.__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------------- depth helpers
+def spread(indices, full: int, kept: int) -> list[int]:
+    """Layer indices of a `full`-deep stack mapped onto `kept` layers (distinct, in range)."""
+    return sorted({min(kept - 1, i * kept // full) for i in indices})
+
+
+def mllama_cross_layers(n: int) -> list[int]:
+    """Llama 3.2 Vision puts a cross-attention layer at 3, 8, ..., 38 of 40: every 5th from 3.
+    Same pattern for n layers (at least one)."""
+    return list(range(3, n, 5)) or [n - 1]
+
+
+def qwen3_5_layer_types(n: int) -> list[str]:
+    """Qwen3.5: 3 Gated DeltaNet (linear attention) layers, then 1 full-attention layer,
+    repeated (8 x (3 + 1) in Qwen3.5-9B's 32). With fewer than 4 layers the last one is full."""
+    types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)]
+    if "full_attention" not in types:
+        types[-1] = "full_attention"
+    return types
+
+
+def gemma3_layer_types(n: int) -> list[str]:
+    """Gemma 3: 5 sliding-window layers, then 1 full-attention layer, repeated (layers 5, 11, ...
+    of gemma-3-4b-it's 34 are full). With fewer than 6 layers the last one is full."""
+    types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    if "full_attention" not in types:
+        types[-1] = "full_attention"
+    return types
+
+
+# ------------------------------------------------------------------------------- processors
+def _tokenizer(family: str):
+    """(tokenizer, special-token ids) built with vlmflow.tiny's helpers."""
+    from vlmflow import tiny
+
+    if family in ("qwen2_vl", "qwen3_vl", "qwen3_5"):
+        tok = tiny._qwen_tokenizer()
+        return tok, tiny._ids(tok, tiny.QWEN_SPECIALS)
+    if family == "gemma4":
+        tok = tiny._gemma4_tokenizer()
+        return tok, tiny._ids(tok, tiny.GEMMA4_SPECIALS)
+    if family == "mllama":
+        specials = tiny.LLAMA3_SPECIALS
+        kw = dict(
+            bos_token="<|begin_of_text|>",
+            eos_token="<|eot_id|>",
+            pad_token="<|finetune_right_pad_id|>",
+        )
+    elif family == "gemma3":
+        specials = tiny.GEMMA3_SPECIALS
+        kw = dict(
+            bos_token="<bos>",
+            eos_token="<end_of_turn>",
+            pad_token="<pad>",
+            unk_token="<unk>",
+            extra_special_tokens={
+                "boi_token": "<start_of_image>",
+                "eoi_token": "<end_of_image>",
+                "image_token": "<image_soft_token>",
+            },
+        )
+    elif family in ("pixtral", "mistral3"):
+        specials = [*tiny.MISTRAL_SPECIALS, "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+        kw = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    elif family == "llava":  # the list is inline in tiny.build_tiny_llava
+        specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+        kw = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    elif family == "llava_next":
+        specials = [*tiny.MISTRAL_SPECIALS, "<image>"]
+        kw = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    elif family == "idefics3":  # the list is inline in tiny._build_idefics3_like
+        specials = [
+            "<|begin_of_text|>",
+            "<end_of_utterance>",
+            "<fake_token_around_image>",
+            "<image>",
+            "<global-img>",
+            # row/column markers of up to 6x6 crops (1456 px / 364 px = 4x4 here)
+            *[f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)],
+        ]
+        kw = dict(
+            bos_token="<|begin_of_text|>",
+            eos_token="<end_of_utterance>",
+            pad_token="<end_of_utterance>",
+        )
+    else:
+        raise KeyError(family)
+    tok = tiny._fast_tokenizer(specials, **kw)
+    return tok, tiny._ids(tok, specials)
+
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def build_processor(family: str):
+    """The family's processor with the checkpoint's image settings (the same at both scales).
+    Returns (processor, tokenizer, special-token ids)."""
+    import transformers as tr
+
+    from vlmflow import tiny
+
+    tok, ids = _tokenizer(family)
+    if family == "mllama":
+        # Llama-3.2-11B-Vision-Instruct preprocessor_config.json: 560x560 tiles, up to 4, CLIP
+        # mean/std (transformers' defaults: 224 px, mean/std 0.5)
+        image = tr.MllamaImageProcessor(
+            size={"height": 560, "width": 560},
+            max_image_tiles=4,
+            image_mean=CLIP_MEAN,
+            image_std=CLIP_STD,
+        )
+        proc = tr.MllamaProcessor(
+            image_processor=image, tokenizer=tok, chat_template=tiny.LLAMA3_CHAT_TEMPLATE
+        )
+    elif family == "gemma3":
+        # gemma-3-4b-it: 896x896, mean/std 0.5, 256 soft tokens per image, no pan-and-scan
+        image = tr.Gemma3ImageProcessor(size={"height": 896, "width": 896})
+        proc = tr.Gemma3Processor(
+            image_processor=image,
+            tokenizer=tok,
+            image_seq_length=256,
+            chat_template=tiny.GEMMA3_CHAT_TEMPLATE,
+        )
+    elif family == "pixtral":
+        # pixtral-12b: longest edge 1024, 16 px patches, no spatial merge; transformers' defaults
+        image = tr.PixtralImageProcessor(size={"longest_edge": 1024}, patch_size=16)
+        proc = tr.PixtralProcessor(
+            image_processor=image,
+            tokenizer=tok,
+            patch_size=16,
+            spatial_merge_size=1,
+            chat_template=tiny.MISTRAL_CHAT_TEMPLATE,
+        )
+    elif family == "mistral3":
+        # Mistral-Small-3.1-24B-Instruct-2503: longest edge 1540, 14 px patches, 2x2 merge
+        image = tr.PixtralImageProcessor(size={"longest_edge": 1540}, patch_size=14)
+        proc = tr.PixtralProcessor(
+            image_processor=image,
+            tokenizer=tok,
+            patch_size=14,
+            spatial_merge_size=2,
+            chat_template=tiny.MISTRAL_CHAT_TEMPLATE,
+        )
+    elif family == "llava":
+        # llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (resize + center crop) -> 576 image tokens;
+        # the template llava-hf ships (vlmflow replaces it, see families.LLAVA_CHAT_TEMPLATE)
+        image = tr.CLIPImageProcessor(
+            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+        )
+        proc = tr.LlavaProcessor(
+            image_processor=image,
+            tokenizer=tok,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=tiny.LLAVA_HF_CHAT_TEMPLATE,
+        )
+    elif family == "llava_next":
+        # llava-v1.6-mistral-7b-hf: 336 px base view + any-res tiles on these pinpoints
+        grid = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+        image = tr.LlavaNextImageProcessor(
+            size={"shortest_edge": 336},
+            crop_size={"height": 336, "width": 336},
+            image_grid_pinpoints=grid,
+        )
+        proc = tr.LlavaNextProcessor(
+            image_processor=image,
+            tokenizer=tok,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=tiny.LLAVA_NEXT_CHAT_TEMPLATE,
+        )
+    elif family == "qwen3_vl":
+        # Qwen3-VL-8B-Instruct: 16 px patches, 2x2 merge, mean/std 0.5, pixels in [65536, 16777216]
+        image = tr.Qwen2VLImageProcessor(
+            patch_size=16,
+            merge_size=2,
+            temporal_patch_size=2,
+            size={"shortest_edge": 65536, "longest_edge": 16777216},
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        )
+        proc = tr.Qwen3VLProcessor(
+            image_processor=image,
+            tokenizer=tok,
+            video_processor=tr.Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
+            chat_template=tiny.QWEN_CHAT_TEMPLATE,
+        )
+    elif family == "qwen3_5":
+        # Qwen3.5 uses Qwen3-VL's processor and image settings (16 px patches, 2x2 merge)
+        image = tr.Qwen2VLImageProcessor(
+            patch_size=16,
+            merge_size=2,
+            temporal_patch_size=2,
+            size={"shortest_edge": 65536, "longest_edge": 16777216},
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        )
+        proc = tr.Qwen3VLProcessor(
+            image_processor=image,
+            tokenizer=tok,
+            video_processor=tr.Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
+            chat_template=tiny.QWEN_CHAT_TEMPLATE,
+        )
+    elif family == "gemma4":
+        # Gemma 4: Gemma4ImageProcessor's defaults (16 px patches, 3x3 pooling, up to 280 soft
+        # tokens per image, aspect ratio kept), and the audio feature extractor the processor
+        # takes
+        proc = tr.Gemma4Processor(
+            feature_extractor=tr.Gemma4AudioFeatureExtractor(),
+            image_processor=tr.Gemma4ImageProcessor(),
+            tokenizer=tok,
+            video_processor=tr.Gemma4VideoProcessor(),
+            image_seq_length=280,
+            chat_template=tiny.GEMMA4_CHAT_TEMPLATE,
+        )
+    elif family == "qwen2_vl":
+        # Qwen2-VL-7B-Instruct: 14 px patches, 2x2 merge, min_pixels 3136, max_pixels 12845056
+        image = tr.Qwen2VLImageProcessor(size={"shortest_edge": 3136, "longest_edge": 12845056})
+        proc = tr.Qwen2VLProcessor(
+            image_processor=image,
+            tokenizer=tok,
+            video_processor=tr.Qwen2VLVideoProcessor(),
+            chat_template=tiny.QWEN_CHAT_TEMPLATE,
+        )
+    elif family == "idefics3":
+        # Idefics3-8B-Llama3: images rescaled to a 1456 px longest edge and split into 364 px
+        # crops + a global view, 169 tokens each (transformers' defaults)
+        image = tr.Idefics3ImageProcessor(
+            size={"longest_edge": 1456},
+            max_image_size={"longest_edge": 364},
+            do_image_splitting=True,
+        )
+        proc = tr.Idefics3Processor(
+            image_processor=image,
+            tokenizer=tok,
+            image_seq_len=169,
+            chat_template=tiny.IDEFICS3_CHAT_TEMPLATE,
+        )
+    else:
+        raise KeyError(family)
+    return proc, tok, ids
+
+
+# ------------------------------------------------------------------------------- configs
+def build_config(family: str, scale: str, text_layers: int, vision_layers: int, tok, ids):
+    """The transformers config. Values are the class defaults where those equal the checkpoint's;
+    every other value is set here, commented with the checkpoint it comes from."""
+    import transformers as tr
+
+    tiny = scale == "tiny"
+    vocab = len(tok)
+    nt, nv = text_layers, vision_layers
+
+    if family == "mllama":
+        # meta-llama/Llama-3.2-11B-Vision-Instruct. MllamaTextConfig's defaults are its text
+        # widths (vocab 128256, hidden 4096, 32 heads / 8 KV heads, MLP 14336); MllamaVisionConfig's
+        # are its vision widths (1280 wide, 16 heads, MLP 5120, 14 px patches, 4 tiles, the 8 aspect
+        # ratios, intermediate layers 3/7/15/23/30 -> vision_output_dim 7680) except image_size.
+        full_v = 32
+        inter = spread([3, 7, 15, 23, 30], full_v, nv) if not tiny else [0]
+        vhidden = 32 if tiny else 1280
+        text = dict(
+            num_hidden_layers=nt,
+            cross_attention_layers=mllama_cross_layers(nt),
+            # checkpoint: llama3 RoPE scaling (default: plain RoPE)
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            bos_token_id=ids["<|begin_of_text|>"],
+            eos_token_id=ids["<|eot_id|>"],
+            pad_token_id=ids["<|finetune_right_pad_id|>"],
+        )
+        vision = dict(
+            image_size=560,  # checkpoint: 560 px tiles (default 448)
+            num_hidden_layers=nv,
+            num_global_layers=max(1, round(nv * 8 / full_v)),  # checkpoint: 32 local, 8 global
+            intermediate_layers_indices=inter,
+            vision_output_dim=vhidden * (1 + len(inter)),
+        )
+        if tiny:
+            text.update(
+                vocab_size=vocab,
+                hidden_size=64,
+                intermediate_size=128,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+            vision.update(hidden_size=32, intermediate_size=64, attention_heads=2)
+        return tr.MllamaConfig(
+            text_config=text, vision_config=vision, image_token_index=ids["<|image|>"]
+        )
+
+    if family == "gemma3":
+        # google/gemma-3-4b-it. Gemma3TextConfig's defaults give its vocab (262208), 8 heads / 4
+        # KV heads of 256, query_pre_attn_scalar 256, gelu_pytorch_tanh, the 5:1 sliding/full
+        # pattern, tied embeddings; the vision defaults are SigLIP-B/16 at 224 px, not gemma 3's.
+        text = dict(
+            hidden_size=2560,  # checkpoint (default 2304)
+            intermediate_size=10240,  # checkpoint (default 9216)
+            num_hidden_layers=nt,
+            sliding_window=1024,  # checkpoint (default 4096)
+            layer_types=gemma3_layer_types(nt),
+            # checkpoint: rope_scaling {"factor": 8.0, "rope_type": "linear"} on the global layers
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+            bos_token_id=ids["<bos>"],
+            eos_token_id=ids["<end_of_turn>"],
+            pad_token_id=ids["<pad>"],
+            tie_word_embeddings=True,
+        )
+        vision = dict(  # checkpoint: SigLIP So400m/14 at 896 px, no pooling head
+            model_type="siglip_vision_model",
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=nv,
+            num_attention_heads=16,
+            image_size=896,
+            patch_size=14,
+            vision_use_head=False,
+        )
+        if tiny:
+            text.update(vocab_size=vocab, query_pre_attn_scalar=16, **TINY_TEXT)
+            vision.update(TINY_VISION)
+        return tr.Gemma3Config(
+            text_config=text,
+            vision_config=vision,
+            mm_tokens_per_image=256,  # checkpoint (= default)
+            boi_token_index=ids["<start_of_image>"],
+            eoi_token_index=ids["<end_of_image>"],
+            image_token_index=ids["<image_soft_token>"],
+            tie_word_embeddings=True,
+        )
+
+    if family == "pixtral":
+        # mistral-community/pixtral-12b: LlavaForConditionalGeneration, Mistral-NeMo-12B text
+        # model (the values of transformers' convert_pixtral_weights_to_hf.py), Pixtral-ViT
+        # (PixtralVisionConfig's defaults: 1024 wide, 16 heads of 64, MLP 4096, 1024 px, 16 px
+        # patches, 2-D RoPE theta 10000) with the checkpoint's SiLU.
+        text = dict(
+            model_type="mistral",
+            hidden_size=5120,
+            intermediate_size=14336,
+            num_hidden_layers=nt,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,  # != 5120 / 32
+            vocab_size=131072,
+            max_position_embeddings=1024000,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000_000.0},
+            sliding_window=None,
+            tie_word_embeddings=False,
+            bos_token_id=ids["<s>"],
+            eos_token_id=ids["</s>"],
+            pad_token_id=ids["<pad>"],
+        )
+        vision = dict(
+            model_type="pixtral",
+            num_hidden_layers=nv,
+            hidden_act="silu",  # checkpoint (default gelu)
+            image_size=1024,
+            patch_size=16,
+        )
+        if tiny:
+            text.update(vocab_size=vocab, **TINY_TEXT)
+            vision.update(TINY_VISION, head_dim=16)
+        return tr.LlavaConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_index=ids["[IMG]"],
+            image_seq_length=1,  # checkpoint (variable image sizes)
+            vision_feature_layer=-1,  # checkpoint: last layer, every patch
+            vision_feature_select_strategy="full",
+            projector_hidden_act="gelu",
+            multimodal_projector_bias=True,
+            tie_word_embeddings=False,
+        )
+
+    if family == "mistral3":
+        # mistralai/Mistral-Small-3.1-24B-Instruct-2503 (as recalled from its config.json, not
+        # checked against the hub here): Mistral text model 40 layers 5120 wide, 32 heads / 8 KV
+        # heads of 128, MLP 32768, vocab 131072, rope_theta 1e9; Pixtral encoder 24 layers 1024
+        # wide, 16 heads, MLP 4096, 1540 px images, 14 px patches; 2x2 patch merger, no
+        # projector bias.
+        text = dict(
+            model_type="mistral",
+            hidden_size=5120,
+            intermediate_size=32768,
+            num_hidden_layers=nt,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=131072,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000_000.0},
+            sliding_window=None,
+            tie_word_embeddings=False,
+            bos_token_id=ids["<s>"],
+            eos_token_id=ids["</s>"],
+            pad_token_id=ids["<pad>"],
+        )
+        vision = dict(
+            model_type="pixtral",
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=nv,
+            num_attention_heads=16,
+            head_dim=64,
+            image_size=1540,
+            patch_size=14,
+        )
+        if tiny:
+            text.update(vocab_size=vocab, **TINY_TEXT)
+            vision.update(TINY_VISION, head_dim=16)
+        return tr.Mistral3Config(
+            text_config=text,
+            vision_config=vision,
+            image_token_index=ids["[IMG]"],
+            vision_feature_layer=-1,
+            spatial_merge_size=2,
+            multimodal_projector_bias=False,
+            tie_word_embeddings=False,
+        )
+
+    if family == "llava":
+        # llava-hf/llava-1.5-7b-hf. LlavaConfig's defaults are this model: a Llama text config
+        # (Vicuna-7B widths: 4096, 32 heads, MLP 11008) and CLIP ViT-L/14-336 (1024 wide, 24
+        # layers, 16 heads, MLP 4096, quick_gelu), penultimate layer, CLS dropped, 576 tokens.
+        text = dict(
+            model_type="llama",
+            num_hidden_layers=nt,
+            vocab_size=32064,  # checkpoint (default 32000)
+            rms_norm_eps=1e-5,  # checkpoint (default 1e-6)
+            max_position_embeddings=4096,  # checkpoint (default 2048)
+            bos_token_id=ids["<s>"],
+            eos_token_id=ids["</s>"],
+            pad_token_id=ids["<pad>"],
+        )
+        # LlavaConfig's default vision_config (the CLIPVisionConfig class defaults are ViT-B/32)
+        vision = {**tr.LlavaConfig().vision_config.to_dict(), "num_hidden_layers": nv}
+        if tiny:
+            text.update(vocab_size=vocab, **TINY_TEXT)
+            vision.update(TINY_VISION, projection_dim=32)
+        return tr.LlavaConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_index=ids["<image>"],
+            tie_word_embeddings=False,
+        )
+
+    if family == "llava_next":
+        # llava-hf/llava-v1.6-mistral-7b-hf: LlavaNextConfig's defaults for the CLIP tower, the
+        # pinpoints, feature layer -2; the text model is Mistral-7B-Instruct-v0.2.
+        text = dict(
+            model_type="mistral",
+            num_hidden_layers=nt,
+            vocab_size=32064,  # checkpoint (Mistral default 32000)
+            max_position_embeddings=32768,  # checkpoint (default 131072)
+            rms_norm_eps=1e-5,  # checkpoint (default 1e-6)
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},  # default 1e4
+            sliding_window=None,  # checkpoint (default 4096)
+            bos_token_id=ids["<s>"],
+            eos_token_id=ids["</s>"],
+            pad_token_id=ids["<pad>"],
+        )
+        # LlavaNextConfig's default vision_config: CLIP ViT-L/14-336 (class defaults: ViT-B/32)
+        vision = {**tr.LlavaNextConfig().vision_config.to_dict(), "num_hidden_layers": nv}
+        if tiny:
+            text.update(vocab_size=vocab, **TINY_TEXT)
+            vision.update(TINY_VISION, projection_dim=32)
+        return tr.LlavaNextConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_index=ids["<image>"],
+            tie_word_embeddings=False,
+        )
+
+    if family == "qwen3_vl":
+        # Qwen/Qwen3-VL-8B-Instruct. Qwen3VLVisionConfig's defaults are its tower (27 blocks
+        # 1152 wide, MLP 4304, 16 heads, 16 px patches, 2x2 merge, 2304 position embeddings,
+        # DeepStack at 8/16/24) except out_hidden_size; the text defaults are not the 8B's.
+        text = dict(
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=nt,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            max_position_embeddings=262144,
+            rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5_000_000.0,
+                "mrope_section": [24, 20, 20],
+                "mrope_interleaved": True,
+            },
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        )
+        vision = dict(
+            depth=nv,
+            out_hidden_size=4096,  # checkpoint (default 3584)
+            deepstack_visual_indexes=spread([8, 16, 24], 27, nv),
+        )
+        if tiny:
+            text.update(vocab_size=vocab, **TINY_TEXT)
+            text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[2, 3, 3])
+            vision.update(hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+        return tr.Qwen3VLConfig(
+            text_config=text,
+            vision_config=vision,
+            tie_word_embeddings=False,
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
+
+    if family == "qwen3_5":
+        # Qwen/Qwen3.5-9B, from its model card: 32 layers 4096 wide as 8 x (3 Gated DeltaNet + 1
+        # gated attention), DeltaNet 16 QK / 32 V heads of 128, attention 16 / 4 KV heads of 256
+        # with a 64-dim rotary part (partial_rotary_factor 0.25), MLP 12288, vocab 248320: all
+        # Qwen3_5TextConfig's defaults. rope_theta 1e7 and mrope_section [11, 11, 10] (the 32
+        # rotary frequencies) as Qwen3.5's released configs have them. Vision:
+        # Qwen3_5VisionConfig's defaults (Qwen3-VL's 27 x 1152 tower without DeepStack) with
+        # out_hidden_size 4096 (the text width).
+        text = dict(
+            num_hidden_layers=nt,
+            layer_types=qwen3_5_layer_types(nt),
+            max_position_embeddings=262144,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10_000_000.0,
+                "partial_rotary_factor": 0.25,
+                "mrope_section": [11, 11, 10],
+                "mrope_interleaved": True,
+            },
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        )
+        vision = dict(depth=nv, out_hidden_size=4096)
+        if tiny:
+            text.update(
+                vocab_size=vocab,
+                linear_key_head_dim=16,
+                linear_value_head_dim=16,
+                linear_num_key_heads=2,
+                linear_num_value_heads=4,
+                **TINY_TEXT,
+            )
+            text["rope_parameters"] = dict(
+                text["rope_parameters"], partial_rotary_factor=0.5, mrope_section=[2, 1, 1]
+            )
+            vision.update(hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+        return tr.Qwen3_5Config(
+            text_config=text,
+            vision_config=vision,
+            tie_word_embeddings=False,
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
+
+    if family == "gemma4":
+        # google/gemma-4-31B-it (dense), from public descriptions of its config (the hub is out
+        # of reach here): 60 layers 5376 wide, 5 sliding (window 1024) : 1 full attention;
+        # sliding layers 32 heads / 16 KV heads of 256, full layers head_dim 512 with 4 KV
+        # heads whose keys double as values (attention_k_eq_v), MLP 21504, vocab 262144, tied
+        # embeddings, final logit softcap 30, no per-layer embeddings. RoPE: Gemma4TextConfig's
+        # defaults. Vision: a ~550M encoder, taken as 27 layers 1152 wide, 16 heads of 72, MLP
+        # 4304 (So400m widths: 27 x 20.2M = 545M); its other values are Gemma4VisionConfig's
+        # defaults (16 px patches, 3x3 pooling).
+        text = dict(
+            hidden_size=5376,
+            intermediate_size=21504,
+            num_hidden_layers=nt,
+            num_attention_heads=32,
+            num_key_value_heads=16,
+            head_dim=256,
+            global_head_dim=512,
+            num_global_key_value_heads=4,
+            attention_k_eq_v=True,
+            sliding_window=1024,
+            layer_types=gemma3_layer_types(nt),
+            final_logit_softcapping=30.0,
+            hidden_size_per_layer_input=0,
+            max_position_embeddings=262144,
+            bos_token_id=ids["<bos>"],
+            eos_token_id=ids["<turn|>"],
+            pad_token_id=ids["<pad>"],
+            tie_word_embeddings=True,
+        )
+        vision = dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=nv,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            head_dim=72,
+        )
+        if tiny:
+            text.update(
+                vocab_size=vocab,
+                vocab_size_per_layer_input=vocab,
+                global_head_dim=32,
+                num_global_key_value_heads=1,
+                sliding_window=256,
+                **TINY_TEXT,
+            )
+            vision.update(TINY_VISION, num_key_value_heads=2, head_dim=16)
+        return tr.Gemma4Config(
+            text_config=text,
+            vision_config=vision,
+            boi_token_id=ids["<|image>"],
+            eoi_token_id=ids["<image|>"],
+            image_token_id=ids["<|image|>"],
+            boa_token_id=ids["<|audio>"],
+            eoa_token_index=ids["<audio|>"],
+            audio_token_id=ids["<|audio|>"],
+            tie_word_embeddings=True,
+        )
+
+    if family == "qwen2_vl":
+        # Qwen/Qwen2-VL-7B-Instruct. Qwen2VLVisionConfig's defaults are its tower (32 blocks,
+        # 1280 wide, MLP ratio 4, 16 heads, 14 px patches, merger to 3584); the text defaults are
+        # the 72B's.
+        text = dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=nt,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            max_window_layers=nt,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1_000_000.0,
+                "mrope_section": [16, 24, 24],
+            },
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        )
+        vision = dict(depth=nv)
+        if tiny:
+            text.update(
+                vocab_size=vocab,
+                **{k: v for k, v in TINY_TEXT.items() if k != "head_dim"},
+            )
+            text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[2, 3, 3])
+            vision.update(embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64)
+        return tr.Qwen2VLConfig(
+            text_config=text,
+            vision_config=vision,
+            tie_word_embeddings=False,
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
+
+    if family == "idefics3":
+        # HuggingFaceM4/Idefics3-8B-Llama3: Llama-3.1-8B-Instruct text model, SigLIP So400m/14 at
+        # 364 px (Idefics3VisionConfig's defaults are a 12-layer, 224 px, 32 px-patch tower),
+        # pixel-shuffle connector with scale factor 2 (= default).
+        eou = ids["<end_of_utterance>"]
+        text = dict(
+            model_type="llama",
+            num_hidden_layers=nt,
+            intermediate_size=14336,
+            num_key_value_heads=8,
+            vocab_size=128259,
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            bos_token_id=ids["<|begin_of_text|>"],
+            eos_token_id=eou,
+            pad_token_id=eou,
+            tie_word_embeddings=False,
+        )
+        vision = dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=nv,
+            num_attention_heads=16,
+            image_size=364,
+            patch_size=14,
+        )
+        if tiny:
+            text.update(vocab_size=vocab, **TINY_TEXT)
+            vision.update(TINY_VISION)
+        return tr.Idefics3Config(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=ids["<image>"],
+            scale_factor=2,
+            pad_token_id=eou,
+            tie_word_embeddings=False,
+        )
+    raise KeyError(family)
+
+
+MODEL_CLASSES = {
+    "mllama": "MllamaForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
+    "pixtral": "LlavaForConditionalGeneration",
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "idefics3": "Idefics3ForConditionalGeneration",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
+    "gemma4": "Gemma4ForConditionalGeneration",
+    "mistral3": "Mistral3ForConditionalGeneration",
+}
+
+
+EOS_PAD_BOS = {  # generation_config tokens, as vlmflow.tiny sets them
+    "mllama": ("<|eot_id|>", "<|finetune_right_pad_id|>", "<|begin_of_text|>"),
+    "gemma3": ("<end_of_turn>", "<pad>", "<bos>"),
+    "pixtral": ("</s>", "<pad>", "<s>"),
+    "llava": ("</s>", "<pad>", "<s>"),
+    "llava_next": ("</s>", "<pad>", "<s>"),
+    "qwen3_vl": ("<|im_end|>", "<|endoftext|>", None),
+    "qwen2_vl": ("<|im_end|>", "<|endoftext|>", None),
+    "idefics3": ("<end_of_utterance>", "<end_of_utterance>", "<|begin_of_text|>"),
+    "qwen3_5": ("<|im_end|>", "<|endoftext|>", None),
+    "gemma4": ("<turn|>", "<pad>", "<bos>"),
+    "mistral3": ("</s>", "<pad>", "<s>"),
+}
+
+
+def random_init_zero_parameters(model) -> list[str]:
+    """Weights the model initialises at zero so that images would get no gradient, drawn at
+    random as vlmflow.tiny does: Mllama's tanh gates (cross-attention and positional) ~ U(0.5, 1),
+    Gemma 3's projector weight ~ N(0, 0.05). Returns the names changed."""
+    changed = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.device.type == "meta" or p.any():
+                continue
+            if "gate" in name and p.ndim <= 1:
+                p.uniform_(0.5, 1.0)
+                changed.append(name)
+            elif name.endswith("mm_input_projection_weight"):
+                p.normal_(0.0, 0.05)
+                changed.append(name)
+    return changed
+
+
+def depth_for(family: str, scale: str, text_layers, vision_layers, recommended: bool):
+    _, full, rec = CHECKPOINTS[family]
+    if scale == "tiny":
+        base = (4 if family == "mllama" else TINY_DEPTH[0], TINY_DEPTH[1])
+    else:
+        base = rec if recommended else full
+    return (text_layers or base[0], vision_layers or base[1])
+
+
+def make_model(family: str, cfg, device: str):
+    import transformers as tr
+
+    cls = getattr(tr, MODEL_CLASSES[family])
+    with torch.device(device):
+        return cls._from_config(cfg, dtype=torch.bfloat16)
+
+
+def parts(model, family_name: str) -> dict[str, int]:
+    """Parameter counts by part: vision tower, projector, input embeddings, LM head (when not
+    tied), language layers + norms."""
+    from vlmflow.families import FAMILIES
+
+    fam = FAMILIES[family_name]
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    out = dict(vision=0, projector=0, embeddings=0, lm_head=0, language=0)
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p is emb:
+            out["embeddings"] += p.numel()
+        elif p is head:
+            out["lm_head"] += p.numel()
+        elif any(name.startswith(m + ".") for m in fam.projector):
+            out["projector"] += p.numel()
+        elif any(name.startswith(m + ".") for m in fam.vision_tower):
+            out["vision"] += p.numel()
+        else:
+            out["language"] += p.numel()
+    out["total"] = sum(out.values())
+    return out
+
+
+def image_tokens(processor, family_name: str, side: int = 896) -> dict:
+    """Tokens the processor makes for one side x side image + a one-word question."""
+    import numpy as np
+    from PIL import Image
+
+    from vlmflow.families import FAMILIES
+
+    fam = FAMILIES[family_name]
+    tok = processor.tokenizer
+    img = Image.fromarray(np.zeros((side, side, 3), dtype=np.uint8) + 128)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what"}]}]
+    text = processor.apply_chat_template(msgs, tokenize=False)
+    enc = processor(text=[text], images=[[img]], return_tensors="pt", add_special_tokens=False)
+    ids = enc["input_ids"][0]
+    marks = [tok.convert_tokens_to_ids(t) for t in fam.image_tokens]
+    shapes = {k: tuple(v.shape) for k, v in enc.items() if k != "input_ids" and hasattr(v, "shape")}
+    return dict(
+        image_tokens=int((ids == marks[0]).sum()),
+        image_marker_tokens=int(sum((ids == m).sum() for m in marks[1:] if m != marks[0])),
+        tokens=int(ids.numel()),
+        shapes=shapes,
+    )
+
+
+def count(families: list[str], text_layers, vision_layers) -> None:
+    """Print parameter counts (meta device: nothing allocated) at full and reduced depth and
+    the processor's tokens per 896x896 image."""
+    from vlmflow.families import family_for_config
+
+    for family in families:
+        ckpt, full, rec = CHECKPOINTS[family]
+        proc, tok, ids = build_processor(family)
+        rows = []
+        for label, (nt, nv) in (
+            ("full", full),
+            ("reduced", (text_layers or rec[0], vision_layers or rec[1])),
+        ):
+            cfg = build_config(family, "real", nt, nv, tok, ids)
+            model = make_model(family, cfg, "meta")
+            p = parts(model, family_for_config(cfg).name)
+            rows.append((label, nt, nv, p, cfg))
+        info = image_tokens(proc, family_for_config(rows[0][4]).name)
+        print(f"== {family}  ({ckpt})")
+        for label, nt, nv, p, cfg in rows:
+            extra = ""
+            if family == "mllama":
+                tc, vc = cfg.text_config, cfg.vision_config
+                extra = (
+                    f" cross-attn {tc.cross_attention_layers}, global {vc.num_global_layers},"
+                    f" intermediate {vc.intermediate_layers_indices}"
+                )
+            elif family in ("gemma3", "gemma4", "qwen3_5"):
+                lt = cfg.text_config.layer_types
+                extra = f" full-attention layers {[i for i, t in enumerate(lt) if t == 'full_attention']}"
+            elif family == "qwen3_vl":
+                extra = f" deepstack {cfg.vision_config.deepstack_visual_indexes}"
+            print(
+                f"  {label:8s} text {nt:2d} vision {nv:2d}: {p['total'] / 1e9:7.3f}B "
+                f"(vision {p['vision'] / 1e9:.3f}B, projector {p['projector'] / 1e6:.1f}M, "
+                f"embeddings {p['embeddings'] / 1e9:.3f}B, lm_head {p['lm_head'] / 1e9:.3f}B, "
+                f"language layers {p['language'] / 1e9:.3f}B) = {p['total'] * 2 / 2**30:.1f} GiB bf16"
+                + extra
+            )
+        print(
+            f"  896x896 image: {info['image_tokens']} image tokens (+{info['image_marker_tokens']} "
+            f"markers), {info['tokens']} tokens with a one-word question; {info['shapes']}"
+        )
+
+
+def build(family: str, out: str, scale: str, nt: int, nv: int, device: str, seed: int) -> dict:
+    from vlmflow.families import family_for_config
+    from vlmflow.io import atomic_dir
+    from vlmflow.tiny import _finish
+
+    proc, tok, ids = build_processor(family)
+    cfg = build_config(family, scale, nt, nv, tok, ids)
+    torch.manual_seed(seed)
+    model = make_model(family, cfg, device)
+    changed = random_init_zero_parameters(model)
+    eos, pad, bos = (None if t is None else ids[t] for t in EOS_PAD_BOS[family])
+    _finish(model, eos, pad, bos)
+    fam = family_for_config(cfg).name
+    info = dict(
+        family=fam,
+        checkpoint=CHECKPOINTS[family][0],
+        scale=scale,
+        text_layers=nt,
+        vision_layers=nv,
+        parameters=parts(model, fam),
+        randomised_zero_init=changed,
+    )
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, max_shard_size="5GB")
+        proc.save_pretrained(tmp)
+        (tmp / "make_family.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("family", help=f"{' | '.join(CHECKPOINTS)} (with --count also: all)")
+    ap.add_argument("out", nargs="?", help="model folder to write (not with --count)")
+    ap.add_argument("--scale", choices=["real", "tiny"], default="real")
+    ap.add_argument("--text-layers", type=int, default=None, help="decoder layers (default: full)")
+    ap.add_argument("--vision-layers", type=int, default=None, help="vision blocks (default: full)")
+    ap.add_argument(
+        "--recommended",
+        action="store_true",
+        help="the reduced depth of CHECKPOINTS (what run.sh builds) where no depth is given",
+    )
+    ap.add_argument("--count", action="store_true", help="print parameter counts, save nothing")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--max-cpu-gib",
+        type=float,
+        default=6.0,
+        help="refuse to build a bf16 model larger than this on the CPU (default 6 GiB)",
+    )
+    a = ap.parse_args()
+    ensure_vlmflow()
+    if a.count:
+        fams = list(CHECKPOINTS) if a.family == "all" else [a.family]
+        count(fams, a.text_layers, a.vision_layers)
+        return
+    if a.family not in CHECKPOINTS:
+        ap.error(f"unknown family {a.family!r} (known: {', '.join(CHECKPOINTS)})")
+    if not a.out:
+        ap.error("give the output folder")
+    nt, nv = depth_for(a.family, a.scale, a.text_layers, a.vision_layers, a.recommended)
+    if a.device == "cpu" and a.scale == "real":
+        _, tok, ids = build_processor(a.family)
+        n = sum(
+            p.numel()
+            for p in make_model(
+                a.family, build_config(a.family, "real", nt, nv, tok, ids), "meta"
+            ).parameters()
+        )
+        if n * 2 / 2**30 > a.max_cpu_gib:
+            sys.exit(
+                f"{a.family} at text {nt} / vision {nv} layers is {n / 1e9:.2f}B parameters "
+                f"({n * 2 / 2**30:.1f} GiB bf16): build it on a GPU, cut its depth, or raise "
+                "--max-cpu-gib"
+            )
+    info = build(a.family, a.out, a.scale, nt, nv, a.device, a.seed)
+    p = info["parameters"]
+    print(
+        f"saved {a.out}: {a.family} ({info['checkpoint']} widths, scale {a.scale}), text {nt} / "
+        f"vision {nv} layers, {p['total'] / 1e6:.2f}M parameters; randomised zero-init: "
+        f"{len(info['randomised_zero_init'])} tensors"
+    )
+
+
+if __name__ == "__main__":
+    main()
