@@ -100,3 +100,36 @@ rule report_evaluation:
         "python {params.script} evaluation --config {params.config:q} "
         "--metrics {input.metrics} --predictions {input.predictions} {params.merge_check} "
         "--html {output.html} --png {output.png} --gallery {output.gallery} > {log} 2>&1"
+
+
+# The landing page of the report (report/workflow.rst) shows this fragment inline: the metrics
+# base vs tuned, the run's facts and the training curves, without a click.
+rule report_summary:
+    input:
+        data=f"results/data/{DATASET}/summary.json",
+        budget="results/runs/{run}/data/summary.json",
+        adapter="results/runs/{run}/adapter",
+        metrics="results/runs/{run}/eval/metrics.json",
+        training="results/runs/{run}/report/training.png",
+    output:
+        html=report(
+            "results/runs/{run}/report/summary.html",
+            caption="../report/summary.rst",
+            category="0. Summary",
+        ),
+    log:
+        "logs/report_summary/{run}.log",
+    benchmark:
+        "benchmarks/report_summary/{run}.tsv"
+    conda:
+        "../envs/vlmflow.yaml"
+    threads: 1
+    params:
+        script=script("report"),
+        config=as_json("report"),
+        dataset=DATASET,
+        lora_only="" if MERGED else "--lora-only",
+    shell:
+        "python {params.script} summary --config {params.config:q} --run {wildcards.run} "
+        "--dataset {params.dataset} {params.lora_only} --png {input.training} "
+        "--html {output.html} > {log} 2>&1"

@@ -270,3 +270,39 @@ def describe_settings(
                 line += " " + item
         lines.append(line)
     return "\n".join(lines)
+
+
+def _accepts_string(schema: dict) -> bool:
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if "string" in types or any(isinstance(v, str) for v in schema.get("enum", [])):
+        return True
+    return any(_accepts_string(s) for s in schema.get("oneOf", []) + schema.get("anyOf", []))
+
+
+def _typed(value, schema: dict):
+    if isinstance(value, dict):
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        return {
+            k: _typed(v, props.get(k, extra if isinstance(extra, dict) else {}))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
+        return [_typed(v, items) for v in value]
+    if isinstance(value, str) and not _accepts_string(schema):
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+    return value
+
+
+def typed_cli_config(values: dict, schema: dict | None = None) -> dict:
+    """`--config section={key: value}` as the schema means it: Snakemake parses such nested
+    values with YAML's BaseLoader, so every leaf arrives as a string ('7', 'true'); a leaf whose
+    key takes no string is read as YAML (7, True), the others stay strings."""
+    schema = schema or load_schema()
+    return {
+        k: _typed(v, schema.get("properties", {}).get(k, {})) for k, v in (values or {}).items()
+    }
