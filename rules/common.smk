@@ -7,9 +7,11 @@ SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
 # The rules' scripts import vlmflow from this checkout, also inside a conda env
 # (--software-deployment-method conda) where the package is not installed: jobs inherit this.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [SRC]
-    + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != SRC]
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        [SRC]
+        + [p for p in os.getenv("PYTHONPATH", "").split(os.pathsep) if p and p != SRC]
+    )
 )
 
 from snakemake.exceptions import WorkflowError  # noqa: E402
