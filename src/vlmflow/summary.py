@@ -141,8 +141,10 @@ def summary_html(s: dict, figure: str | Path | None = None) -> str:
             f"<table style='border-collapse:collapse' class='vlmflow-metrics'>{''.join(rows)}"
             "</table>"
         )
-    facts = [line.strip() for line in format_summary(s).splitlines()[1:]]
-    parts.append("<ul>" + "".join(f"<li><code>{esc(f)}</code></li>" for f in facts[:-1]) + "</ul>")
+    # The facts of the terminal summary but the metrics (the table) and the report command.
+    facts = [line.strip().split(None, 1) for line in format_summary(s).splitlines()[1:-1]]
+    items = "".join(f"<li><b>{esc(k)}</b> {esc(v)}</li>" for k, v in facts if k != "metrics")
+    parts.append(f"<ul>{items}</ul>")
     if figure and Path(figure).is_file():
         uri = base64.b64encode(Path(figure).read_bytes()).decode()
         parts.append(
