@@ -292,9 +292,15 @@ def _typed(value, schema: dict):
         return [_typed(v, items) for v in value]
     if isinstance(value, str) and not _accepts_string(schema):
         try:
-            return yaml.safe_load(value)
+            typed = yaml.safe_load(value)
         except yaml.YAMLError:
             return value
+        if isinstance(typed, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return typed
     return value
 
 

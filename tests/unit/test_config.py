@@ -183,3 +183,21 @@ def test_demo_and_example_configs_have_no_duplicate_keys():
     check_config_files(
         [root / "config/config.yaml", root / ".test/config.yaml", *root.glob("config/examples/*")]
     )
+
+
+def test_nested_command_line_overrides_are_typed_by_the_schema():
+    from vlmflow.config import typed_cli_config
+
+    # What Snakemake's --config 'train={max_steps: 7, ...}' hands over (YAML BaseLoader).
+    raw = {
+        "train": {"max_steps": "7", "learning_rate": "1e-3", "cache_encoded": "true"},
+        "run": {"name": "007"},
+        "model": {"max_pixels": "null", "name": "x/y"},
+        "eval": {"metrics": ["cer"]},
+    }
+    assert typed_cli_config(raw) == {
+        "train": {"max_steps": 7, "learning_rate": 1e-3, "cache_encoded": True},
+        "run": {"name": "007"},  # a string key stays a string
+        "model": {"max_pixels": None, "name": "x/y"},
+        "eval": {"metrics": ["cer"]},
+    }
