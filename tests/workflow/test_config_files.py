@@ -116,9 +116,9 @@ def test_a_bad_value_and_a_duplicate_key_stop_the_run_at_start(example_dir):
     )
 
 
-def test_the_resolved_config_is_written_next_to_the_run(workflow_run):
-    resolved = yaml.safe_load((workflow_run / "results/runs/test/config.yaml").read_text())
-    given = yaml.safe_load((workflow_run / ".test/config.yaml").read_text())
+def test_the_resolved_config_is_written_next_to_the_run(local_test_run):
+    resolved = yaml.safe_load((local_test_run / "results/runs/test/config.yaml").read_text())
+    given = yaml.safe_load((local_test_run / ".test/config.yaml").read_text())
     assert resolved == validate_config(given)
     assert set(resolved) == set(load_schema()["properties"])
 
@@ -137,7 +137,7 @@ def readme_commands() -> list[str]:
     return cmds
 
 
-def test_every_readme_command_runs_as_printed(example_dir, workflow_run):
+def test_every_readme_command_runs_as_printed(example_dir, local_test_run):
     """Each README command, or its dry run: snakemake with -n (--report and --unlock for real,
     without --cores), python scripts with --help, make with -n."""
     cmds = list(dict.fromkeys(readme_commands()))
@@ -163,14 +163,14 @@ def test_every_readme_command_runs_as_printed(example_dir, workflow_run):
         if words[0] == "make":
             res = run(ROOT, "make", "-n", *words[1:])
         elif words[0] == "python" and words[1] == "scripts/verify_archive.py":
-            archive = workflow_run / "results/runs/test/archive.tar.gz"
-            res = run(workflow_run, "python", words[1], str(archive), *words[3:])
+            archive = local_test_run / "results/runs/test/archive.tar.gz"
+            res = run(local_test_run, "python", words[1], str(archive), *words[3:])
         elif words[0] == "python":
             res = run(example_dir, "python", *words[1:], "--help")
         elif words[0] == "snakemake" and ("--report" in words or "--unlock" in words):
             # As printed (no --cores), on the finished .test run (its config file added).
             extra = [] if "--configfile" in words else ["--configfile", ".test/config.yaml"]
-            res = run(workflow_run, *words, *extra)
+            res = run(local_test_run, *words, *extra)
         elif words[0] == "snakemake":
             res = run(example_dir, *words, "-n")
         else:

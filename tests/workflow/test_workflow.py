@@ -144,6 +144,8 @@ def test_every_output_is_there_and_consistent(workflow_run):
         "report_data/test",
         "report_training/test",
         "report_evaluation/test",
+        "report_summary/test",
+        "resolved_config/test",
         "archive/test",
     ):
         assert (w / f"logs/{step}.log").exists(), step
@@ -162,11 +164,13 @@ def test_learning_rate_change_reruns_only_training_and_downstream(workflow_run):
     )
     res = snakemake(workflow_run, "-n", "--configfile", ".test/lr.yaml")
     assert planned_jobs(res) == {
+        "resolved_config": 1,  # results/runs/test/config.yaml records the new value
         "train": 1,
         "merge": 1,
         "evaluate": 1,
         "report_training": 1,
         "report_evaluation": 1,
+        "report_summary": 1,
         "archive": 1,
         "all": 1,
     }
@@ -192,6 +196,7 @@ def test_editing_one_image_reruns_only_the_stages_downstream(workflow_run):
         "report_data": 1,
         "report_training": 1,
         "report_evaluation": 1,
+        "report_summary": 1,
         "archive": 1,
         "all": 1,
     }
