@@ -251,3 +251,36 @@ def test_a_minimal_config_from_the_readme_runs_the_whole_workflow(workflow_copy,
     for path in ("adapter", "merged", "config.yaml", "archive.tar.gz"):
         assert f"results/runs/mine/{path}" in summary
     assert "snakemake --report report.html --configfile my.yaml" in summary
+
+
+def test_jobs_import_vlmflow_from_the_checkout(workflow_copy, tmp_path_factory):
+    """The rules put the checkout's src/ on PYTHONPATH, so a job needs no installed vlmflow (a
+    conda env from envs/vlmflow.yaml has none): a module that only this copy has is found."""
+    w = workflow_copy(tmp_path_factory.mktemp("wf_pythonpath"))
+    (w / "src/vlmflow/_checkout_probe.py").write_text("WHERE = __file__\n")
+    script = w / "scripts/write_config.py"
+    script.write_text(
+        script.read_text().replace(
+            "import yaml\n",
+            "import yaml\n\nfrom vlmflow._checkout_probe import WHERE\n\nprint('probe', WHERE)\n",
+            1,
+        )
+    )
+    env_path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    res = subprocess.run(
+        [str(BIN / "snakemake"), "--cores", "1", "results/runs/test/config.yaml"]
+        + ["--configfile", ".test/config.yaml"],
+        cwd=w,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        # Not this test process's PYTHONPATH (it points at the worktree under test).
+        env={
+            **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+            "HF_HUB_OFFLINE": "1",
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+        },
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + str(env_path)
+    log = (w / "logs/resolved_config/test.log").read_text()
+    assert f"probe {w / 'src/vlmflow/_checkout_probe.py'}" in log
