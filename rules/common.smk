@@ -35,8 +35,10 @@ CONFIG_FILES = [
     for f in workflow.configfiles
 ]
 check_config_files(CONFIG_FILES)
-# `--config section={key: value}` arrives with string leaves: typed as the schema says.
+# `--config section={key: value}` arrives with string leaves, and YAML 1.1 reads `2e-4` as text:
+# a string where the schema takes none is read as a YAML 1.2 value.
 update_config(config, typed_cli_config(workflow.config_settings.config))
+config.update(typed_cli_config(config))
 validate_config(config)
 if workflow.is_main_process:
     print(describe_settings(config, CONFIG_FILES), file=sys.stderr)

@@ -307,7 +307,8 @@ def _typed(value, schema: dict):
 def typed_cli_config(values: dict, schema: dict | None = None) -> dict:
     """`--config section={key: value}` as the schema means it: Snakemake parses such nested
     values with YAML's BaseLoader, so every leaf arrives as a string ('7', 'true'); a leaf whose
-    key takes no string is read as YAML (7, True), the others stay strings."""
+    key takes no string is read as YAML (7, True), the others stay strings. Also applied to the
+    config files' values: YAML 1.1 reads `learning_rate: 2e-4` (no dot) as the text '2e-4'."""
     schema = schema or load_schema()
     return {
         k: _typed(v, schema.get("properties", {}).get(k, {})) for k, v in (values or {}).items()

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from vlmflow.config import ConfigError, resolve_sections, validate_config
 
@@ -201,3 +202,13 @@ def test_nested_command_line_overrides_are_typed_by_the_schema():
         "model": {"max_pixels": None, "name": "x/y"},
         "eval": {"metrics": ["cer"]},
     }
+
+
+def test_a_yaml_1_1_exponent_is_a_number():
+    from vlmflow.config import typed_cli_config
+
+    cfg = minimal()
+    cfg["train"] = yaml.safe_load("learning_rate: 2e-4\noptim: adamw_torch\n")
+    assert cfg["train"]["learning_rate"] == "2e-4"  # what a YAML 1.1 loader gives
+    cfg = validate_config(typed_cli_config(cfg))
+    assert cfg["train"]["learning_rate"] == 2e-4 and cfg["train"]["optim"] == "adamw_torch"
