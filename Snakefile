@@ -5,7 +5,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# With no --configfile, the demo runs. A --configfile stands alone: what it leaves out takes the
+# schema's defaults (config/schema/config.schema.yaml), never the demo's values.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "report/workflow.rst"
@@ -20,6 +24,7 @@ wildcard_constraints:
     family=r"[a-z0-9_]+",
 
 
+include: "rules/config.smk"
 include: "rules/demo.smk"
 include: "rules/fetch_model.smk"
 include: "rules/data.smk"
@@ -34,3 +39,7 @@ rule all:
     default_target: True
     input:
         final_outputs(),
+
+
+onsuccess:
+    print_run_summary()

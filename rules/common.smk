@@ -3,16 +3,45 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, SRC)
+# The rules' scripts import vlmflow from this checkout, also inside a conda env
+# (--software-deployment-method conda) where the package is not installed: jobs inherit this.
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        [SRC]
+        + [p for p in os.getenv("PYTHONPATH", "").split(os.pathsep) if p and p != SRC]
+    )
+)
 
+from snakemake.exceptions import WorkflowError  # noqa: E402
+from snakemake.utils import update_config  # noqa: E402
 from vlmflow.cluster import job_resources, launch_prefix  # noqa: E402
-from vlmflow.config import validate_config  # noqa: E402
+from vlmflow.config import (  # noqa: E402
+    check_config_files,
+    describe_settings,
+    typed_cli_config,
+    validate_config,
+)
 from vlmflow.hub import check_model_source, is_hub_id, marker_path  # noqa: E402
 from vlmflow.paths import cache_dir_of, referenced_images  # noqa: E402
 
-# Every key is checked (and defaults filled) before the job graph is built, so a typo fails here,
-# naming the key.
+# The config files this run is made of: those of --configfile, else the demo's. Each is re-read
+# strictly (a key given twice is an error naming both lines; Snakemake keeps the last silently),
+# then every key is checked (and defaults filled) before the job graph is built, so a typo or a
+# bad value fails here, naming the key.
+CONFIG_FILES = [
+    str(f) if os.path.relpath(f).startswith("..") else os.path.relpath(f)
+    for f in workflow.configfiles
+]
+check_config_files(CONFIG_FILES)
+# `--config section={key: value}` arrives with string leaves, and YAML 1.1 reads `2e-4` as text:
+# a string where the schema takes none is read as a YAML 1.2 value.
+update_config(config, typed_cli_config(workflow.config_settings.config))
+config.update(typed_cli_config(config))
 validate_config(config)
+if workflow.is_main_process:
+    print(describe_settings(config, CONFIG_FILES), file=sys.stderr)
 
 # Jobs read base models from the Hugging Face cache only: a hub model is put there by rule
 # fetch_model (which alone goes online), on the login node. An explicit HF_HUB_OFFLINE wins.
@@ -24,6 +53,15 @@ DEMO_DIGITS = config["demo"]["digits"]
 TINY_MODEL_PREFIX = "resources/models/tiny-"
 # A missing or unusable local base model fails here, before any job (hub ids: rule fetch_model).
 check_model_source(config["model"], built_by_rule=TINY_MODEL_PREFIX)
+
+
+def all_cores():
+    """`--cores` (a rule's threads: "all the cores"), or 1 for the commands that run no job and
+    need no core count (--report, --unlock, ...)."""
+    try:
+        return workflow.cores
+    except WorkflowError:
+        return 1
 
 
 def script(name):
@@ -135,7 +173,7 @@ def export_outputs(wildcards):
 def optional_figures(wildcards):
     """Figures another stage may produce for the report (the token-length histogram of the
     run's filtered data): included when a rule of this workflow makes them."""
-    paths = [f"results/runs/{wildcards.run}/data/token_hist.png"]
+    paths = [f"results/runs/{wildcards.run}/data/token_lengths.png"]
     return [p for p in paths if any(r.is_producer(p) for r in workflow.rules)]
 
 
@@ -156,6 +194,7 @@ def lock_file():
 def final_outputs():
     run_dir = f"results/runs/{RUN}"
     outputs = [
+        f"{run_dir}/config.yaml",
         f"results/data/{DATASET}/summary.json",
         f"{run_dir}/adapter",
         f"{run_dir}/eval/metrics.json",
@@ -164,8 +203,21 @@ def final_outputs():
         f"{run_dir}/report/training.png",
         f"{run_dir}/report/metrics.html",
         f"{run_dir}/report/gallery.html",
+        f"{run_dir}/report/summary.html",
         f"{run_dir}/archive.tar.gz",
     ]
     if MERGED:
         outputs += [f"{run_dir}/merged", f"{run_dir}/merge_check.json"]
     return outputs
+
+
+def print_run_summary():
+    """The end of a successful `snakemake` run: rows, steps, loss, metrics, where things are."""
+    if not workflow.is_main_process:
+        return
+    from vlmflow.summary import format_summary, run_summary
+
+    # With --configfile, CONFIG_FILES are exactly those (the demo's is not read).
+    cli_files = CONFIG_FILES if workflow.overwrite_configfiles else []
+    summary = run_summary(RUN, DATASET, merged=MERGED, configfiles=cli_files)
+    print(format_summary(summary), file=sys.stderr)

@@ -16,7 +16,7 @@ rule validate_images:
         "benchmarks/validate_images/{dataset}.tsv"
     conda:
         "../envs/vlmflow.yaml"
-    threads: workflow.cores
+    threads: all_cores()
     resources:
         **cpu_resources(),
     params:

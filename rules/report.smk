@@ -100,3 +100,36 @@ rule report_evaluation:
         "python {params.script:q} evaluation --config {params.config:q} "
         "--metrics {input.metrics:q} --predictions {input.predictions:q} {params.merge_check:q} "
         "--html {output.html:q} --png {output.png:q} --gallery {output.gallery:q} > {log:q} 2>&1"
+
+
+# The landing page of the report (report/workflow.rst) shows this fragment inline: the metrics
+# base vs tuned, the run's facts and the training curves, without a click.
+rule report_summary:
+    input:
+        data=f"results/data/{DATASET}/summary.json",
+        budget="results/runs/{run}/data/summary.json",
+        adapter="results/runs/{run}/adapter",
+        metrics="results/runs/{run}/eval/metrics.json",
+        training="results/runs/{run}/report/training.png",
+    output:
+        html=report(
+            "results/runs/{run}/report/summary.html",
+            caption="../report/summary.rst",
+            category="0. Summary",
+        ),
+    log:
+        "logs/report_summary/{run}.log",
+    benchmark:
+        "benchmarks/report_summary/{run}.tsv"
+    conda:
+        "../envs/vlmflow.yaml"
+    threads: 1
+    params:
+        script=script("report"),
+        config=as_json("report"),
+        dataset=DATASET,
+        lora_only=[] if MERGED else ["--lora-only"],
+    shell:
+        "python {params.script:q} summary --config {params.config:q} --run {wildcards.run:q} "
+        "--dataset {params.dataset:q} {params.lora_only:q} --png {input.training:q} "
+        "--html {output.html:q} > {log:q} 2>&1"

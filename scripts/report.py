@@ -5,6 +5,8 @@ report.py data        --summary S --rejected R --images I --html OUT --figures D
 report.py training    --log train_log.jsonl --png OUT
 report.py evaluation  --metrics M --predictions P [--merge-check C] --html OUT --png OUT
                       --gallery OUT
+report.py summary     --run R --dataset D [--lora-only] --png TRAINING_PNG --html OUT
+                      (the landing page's fragment: metrics base vs tuned, facts, curves)
 """
 
 import logging
@@ -13,15 +15,19 @@ from pathlib import Path
 
 from vlmflow.cli import parser, run, setup_logging
 from vlmflow.config import resolve_sections
-from vlmflow.io import atomic_dir
+from vlmflow.io import atomic_dir, atomic_file
 from vlmflow.report import data_qc, gallery_page, metrics_page, training_curves
+from vlmflow.summary import run_summary, summary_html
 
 log = logging.getLogger("vlmflow.report")
 
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("what", choices=["data", "training", "evaluation"])
+    p.add_argument("what", choices=["data", "training", "evaluation", "summary"])
+    p.add_argument("--run", help="summary: run name")
+    p.add_argument("--dataset", help="summary: the run's dataset")
+    p.add_argument("--lora-only", action="store_true", help="summary: no merged model")
     p.add_argument("--summary")
     p.add_argument("--rejected")
     p.add_argument("--images")
@@ -46,6 +52,11 @@ def main() -> None:
     elif a.what == "training":
         n = training_curves(a.log, a.png)
         log.info("training curves of %d steps: %s", n, a.png)
+    elif a.what == "summary":
+        s = run_summary(a.run, a.dataset, merged=not a.lora_only)
+        with atomic_file(a.html) as tmp:
+            tmp.write_text(summary_html(s, a.png) + "\n")
+        log.info("run summary: %s", a.html)
     else:
         metrics_page(a.metrics, a.html, a.png, a.merge_check)
         n = gallery_page(a.predictions, a.metrics, a.gallery, max_items=cfg["gallery_samples"])

@@ -57,6 +57,8 @@ def job_resources(
     }
     if group["partition"] is not None:
         res["slurm_partition"] = group["partition"]
+    if group.get("qos") is not None:
+        res["qos"] = group["qos"]  # the plugin's resource: it refuses --qos in slurm_extra
     extra = [group["slurm_extra"]] if group["slurm_extra"] else []
     if time_limit_signal_s > 0:
         # Not `B:`: with the SLURM executor the batch shell is the plugin's `sh` wrapper, which

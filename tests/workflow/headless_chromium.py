@@ -34,6 +34,24 @@ def find_chromium() -> str | None:
     return None
 
 
+def ensure_chromium() -> str | None:
+    """find_chromium(), after installing Debian's `chromium` when it is missing and this runs as
+    root with apt-get (as tests/slurm installs its daemons): `make test` on a fresh machine."""
+    if path := find_chromium():
+        return path
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return None
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (
+        ["apt-get", "update", "-q"],
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"],
+    ):
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
+    return find_chromium()
+
+
 class Chromium:
     """One headless browser with one page. Use as a context manager."""
 

@@ -145,6 +145,8 @@ def test_every_output_is_there_and_consistent(workflow_run):
         "report_data/test",
         "report_training/test",
         "report_evaluation/test",
+        "report_summary/test",
+        "resolved_config/test",
         "archive/test",
     ):
         assert (w / f"logs/{step}.log").exists(), step
@@ -163,11 +165,13 @@ def test_learning_rate_change_reruns_only_training_and_downstream(workflow_run):
     )
     res = snakemake(workflow_run, "-n", "--configfile", ".test/lr.yaml")
     assert planned_jobs(res) == {
+        "resolved_config": 1,  # results/runs/test/config.yaml records the new value
         "train": 1,
         "merge": 1,
         "evaluate": 1,
         "report_training": 1,
         "report_evaluation": 1,
+        "report_summary": 1,
         "archive": 1,
         "all": 1,
     }
@@ -193,6 +197,7 @@ def test_editing_one_image_reruns_only_the_stages_downstream(workflow_run):
         "report_data": 1,
         "report_training": 1,
         "report_evaluation": 1,
+        "report_summary": 1,
         "archive": 1,
         "all": 1,
     }
@@ -211,10 +216,10 @@ def test_unknown_config_key_fails_at_start_naming_it(workflow_run):
 def test_report_renders_in_headless_chromium(workflow_run, tmp_path):
     """`snakemake --report` builds the report; in Chromium its plots load and the gallery and the
     metrics table render (screenshots in $VLMFLOW_TEST_ARTIFACTS when set)."""
-    from headless_chromium import Chromium, find_chromium
+    from headless_chromium import Chromium, ensure_chromium
 
-    exe = find_chromium()
-    assert exe, "chromium is not installed (apt-get install chromium; .ci/run installs it)"
+    exe = ensure_chromium()  # apt-get installs it when missing and running as root
+    assert exe, "chromium is not installed: apt-get install chromium (as root, the test does)"
     snakemake(workflow_run, "--report", "report.html")
     shots = Path(os.environ.get("VLMFLOW_TEST_ARTIFACTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
@@ -230,12 +235,29 @@ def test_report_renders_in_headless_chromium(workflow_run, tmp_path):
         assert {
             "data_qc.html",
             "data_qc.png",
+            "token_lengths.png",  # the run's token-length histogram reaches the report
             "training.png",
             "metrics.html",
             "metrics.png",
             "gallery.html",
+            "summary.html",
         } <= set(items), items
-        assert "vlmflow run" in br.evaluate("document.body.innerText")
+        # The landing page shows the results without a click: base vs tuned, the curves.
+        home = br.evaluate("document.body.innerText")
+        assert "vlmflow run" in home and "Base vs tuned" in home, home
+        metrics = json.loads((workflow_run / "results/runs/test/eval/metrics.json").read_text())
+        table = br.evaluate(
+            "Array.from(document.querySelectorAll('table.vlmflow-metrics tr'))"
+            ".map(r => Array.from(r.cells).map(c => c.innerText))"
+        )
+        assert [r[0] for r in table[1:]] == [
+            m + ("" if metrics["higher_is_better"][m] else " (lower is better)")
+            for m in metrics["metrics"]
+        ], table
+        assert table[1][1] == f"{metrics['base']['exact_match']:.4g}", table
+        curve = "document.querySelector('img.vlmflow-training')"
+        br.wait_for(f"{curve} && {curve}.complete")
+        assert br.evaluate(f"{curve}.naturalWidth") >= 500
         br.screenshot(shots / "report_home.png")
 
         def show(name: str, kind: str):
