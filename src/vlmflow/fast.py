@@ -307,6 +307,67 @@ def slow_linear_attention(model) -> list[str]:
     return list(missing)
 
 
+# flash-linear-attention (0.6) refuses its gated delta rule's backward with Triton >= 3.4.0 and
+# < 3.7.1 on Hopper GPUs (the kernel gives wrong gradients there, fla issue #640) unless
+# tilelang is installed: training stops at the first backward. Seen on an H200 with Triton 3.6.
+FLA_BROKEN_TRITON = ((3, 4, 0), (3, 7, 1))
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    import re
+
+    return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def fla_backward_broken(device: torch.device) -> str | None:
+    """Why flash-linear-attention's gated delta rule cannot train on `device` (the reason, for
+    the log), or None when it can or is not installed."""
+    import importlib.metadata
+    import importlib.util
+
+    if device.type != "cuda" or importlib.util.find_spec("fla") is None:
+        return None
+    if importlib.util.find_spec("tilelang") is not None:
+        return None
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        return None
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    lo, hi = FLA_BROKEN_TRITON
+    if not lo <= _version_tuple(triton) < hi:
+        return None
+    return (
+        f"flash-linear-attention's gated delta rule has a wrong backward with Triton {triton} "
+        f"on Hopper GPUs (fla issue #640) and refuses to train"
+    )
+
+
+def use_torch_gated_delta_rule(model) -> int:
+    """Point the model's Gated DeltaNet code at transformers' PyTorch reference of the chunked
+    gated delta rule (the function under its kernel decorator), for every modeling module the
+    model's layers come from. Returns the number of modules switched (process-wide: the
+    function is a module global)."""
+    import inspect
+    import sys
+
+    switched = 0
+    for code in {
+        sys.modules.get(type(m).__module__)
+        for m in model.modules()
+        if type(m).__name__.endswith("GatedDeltaNet")
+    }:
+        fn = getattr(code, "torch_chunk_gated_delta_rule", None)
+        if fn is None:
+            continue
+        reference = inspect.unwrap(fn)
+        if reference is not fn:
+            code.torch_chunk_gated_delta_rule = reference
+            switched += 1
+    return switched
+
+
 # ---------------------------------------------------------------------------------- LoRA
 def lora_delta_add(
     result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float

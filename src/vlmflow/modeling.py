@@ -17,9 +17,11 @@ from .fast import (
     batched_vision_attention,
     compile_layers,
     fast_lora,
+    fla_backward_broken,
     linear_patch_embed,
     packed_attention,
     slow_linear_attention,
+    use_torch_gated_delta_rule,
 )
 
 log = logging.getLogger(__name__)
@@ -475,6 +477,13 @@ def build_training_model(cfg: dict, device: torch.device | None = None):
     model, family = load_model(model_cfg, device)
     processor = load_processor(model_cfg, family)
     model.config.use_cache = False
+    broken = fla_backward_broken(device)  # training needs the backward; generation does not
+    if broken and use_torch_gated_delta_rule(model):
+        log.warning(
+            "SLOW PATH: %s; the Gated DeltaNet layers train with the PyTorch reference instead "
+            "(install tilelang, or Triton >= 3.7.1, for the kernels)",
+            broken,
+        )
     patched = batched_vision_attention(model)
     if patched:
         log.info("batched window attention in %d vision attention modules", patched)

@@ -92,3 +92,58 @@ def test_qwen3_5_vision_tower_takes_the_batched_window_attention(tiny_model):
     want = getattr(want, "pooler_output", want)
     got = getattr(got, "pooler_output", got)
     assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_fla_with_a_broken_triton_on_hopper_trains_with_the_reference(tiny_model, monkeypatch):
+    """flash-linear-attention refuses its gated backward with Triton 3.4.0 - 3.7.0 on Hopper
+    (seen on an H200 with Triton 3.6: every Qwen3.5 run stopped at the first backward). The
+    check names the case, and the model's code is pointed at transformers' PyTorch reference."""
+    import importlib.metadata
+    import importlib.util
+    import inspect
+    import sys
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    real_find_spec, real_version = importlib.util.find_spec, importlib.metadata.version
+    installed = {"fla"}
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name in installed else real_find_spec(name, *a),
+    )
+    triton = {"v": "3.6.0"}
+    monkeypatch.setattr(
+        importlib.metadata,
+        "version",
+        lambda name: triton["v"] if name == "triton" else real_version(name),
+    )
+    capability = {"cc": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability["cc"])
+    cuda = torch.device("cuda", 0)
+
+    assert "Triton 3.6.0" in fast.fla_backward_broken(cuda)
+    assert fast.fla_backward_broken(torch.device("cpu")) is None
+    for v in ("3.3.1", "3.7.1", "3.8.0"):
+        triton["v"] = v
+        assert fast.fla_backward_broken(cuda) is None, v
+    triton["v"] = "3.4.0"
+    assert fast.fla_backward_broken(cuda) is not None
+    capability["cc"] = (8, 0)  # an A100: fine
+    assert fast.fla_backward_broken(cuda) is None
+    capability["cc"] = (9, 0)
+    installed.add("tilelang")  # fla's own workaround
+    assert fast.fla_backward_broken(cuda) is None
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model("qwen3_5"))
+    code = sys.modules[
+        next(type(m).__module__ for m in model.modules() if type(m).__name__.endswith("DeltaNet"))
+    ]
+    decorated = code.torch_chunk_gated_delta_rule
+    reference = inspect.unwrap(decorated)
+    assert reference is not decorated
+    monkeypatch.setattr(code, "torch_chunk_gated_delta_rule", decorated)  # restored after
+    assert fast.use_torch_gated_delta_rule(model) == 1
+    assert code.torch_chunk_gated_delta_rule is reference
+    assert fast.use_torch_gated_delta_rule(model) == 0  # already the reference
