@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from .export_files import clean_export, fix_adapter_config
 from .io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -599,6 +600,16 @@ def save_processor(model_cfg: dict, adapter_dir: Path, out_dir: Path) -> None:
             source, trust_remote_code=model_cfg["trust_remote_code"]
         )
     processor.save_pretrained(out_dir)
+    clean_export(out_dir, processor=processor)
+
+
+def _folder_processor(folder: Path, model_cfg: dict):
+    """The processor saved in an adapter folder (None when it holds none)."""
+    if not (folder / "tokenizer_config.json").exists():
+        return None
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(folder, trust_remote_code=model_cfg["trust_remote_code"])
 
 
 def unquantized_modules(family) -> list[str]:
@@ -756,6 +767,8 @@ def export_model(
             for f in adapter_dir.iterdir():
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
+            clean_export(tmp, processor=_folder_processor(tmp, model_cfg))
+            fix_adapter_config(tmp, model_cfg["name"])
             base = read_base(model_cfg)
             summary["base"] = base.info
             check["skipped"] = "save_method lora: nothing is merged"
