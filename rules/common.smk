@@ -163,6 +163,7 @@ def final_outputs():
         f"{run_dir}/report/metrics.html",
         f"{run_dir}/report/gallery.html",
         f"{run_dir}/archive.tar.gz",
+        f"{run_dir}/publish",
     ]
     if MERGED:
         outputs += [f"{run_dir}/merged", f"{run_dir}/merge_check.json"]
