@@ -167,4 +167,6 @@ def final_outputs():
     ]
     if MERGED:
         outputs += [f"{run_dir}/merged", f"{run_dir}/merge_check.json"]
+    if config["export"]["save_method"].startswith("gguf"):
+        outputs.append(f"{run_dir}/gguf")
     return outputs

@@ -35,3 +35,27 @@ rule publish:
         "python {params.script} --config {params.config:q} --adapter {input.adapter:q} "
         "{params.export} --metrics {input.metrics:q} --data-summary {input.summary:q} "
         "--out {output.publish:q} --threads {threads} > {log:q} 2>&1"
+
+
+# GGUF for llama.cpp / Ollama (export.save_method gguf, gguf_q8_0, gguf_q4_k_m), converted from
+# the 16-bit merge by llama.cpp's own converter.
+rule gguf:
+    input:
+        merged="results/runs/{run}/merged",
+    output:
+        gguf=directory("results/runs/{run}/gguf"),
+    log:
+        "logs/gguf/{run}.log",
+    benchmark:
+        "benchmarks/gguf/{run}.tsv"
+    conda:
+        "../envs/vlmflow.yaml"
+    threads: 2
+    resources:
+        **cpu_resources(),
+    params:
+        script=script("gguf"),
+        config=as_json("export"),
+    shell:
+        "python {params.script} --config {params.config:q} --merged {input.merged:q} "
+        "--out {output.gguf:q} --threads {threads} > {log:q} 2>&1"

@@ -55,7 +55,7 @@ from .io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
-SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
+SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit", "gguf", "gguf_q8_0", "gguf_q4_k_m")
 
 # safetensors dtype tags <-> torch dtypes.
 ST_DTYPES = {
@@ -758,6 +758,8 @@ def export_model(
     from .modeling import model_family
 
     method = export_cfg["save_method"]
+    if method.startswith("gguf"):  # GGUF is converted from the 16-bit merge (rule gguf)
+        method = "merged_16bit"
     adapter_dir = Path(adapter_dir)
     dtype = getattr(torch, export_cfg["dtype"])
     summary: dict = {"save_method": method, "dtype": export_cfg["dtype"]}

@@ -32,6 +32,7 @@ from .io import atomic_dir
 # Pretty names of eval.metrics (the model-index wants an id and may take a name).
 METRIC_NAMES = {
     "exact_match": "Exact match",
+    "accuracy": "Accuracy",
     "relaxed_accuracy": "Relaxed accuracy",
     "anls": "ANLS",
     "cer": "Character error rate",
