@@ -137,7 +137,7 @@ def locate_base(model_cfg: dict) -> tuple[Path, dict]:
         snapshot_download(
             name,
             revision=model_cfg["revision"],
-            allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"],
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "README.md"],
         )
     )
     if folder.parent.name == "snapshots":
