@@ -31,6 +31,7 @@ include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/merge.smk"
 include: "rules/evaluate.smk"
+include: "rules/publish.smk"
 include: "rules/report.smk"
 include: "rules/archive.smk"
 

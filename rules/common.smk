@@ -205,9 +205,12 @@ def final_outputs():
         f"{run_dir}/report/gallery.html",
         f"{run_dir}/report/summary.html",
         f"{run_dir}/archive.tar.gz",
+        f"{run_dir}/publish",
     ]
     if MERGED:
         outputs += [f"{run_dir}/merged", f"{run_dir}/merge_check.json"]
+    if config["export"]["save_method"].startswith("gguf"):
+        outputs.append(f"{run_dir}/gguf")
     return outputs
 
 

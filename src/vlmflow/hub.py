@@ -12,7 +12,16 @@ import re
 from pathlib import Path
 
 # What from_pretrained reads for a transformers VLM (weights in safetensors only: no pickles).
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+# README.md: the model card, whose license and id the publish step copies into the run's cards.
+ALLOW_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.txt",
+    "*.model",
+    "*.jinja",
+    "*.tiktoken",
+    "README.md",
+]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

@@ -50,11 +50,12 @@ from pathlib import Path
 
 import torch
 
+from .export_files import clean_export, fix_adapter_config
 from .io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
-SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
+SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit", "gguf", "gguf_q8_0", "gguf_q4_k_m")
 
 # safetensors dtype tags <-> torch dtypes.
 ST_DTYPES = {
@@ -136,7 +137,7 @@ def locate_base(model_cfg: dict) -> tuple[Path, dict]:
         snapshot_download(
             name,
             revision=model_cfg["revision"],
-            allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"],
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "README.md"],
         )
     )
     if folder.parent.name == "snapshots":
@@ -599,6 +600,16 @@ def save_processor(model_cfg: dict, adapter_dir: Path, out_dir: Path) -> None:
             source, trust_remote_code=model_cfg["trust_remote_code"]
         )
     processor.save_pretrained(out_dir)
+    clean_export(out_dir, processor=processor)
+
+
+def _folder_processor(folder: Path, model_cfg: dict):
+    """The processor saved in an adapter folder (None when it holds none)."""
+    if not (folder / "tokenizer_config.json").exists():
+        return None
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(folder, trust_remote_code=model_cfg["trust_remote_code"])
 
 
 def unquantized_modules(family) -> list[str]:
@@ -747,6 +758,8 @@ def export_model(
     from .modeling import model_family
 
     method = export_cfg["save_method"]
+    if method.startswith("gguf"):  # GGUF is converted from the 16-bit merge (rule gguf)
+        method = "merged_16bit"
     adapter_dir = Path(adapter_dir)
     dtype = getattr(torch, export_cfg["dtype"])
     summary: dict = {"save_method": method, "dtype": export_cfg["dtype"]}
@@ -756,6 +769,8 @@ def export_model(
             for f in adapter_dir.iterdir():
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
+            clean_export(tmp, processor=_folder_processor(tmp, model_cfg))
+            fix_adapter_config(tmp, model_cfg["name"])
             base = read_base(model_cfg)
             summary["base"] = base.info
             check["skipped"] = "save_method lora: nothing is merged"

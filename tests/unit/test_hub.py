@@ -127,7 +127,8 @@ def test_fetch_model_cli_then_offline_load(fake_hub, tmp_path):
     info = json.loads(marker.read_text())
     assert info["repo_id"] == REPO and info["commit"] == SHA
     assert "config.json" in info["files"] and "model.safetensors" in info["files"]
-    assert "pytorch_model.bin" not in info["files"] and "README.md" not in info["files"]
+    assert "pytorch_model.bin" not in info["files"]
+    assert "README.md" in info["files"]  # the base's card: publish copies its license
     assert not any(p.endswith("pytorch_model.bin") for _, p in requests)  # never requested
     assert Path(info["snapshot"]).is_relative_to(tmp_path / "hf")
 

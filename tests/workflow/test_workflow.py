@@ -118,6 +118,12 @@ def test_every_output_is_there_and_consistent(workflow_run):
     assert check["passed"] and check["max_abs_diff"] <= check["tolerance"]
     metrics = json.loads((w / "results/runs/test/eval/metrics.json").read_text())
     assert metrics["n"] == run_splits["test"]
+    from huggingface_hub import ModelCard
+
+    for kind in ("adapter", "merged"):  # final cards, written after evaluation
+        card = ModelCard.load(w / f"results/runs/test/publish/{kind}/README.md").data
+        scores = {r.metric_type: r.metric_value for r in card.eval_results}
+        assert scores["exact_match"] == pytest.approx(metrics["tuned"]["exact_match"], abs=1e-6)
     assert set(metrics) >= {"base", "tuned", "delta", "n", "settings"}
     preds = pq.read_table(w / "results/runs/test/eval/predictions.parquet").to_pandas()
     assert len(preds) == run_splits["test"]
@@ -148,6 +154,7 @@ def test_every_output_is_there_and_consistent(workflow_run):
         "report_summary/test",
         "resolved_config/test",
         "archive/test",
+        "publish/test",
     ):
         assert (w / f"logs/{step}.log").exists(), step
         assert (w / f"benchmarks/{step}.tsv").exists(), step
@@ -173,6 +180,7 @@ def test_learning_rate_change_reruns_only_training_and_downstream(workflow_run):
         "report_evaluation": 1,
         "report_summary": 1,
         "archive": 1,
+        "publish": 1,
         "all": 1,
     }
 
@@ -199,6 +207,7 @@ def test_editing_one_image_reruns_only_the_stages_downstream(workflow_run):
         "report_evaluation": 1,
         "report_summary": 1,
         "archive": 1,
+        "publish": 1,
         "all": 1,
     }
 
