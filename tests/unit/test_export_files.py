@@ -197,6 +197,10 @@ _PROBE = textwrap.dedent("""
 """)
 
 
+# Families newer than OLDEST_TRANSFORMERS (their folders need transformers 5).
+NEWER_THAN_OLDEST = ("qwen3_5", "gemma4")
+
+
 def _oldest_transformers() -> Path:
     """transformers 4.57 (with its tokenizers and huggingface_hub) in a --target folder of the
     user cache, installed once from the package index; torch is the venv's."""
@@ -268,9 +272,16 @@ def test_transformers_4_57_generates_what_transformers_5_does(tmp_path):
     raw_qwen = str(raw[list(BUILDERS).index("qwen2_5_vl")])
     # the uncleaned folder does not run: v4 reads rope_scaling["mrope_section"], gone in v5 form
     assert "NoneType" in failed.pop(raw_qwen, "")
+    # families transformers 4.57 does not have: their exports need transformers 5
+    for family in NEWER_THAN_OLDEST:
+        assert "does not recognize this architecture" in failed.pop(
+            str(clean[list(BUILDERS).index(family)]), ""
+        ), family
     assert not failed, failed
     differ = []
     for family, path in zip(BUILDERS, map(str, clean)):
+        if family in NEWER_THAN_OLDEST:
+            continue
         a, b = v4["out"][path], v5["out"][path]
         diff = max(abs(x - y) for x, y in zip(a["logits"], b["logits"]))
         if a["gen"] != b["gen"] or diff > 1e-4:
