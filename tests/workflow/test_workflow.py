@@ -471,7 +471,7 @@ def test_training_from_the_archived_config_repeats_the_losses_on_cpu(workflow_ru
             "--config",
             sections,
             "--train",
-            "results/data/digits/train.parquet",
+            "results/runs/test/data/train.parquet",  # what the train rule reads
             "--out",
             str(tmp_path / "adapter"),
             "--work-dir",
@@ -510,6 +510,11 @@ def test_family_trains_merges_and_evaluates_through_the_workflow(family, workflo
     cfg["demo"]["digits_limit"] = 40
     cfg["datasets"]["digits"]["sources"] = cfg["datasets"]["digits"]["sources"][:1]
     cfg["train"].update(max_steps=4, save_steps=2)
+    if family == "gemma4":
+        # The tiny Gemma 4's fp32 weights rounded to the bf16 export move its logits by up to
+        # ~4% of max |logit| (measured on the base alone: 0.024 of 0.645), above the float32
+        # check's default rtol of 0.02; a wrong merge is off by far more.
+        cfg.setdefault("export", {})["check_rtol"] = 0.05
     cfg_path.write_text(yaml.safe_dump(cfg))
     run = work / "results/runs" / family
     targets = [run / "merge_check.json", run / "eval/metrics.json"]
