@@ -26,7 +26,13 @@ def test_unset_partition_and_model_are_left_to_the_profile():
 
 def test_gpu_job_single_node():
     cfg = resources(
-        gpu={"partition": "gpu", "gpu_model": "h100", "cpus_per_task": 16, "slurm_extra": "--qos=x"}
+        gpu={
+            "partition": "gpu",
+            "gpu_model": "h100",
+            "cpus_per_task": 16,
+            "qos": "x",
+            "slurm_extra": "--exclusive",
+        }
     )
     r = job_resources(cfg, gpus=2, time_limit_signal_s=180)
     assert {k: r[k] for k in ("slurm_partition", "gpu", "gpu_model", "cpus_per_task")} == {
@@ -35,7 +41,8 @@ def test_gpu_job_single_node():
         "gpu_model": "h100",
         "cpus_per_task": 16,
     }
-    assert r["slurm_extra"] == "--qos=x --signal=TERM@180"
+    assert r["qos"] == "x"  # the plugin's own resource (it refuses --qos inside slurm_extra)
+    assert r["slurm_extra"] == "--exclusive --signal=TERM@180"
     assert "nodes" not in r and "mpi" not in r
 
 
