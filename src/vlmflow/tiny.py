@@ -500,16 +500,9 @@ def build_tiny_mllama(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]"]
 
 
-def build_tiny_pixtral(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Pixtral: LlavaForConditionalGeneration with a Pixtral vision encoder (2D RoPE, variable
-    image sizes, [IMG_BREAK] after each row of patches)."""
-    from transformers import (
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        PixtralImageProcessor,
-        PixtralProcessor,
-    )
-
+def _pixtral_parts():
+    """The Mistral tokenizer, its special-token ids, the Mistral decoder config and the Pixtral
+    encoder config shared by the Pixtral and Mistral 3 tiny models."""
     specials = [*MISTRAL_SPECIALS, "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
     tok = _fast_tokenizer(specials, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     ids = _ids(tok, specials)
@@ -530,6 +523,20 @@ def build_tiny_pixtral(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         patch_size=8,
         head_dim=16,
     )
+    return tok, ids, text, vision
+
+
+def build_tiny_pixtral(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Pixtral: LlavaForConditionalGeneration with a Pixtral vision encoder (2D RoPE, variable
+    image sizes, [IMG_BREAK] after each row of patches)."""
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        PixtralImageProcessor,
+        PixtralProcessor,
+    )
+
+    tok, ids, text, vision = _pixtral_parts()
     cfg = LlavaConfig(
         text_config=text,
         vision_config=vision,
@@ -564,26 +571,7 @@ def build_tiny_mistral3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         PixtralProcessor,
     )
 
-    specials = [*MISTRAL_SPECIALS, "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
-    tok = _fast_tokenizer(specials, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    ids = _ids(tok, specials)
-    text = _llama_text(
-        tok,
-        dict(bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"]),
-        model_type="mistral",
-        head_dim=16,
-        sliding_window=None,
-    )
-    vision = dict(
-        model_type="pixtral",
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=64,
-        patch_size=8,
-        head_dim=16,
-    )
+    tok, ids, text, vision = _pixtral_parts()
     cfg = Mistral3Config(
         text_config=text,
         vision_config=vision,
