@@ -182,7 +182,7 @@ def _duplicate_keys(node, path: str = ""):
 def load_config_file(path: str | os.PathLike) -> dict:
     """Read a YAML (or JSON) config file strictly: a key given twice in one mapping is an error
     naming both lines (a plain YAML load, Snakemake's included, silently keeps the last one)."""
-    name = os.path.relpath(path) if Path(path).is_absolute() else str(path)
+    name = str(path)  # as given: the user's own spelling of it
     try:
         text = Path(path).read_text()
         node = yaml.compose(text, Loader=yaml.SafeLoader)

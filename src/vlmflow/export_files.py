@@ -176,10 +176,18 @@ def _legacy_rope(sub: dict) -> dict:
     return out
 
 
+# Model types that transformers 4 never had: their folders need transformers 5, and v4 keys
+# would only mislead v5 (it reads `rope_scaling` first: Gemma 4's `proportional` RoPE then
+# lacks its `rope_theta` and the folder does not load).
+V5_ONLY_MODEL_TYPES = frozenset({"qwen3_5", "qwen3_5_moe", "gemma4", "gemma4_unified"})
+
+
 def legacy_config_keys(config: dict) -> dict:
     """A config.json dict with the transformers-4 spellings added beside the v5 ones (returns a
-    new dict; keys already present are kept)."""
+    new dict; keys already present are kept). Unchanged for a model type v4 does not have."""
     out = json.loads(json.dumps(config))
+    if out.get("model_type") in V5_ONLY_MODEL_TYPES:
+        return out
 
     def fix(sub: dict) -> None:
         for k, v in _legacy_rope(sub).items():

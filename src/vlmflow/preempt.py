@@ -87,7 +87,9 @@ class PreemptionHandler:
     def _on_signal(self, signum, frame) -> None:
         if self.received is None:
             self.received = signal.Signals(signum)
-            self.orphaned = os.getppid() != self._parent
+            # the parent-death signal is SIGTERM (stop_with_parent); another signal sent to the
+            # whole job (scancel --signal=USR1) may also end the parent: that is not why
+            self.orphaned = signum == signal.SIGTERM and os.getppid() != self._parent
             # logging from a handler is safe in CPython: handlers run between bytecodes
             log.warning("%s received: will checkpoint and stop after this step", self.signame)
 

@@ -35,6 +35,9 @@ RULES = [
     "report_data",
     "report_training",
     "report_evaluation",
+    "report_summary",
+    "resolved_config",
+    "publish",
     "archive",
 ]
 GPU_RULES = {"train", "evaluate"}

@@ -110,7 +110,11 @@ def test_pyproject_declares_the_runtime_dependencies():
         for name in imported
         if name not in __import__("sys").stdlib_module_names and name not in ("vlmflow",)
     }
-    assert third_party - {"packaging"} <= deps, third_party - deps
+    # Not runtime dependencies: llama.cpp's converter and its gguf-py, run from the llama.cpp
+    # source the gguf rule fetches (their imports stand in the runner's code string), and
+    # llama-cpp-python, asked for by name only when gguf_q4_k_m is chosen.
+    on_demand = {"conversion", "convert_hf_to_gguf", "gguf", "llama_cpp"}
+    assert third_party - {"packaging"} - on_demand <= deps, third_party - deps
     assert not deps & {"trl", "datasets", "pytest", "ruff", "snakefmt"}
     assert {"pytest", "ruff", "snakefmt"} <= {
         re.split(r"[<>=\[ ]", d)[0] for d in project["optional-dependencies"]["dev"]

@@ -296,3 +296,27 @@ def test_transformers_4_57_generates_what_transformers_5_does(tmp_path):
     assert {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mllama", "pixtral"} <= set(BUILDERS) - set(
         differ
     )
+
+
+def test_no_transformers_4_keys_for_model_types_4_never_had():
+    """Gemma 4 / Qwen3.5 exist only in transformers 5, which reads `rope_scaling` first: a v4
+    copy of Gemma 4's proportional RoPE without its rope_theta stopped the merged folder from
+    loading. Such configs are left as they are; older types still get the v4 keys."""
+    from vlmflow.export_files import legacy_config_keys
+
+    rope = {
+        "full_attention": {"rope_type": "proportional", "rope_theta": 1e6, "factor": 0.25},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+    }
+    gemma4 = {
+        "model_type": "gemma4",
+        "text_config": {"model_type": "gemma4_text", "rope_parameters": rope},
+    }
+    assert legacy_config_keys(gemma4) == gemma4
+    gemma3 = {
+        "model_type": "gemma3",
+        "text_config": {"model_type": "gemma3_text", "rope_parameters": rope},
+    }
+    text = legacy_config_keys(gemma3)["text_config"]
+    assert text["rope_theta"] == 1e6 and text["rope_local_base_freq"] == 1e4
+    assert text["rope_scaling"]["rope_type"] == "proportional"

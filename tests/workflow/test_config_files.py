@@ -129,6 +129,7 @@ def readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
     cmds = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        block = block.replace("\\\n", " ")  # a command continued on the next line
         for line in block.splitlines():
             line = line.split("  #", 1)[0].strip()
             if line:
