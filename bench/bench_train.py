@@ -1,11 +1,21 @@
 #!/usr/bin/env python
-"""Time LoRA/QLoRA training steps of one Qwen2.5-VL checkpoint: vlmflow's training step vs the
-plain transformers + PEFT (+ bitsandbytes) baseline, on the same batch and weights.
+"""Time LoRA/QLoRA training steps of one model folder of any registered family under one
+implementation, on the same batch and weights for every implementation:
 
-Fixed case (issue 7): 4 samples, each one 896x896 image (1024 image tokens) + a 40-word prompt +
-a 300-word answer; loss on the answer only; LoRA r=16/alpha=16 on every attention and MLP linear
-of the vision tower and the language model; gradient checkpointing on. Prints one
-`RESULT {json}` line per run (median step time of --steps after --warmup) and appends it to --out.
+- vlmflow: the product's own step (vlmflow.modeling.build_training_model +
+  vlmflow.train.train_step, as the train rule calls them), configured by `cfg_for` + --set;
+- hf: plain transformers + PEFT (+ bitsandbytes NF4 for 4-bit), LoRA on exactly the modules
+  vlmflow targets (the registry's `Family.lora_target_regex` with the same lora.finetune_* flags);
+- unsloth: FastVisionModel.from_pretrained / get_peft_model (use_gradient_checkpointing=
+  "unsloth") with the same LoRA targets (or Unsloth's own selection: --unsloth-targets flags).
+
+The family is read from the folder's config (--family only checks it); the batch is encoded by
+vlmflow's Encoder with the folder's processor and collated with the family's batch layout.
+
+Fixed case (issue 7): --batch samples (4), each one --side px square image (896) + a
+--prompt-words (40) prompt + an --answer-words (300) answer; loss on the answer only; LoRA
+r=16/alpha=16 on every attention and MLP linear of the vision tower and the language model;
+gradient checkpointing on; AdamW (torch, fused on CUDA) lr 1e-4 for every implementation.
 
     python bench/bench_train.py MODEL --impl vlmflow --quant 4bit --out bench/results/x.jsonl
 
@@ -14,12 +24,19 @@ words, one optimizer step over micro-batches of --batch samples; tokens_per_s co
 (non-padding) tokens, padded_tokens_per_step what the model computed. --group-by-length sorts the
 64 samples by length before cutting micro-batches (train.group_by_length); --packing packs each
 micro-batch padding-free into rows (train.packing, vlmflow only). Same samples, same loss.
+
+Prints per-step lines and one `RESULT {json}` line (median step time of --steps after
+--warmup; floor_fraction: the share of bench/flops.py's FLOP floor reached at its PEAK_FLOPS),
+appended to --out. batch_sha and trainable_params let a reader check equal work.
 """
 
 import argparse
 import datetime
+import hashlib
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,7 +76,9 @@ def vqa_row(i: int, image_path: str, question: str, answer: str) -> dict:
     }
 
 
-def fixed_rows(batch: int, side: int, answer_words: int, tmpdir: str) -> list[dict]:
+def fixed_rows(
+    batch: int, side: int, answer_words: int, tmpdir: str, prompt_words: int = 40
+) -> list[dict]:
     """The anchor benchmark's batch as canonical conversation rows (images written as PNG)."""
     rng = np.random.default_rng(0)
     rows = []
@@ -67,7 +86,7 @@ def fixed_rows(batch: int, side: int, answer_words: int, tmpdir: str) -> list[di
         img = Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
         path = f"{tmpdir}/img{i}.png"
         img.save(path)
-        q = " ".join(rng.choice(WORDS, 40))
+        q = " ".join(rng.choice(WORDS, prompt_words))
         ans = " ".join(rng.choice(WORDS, answer_words))
         rows.append(vqa_row(i, path, q, ans))
     return rows
@@ -117,8 +136,29 @@ def cfg_for(model: str, quant: str, gc: str, overrides: list[str] = ()) -> dict:
     return resolve_sections(apply_overrides(raw, list(overrides)), ["model", "lora", "train"])
 
 
-def build_hf(model: str, quant: str, gc: bool):
-    """The baseline exactly as ../shared/anchor-bench/train_bench.py --impl hf builds it."""
+def lora_targets(model, family, lora_cfg: dict) -> str:
+    """PEFT target_modules that wrap exactly the linears vlmflow wraps: the registry's regex
+    for the lora.finetune_* flags, resolved to module names and matched whole."""
+    import re
+
+    from vlmflow.families import lora_target_names
+
+    regex = family.lora_target_regex(
+        vision=lora_cfg["finetune_vision_layers"],
+        language=lora_cfg["finetune_language_layers"],
+        attention=lora_cfg["finetune_attention_modules"],
+        mlp=lora_cfg["finetune_mlp_modules"],
+    )
+    names = lora_target_names(model.named_modules(), regex)
+    if not names:
+        raise SystemExit(f"the {family.name} registry entry selects no linear of this model")
+    return "|".join(re.escape(n) for n in names)
+
+
+def build_hf(model: str, quant: str, gc: bool, family, lora_cfg: dict):
+    """The baseline as ../shared/anchor-bench/train_bench.py --impl hf builds it: sdpa, bf16,
+    bitsandbytes NF4 + double quantization for 4-bit with prepare_model_for_kbit_training,
+    non-reentrant checkpointing, LoRA through get_peft_model on vlmflow's targets."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
@@ -144,33 +184,106 @@ def build_hf(model: str, quant: str, gc: bool):
     elif gc:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.enable_input_require_grads()
-    target = (
-        r".*(visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj|up_proj|down_proj))"
-        r"|language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj)))"
+    config = LoraConfig(
+        r=16,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=lora_targets(m, family, lora_cfg),
+        task_type="CAUSAL_LM",
     )
-    return get_peft_model(
-        m,
-        LoraConfig(
-            r=16,
-            lora_alpha=16,
-            lora_dropout=0.0,
-            bias="none",
-            target_modules=target,
-            task_type="CAUSAL_LM",
-        ),
+    return get_peft_model(m, config)
+
+
+def build_unsloth(model_dir: str, quant: str, family, lora_cfg: dict, own_targets: bool):
+    """FastVisionModel as the anchor harness uses it, on vlmflow's targets unless own_targets."""
+    from unsloth import FastVisionModel
+
+    model, _ = FastVisionModel.from_pretrained(
+        model_dir,
+        load_in_4bit=quant == "4bit",
+        max_seq_length=8192,
+        use_gradient_checkpointing="unsloth",
     )
+    kw = {} if own_targets else {"target_modules": lora_targets(model, family, lora_cfg)}
+    model = FastVisionModel.get_peft_model(
+        model,
+        r=16,
+        lora_alpha=16,
+        lora_dropout=0,
+        bias="none",
+        finetune_vision_layers=True,
+        finetune_language_layers=True,
+        finetune_attention_modules=True,
+        finetune_mlp_modules=True,
+        use_gradient_checkpointing="unsloth",
+        random_state=3407,
+        **kw,
+    )
+    FastVisionModel.for_training(model)
+    return model
 
 
-def main() -> None:
-    import tempfile
+def batch_sha(batch: dict) -> str:
+    """Fingerprint of a collated batch (token tensors exactly, image tensors by shape and sum)."""
+    h = hashlib.sha1()
+    for k in sorted(batch):
+        v = batch[k]
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        if v.is_floating_point():
+            h.update(f"{float(v.double().sum()):.6e}".encode())
+        else:
+            h.update(v.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
 
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("model")
-    ap.add_argument("--impl", required=True, choices=["vlmflow", "hf"])
+
+def vision_patches(batch: dict, config) -> int | None:
+    """Patch positions the vision encoder embeds for the batch (padding tiles/crops included):
+    Qwen-VL pixel_values are (patches, C*t*p*p); the others hold raw pixels."""
+    pv = batch.get("pixel_values")
+    if pv is None:
+        return None
+    if pv.ndim == 2:
+        return int(pv.shape[0])
+    if config.model_type == "gemma4":  # (images, patches, 3 * p * p), already patchified
+        return int(pv.shape[0] * pv.shape[1])
+    p = getattr(config.vision_config, "patch_size", 14)
+    return int(pv.numel() // (pv.shape[-3] * p * p))
+
+
+def lora_modules(model, family) -> dict[str, int]:
+    """LoRA-wrapped modules by part (vision blocks / decoder layers / elsewhere)."""
+    import re
+
+    vis = re.compile(rf"(?:.*\.)?{family.vision_layers}\..+")
+    lang = re.compile(rf"(?:.*\.)?{family.language_layers}\..+")
+    out = {"vision": 0, "language": 0, "other": 0}
+    for name, mod in model.named_modules():
+        if not len(getattr(mod, "lora_A", None) or {}):
+            continue
+        key = "vision" if vis.fullmatch(name) else "language" if lang.fullmatch(name) else "other"
+        out[key] += 1
+    return out
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("model", help="model folder (bench/make_model.py, bench/family/make_family.py)")
+    ap.add_argument("--impl", required=True, choices=["vlmflow", "hf", "unsloth"])
+    ap.add_argument(
+        "--family", default=None, help="registry name the folder must have (default: its config's)"
+    )
     ap.add_argument("--quant", default="4bit", choices=["4bit", "16bit"])
-    ap.add_argument("--gc", default="true", help="vlmflow: true | offload | false")
+    ap.add_argument(
+        "--gc",
+        default="true",
+        help="gradient checkpointing. vlmflow: true | offload | false (train."
+        "use_gradient_checkpointing); hf: true | false; unsloth: always its 'unsloth' mode",
+    )
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--side", type=int, default=896)
+    ap.add_argument("--prompt-words", type=int, default=40)
     ap.add_argument("--answer-words", type=int, default=300)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
@@ -186,7 +299,14 @@ def main() -> None:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="vlmflow: override a config key, e.g. --set model.quantize_vision=true",
+        help="override a config key, e.g. --set model.quantize_vision=true (vlmflow; lora.* keys "
+        "also choose the hf/unsloth targets)",
+    )
+    ap.add_argument(
+        "--unsloth-targets",
+        choices=["harness", "flags"],
+        default="harness",
+        help="harness: vlmflow's LoRA targets (same as hf); flags: Unsloth's own selection",
     )
     ap.add_argument("--tag", default="", help="label of this variant in the output")
     ap.add_argument(
@@ -204,35 +324,47 @@ def main() -> None:
         help="realistic case: sort the step's samples by length before cutting them into "
         "micro-batches (train.group_by_length)",
     )
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
+    ap.add_argument("--out", default=None, help="append the RESULT json line to this file")
+    a = ap.parse_args(argv)
     if (a.packing or a.group_by_length) and a.case != "realistic":
         ap.error("--packing and --group-by-length apply to --case realistic")
     if a.packing and a.impl != "vlmflow":
         ap.error("--packing needs --impl vlmflow (the baseline does not pack)")
+    return a
 
-    from vlmflow.collate import Encoder, collate, collate_packed, count_tokens, rope_index_fn
-    from vlmflow.modeling import build_training_model, load_processor
-    from vlmflow.train import build_optimizer, build_scheduler, train_step
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # the train rule's settings for these flags (train.packing also switches the attention)
-    flags = [f"train.{k}=true" for k in ("packing", "group_by_length") if getattr(a, k)]
-    cfg = cfg_for(a.model, a.quant, a.gc, [*flags, *a.set])
-    t0 = time.time()
-    if a.impl == "hf":
-        model = build_hf(a.model, a.quant, a.gc != "false")
-        from vlmflow.families import FAMILIES
+def build(a, cfg: dict, config, dev):
+    """(model, processor, family, dtype of the image tensors) of the chosen implementation."""
+    from vlmflow.families import family_for_config
+    from vlmflow.modeling import build_training_model, load_processor, resolve_dtype
 
-        family = FAMILIES["qwen2_5_vl"]
-        processor = load_processor(cfg["model"], family)
-    else:
+    family = family_for_config(config)
+    if a.family and a.family != family.name:
+        raise SystemExit(f"{a.model} holds a {family.name} model, not --family {a.family}")
+    if a.impl == "vlmflow":
         model, processor, family = build_training_model(cfg, dev)
-    load_s = time.time() - t0
-    encoder = Encoder(processor, family, max_seq_length=8192)
+        dtype = resolve_dtype(cfg["model"]["dtype"], dev)
+    else:
+        if a.impl == "hf":
+            model = build_hf(a.model, a.quant, a.gc != "false", family, cfg["lora"])
+        else:
+            own = a.unsloth_targets == "flags"
+            model = build_unsloth(a.model, a.quant, family, cfg["lora"], own)
+        processor = load_processor(cfg["model"], family)
+        dtype = torch.bfloat16
+    return model, processor, family, torch.bfloat16 if dev.type == "cuda" else dtype
+
+
+def make_batches(a, encoder, family, model, dtype) -> tuple[list[dict], str]:
+    """The step's collated micro-batches (the train rule's collate for the family's layout) and
+    the first one's batch_sha, taken before the images are cast to the model's dtype."""
+    import tempfile
+
+    from vlmflow.collate import collate, collate_packed, rope_index_fn
+
     with tempfile.TemporaryDirectory() as tmp:
         if a.case == "fixed":
-            rows = fixed_rows(a.batch, a.side, a.answer_words, tmp)
+            rows = fixed_rows(a.batch, a.side, a.answer_words, tmp, a.prompt_words)
         else:
             rows = realistic_rows(64, tmp)
         samples = [encoder(r) for r in rows]
@@ -243,37 +375,80 @@ def main() -> None:
         rope_index = rope_index_fn(model)
         batches = [collate_packed(c, encoder.pad_id, rope_index, 8192) for c in chunks]
     else:
-        batches = [collate(c, encoder.pad_id) for c in chunks]
+        batches = [collate(c, encoder.pad_id, family.batch_layout) for c in chunks]
+    sha = batch_sha(batches[0])
     for b in batches:
         if "pixel_values" in b:
-            b["pixel_values"] = b["pixel_values"].to(torch.bfloat16)
+            b["pixel_values"] = b["pixel_values"].to(dtype)
+    return batches, sha
+
+
+def versions() -> dict:
+    out = {m: __import__(m).__version__ for m in ("torch", "transformers", "peft")}
+    for m in ("bitsandbytes", "unsloth"):
+        if m in sys.modules:
+            out[m] = getattr(sys.modules[m], "__version__", "?")
+    return out
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    if a.impl == "unsloth":
+        import unsloth  # noqa: F401  (before transformers and peft: it patches them on import)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from flops import PEAK_FLOPS, floor_flops
+    from transformers import AutoConfig
+
+    from vlmflow.collate import Encoder, count_tokens
+    from vlmflow.train import build_optimizer, build_scheduler, train_step
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # the train rule's settings for these flags (train.packing also switches the attention)
+    flags = [f"train.{k}=true" for k in ("packing", "group_by_length") if getattr(a, k)]
+    cfg = cfg_for(a.model, a.quant, a.gc, [*flags, *a.set])
+    config = AutoConfig.from_pretrained(a.model)
+    t0 = time.time()
+    model, processor, family, dtype = build(a, cfg, config, dev)
+    load_s = time.time() - t0
+    encoder = Encoder(processor, family, max_seq_length=cfg["model"]["max_seq_length"])
+    batches, sha = make_batches(a, encoder, family, model, dtype)
     batch = batches[0]
     ntok = sum(count_tokens(b) for b in batches)  # useful (non-padding) tokens
-    padded = sum(b["input_ids"].numel() for b in batches)
     n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    image_tokens = sum(int((b["input_ids"] == encoder.image_token_id).sum()) for b in batches)
     params = [p for p in model.parameters() if p.requires_grad]
-    # Both sides: AdamW (torch, fused on CUDA), lr 1e-4, no clipping, no decay, constant lr.
+    modules = lora_modules(model, family)
+    print(
+        f"{family.name} {a.impl}: {len(batches)} micro-batches, first {sha} "
+        f"{tuple(batch['input_ids'].shape)}; {ntok} real tokens, {image_tokens} "
+        f"{family.image_token}, {n_items} labelled; trainable {sum(p.numel() for p in params)} "
+        f"in LoRA modules {modules}; loaded in {load_s:.1f} s",
+        flush=True,
+    )
+    # Every implementation: AdamW (torch, fused on CUDA), lr 1e-4, no clipping/decay, constant.
     opt = build_optimizer(params, cfg["train"], dev)
     sched = build_scheduler(opt, cfg["train"], a.warmup + a.steps)
     model.train()
-    losses, times = [], []
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
     def one_step(batches=batches):
-        if a.impl == "hf":
-            loss = 0.0
-            for mb in batches:
-                b = {k: v.to(dev) for k, v in mb.items()}
-                micro = model(**b, num_items_in_batch=n_items).loss
-                micro.backward()
-                loss += micro.detach()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-        # the train rule's step: forward/backward of every micro-batch, optimizer step
-        return train_step(model, batches, opt, sched, params, max_grad_norm=0.0, device=dev).loss
+        if a.impl == "vlmflow":  # the train rule's step
+            return train_step(
+                model, batches, opt, sched, params, max_grad_norm=0.0, device=dev
+            ).loss
+        loss = 0.0
+        for mb in batches:
+            b = {k: v.to(dev) for k, v in mb.items()}
+            kw = {"num_items_in_batch": n_items} if a.impl == "hf" else {}
+            micro = model(**b, **kw).loss  # unsloth: the anchor harness's step
+            micro.backward()
+            loss += micro.detach()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
 
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
     for step in range(a.warmup + a.steps):
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -284,36 +459,49 @@ def main() -> None:
         dt = time.perf_counter() - t
         losses.append(float(loss))
         print(
-            f"step {step + 1}/{a.warmup + a.steps}: {dt:.2f} s, loss {losses[-1]:.4f}", flush=True
+            f"step {step + 1}/{a.warmup + a.steps}: {dt:.3f} s, loss {losses[-1]:.4f}", flush=True
         )
         if step >= a.warmup:
             times.append(dt)
-    med = float(np.median(times))
-    floor = None
-    if family.name == "qwen2_5_vl":  # bench/flops.py counts Qwen2.5-VL's layers
-        from flops import PEAK_FLOPS, batch_shapes, step_flops
-
-        mcfg = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-        floor = step_flops(
-            mcfg.get_text_config().to_dict(), mcfg.vision_config.to_dict(), *batch_shapes(batches)
-        )
+    med = float(np.median(times)) if times else float("nan")
+    floor = floor_flops(config, batches, recompute=a.gc != "false" or a.impl == "unsloth")
+    info = {}
+    if (Path(a.model) / "make_family.json").is_file():
+        info = json.loads((Path(a.model) / "make_family.json").read_text())
+    tc, vc = config.get_text_config(), config.vision_config
     res = dict(
+        family=family.name,
         impl=a.impl,
         tag=a.tag,
         overrides=a.set,
         quant=a.quant,
-        gc=a.gc,
+        gc=a.gc if a.impl != "unsloth" else "unsloth",
+        unsloth_targets=a.unsloth_targets if a.impl == "unsloth" else None,
+        model=Path(a.model).name,
+        checkpoint=info.get("checkpoint"),
+        scale=info.get("scale"),
+        text_layers=getattr(tc, "num_hidden_layers", None),
+        vision_layers=getattr(vc, "num_hidden_layers", None) or getattr(vc, "depth", None),
         case=a.case,
         packing=a.packing,
         group_by_length=a.group_by_length,
-        rows_per_step=sum(int(b["input_ids"].shape[0]) for b in batches),
-        padded_tokens_per_step=padded,
         batch=a.batch,
-        tokens_per_step=ntok,
+        side=a.side,
+        prompt_words=a.prompt_words,
+        answer_words=a.answer_words,
+        batch_sha=sha,
+        rows_per_step=sum(int(b["input_ids"].shape[0]) for b in batches),
+        padded_tokens_per_step=sum(b["input_ids"].numel() for b in batches),
         seq_len=int(batch["input_ids"].shape[1]),
+        tokens_per_step=ntok,
+        image_tokens=image_tokens,
         label_tokens=n_items,
+        vision_patches=sum(vision_patches(b, config) or 0 for b in batches),
         trainable_params=sum(p.numel() for p in params),
+        lora_modules=modules,
         load_s=round(load_s, 1),
+        steps=a.steps,
+        warmup=a.warmup,
         step_s_median=round(med, 4),
         tokens_per_s=round(ntok / med, 1),
         peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -324,14 +512,12 @@ def main() -> None:
         else None,
         floor_flop=floor,
         # share of the arithmetic floor at PEAK_FLOPS (bench/flops.py)
-        floor_fraction=round(floor / PEAK_FLOPS / med, 3) if floor else None,
+        floor_fraction=round(floor / PEAK_FLOPS / med, 3) if floor and times else None,
         loss_first=round(losses[0], 4),
         loss_last=round(losses[-1], 4),
         losses=[round(x, 4) for x in losses],
         gpu=torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
-        torch=torch.__version__,
-        transformers=__import__("transformers").__version__,
-        peft=__import__("peft").__version__,
+        **versions(),
         date=datetime.date.today().isoformat(),
     )
     print("RESULT " + json.dumps(res), flush=True)

@@ -272,24 +272,9 @@ def build_processor(family: str):
             num_additional_image_tokens=1,
             chat_template=tiny.LLAVA_NEXT_CHAT_TEMPLATE,
         )
-    elif family == "qwen3_vl":
-        # Qwen3-VL-8B-Instruct: 16 px patches, 2x2 merge, mean/std 0.5, pixels in [65536, 16777216]
-        image = tr.Qwen2VLImageProcessor(
-            patch_size=16,
-            merge_size=2,
-            temporal_patch_size=2,
-            size={"shortest_edge": 65536, "longest_edge": 16777216},
-            image_mean=[0.5, 0.5, 0.5],
-            image_std=[0.5, 0.5, 0.5],
-        )
-        proc = tr.Qwen3VLProcessor(
-            image_processor=image,
-            tokenizer=tok,
-            video_processor=tr.Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
-            chat_template=tiny.QWEN_CHAT_TEMPLATE,
-        )
-    elif family == "qwen3_5":
-        # Qwen3.5 uses Qwen3-VL's processor and image settings (16 px patches, 2x2 merge)
+    elif family in ("qwen3_vl", "qwen3_5"):
+        # Qwen3-VL-8B-Instruct: 16 px patches, 2x2 merge, mean/std 0.5, pixels in [65536, 16777216];
+        # Qwen3.5 uses Qwen3-VL's processor and image settings
         image = tr.Qwen2VLImageProcessor(
             patch_size=16,
             merge_size=2,
@@ -345,6 +330,23 @@ def build_processor(family: str):
 
 
 # ------------------------------------------------------------------------------- configs
+# config keys of the special tokens, by family
+QWEN_TOKENS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+GEMMA4_TOKENS = {
+    "boi_token_id": "<|image>",
+    "eoi_token_id": "<image|>",
+    "image_token_id": "<|image|>",
+    "boa_token_id": "<|audio>",
+    "eoa_token_index": "<audio|>",
+    "audio_token_id": "<|audio|>",
+}
+
+
 def build_config(family: str, scale: str, text_layers: int, vision_layers: int, tok, ids):
     """The transformers config. Values are the class defaults where those equal the checkpoint's;
     every other value is set here, commented with the checkpoint it comes from."""
@@ -533,53 +535,36 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             tie_word_embeddings=False,
         )
 
-    if family == "llava":
+    if family in ("llava", "llava_next"):
         # llava-hf/llava-1.5-7b-hf. LlavaConfig's defaults are this model: a Llama text config
         # (Vicuna-7B widths: 4096, 32 heads, MLP 11008) and CLIP ViT-L/14-336 (1024 wide, 24
         # layers, 16 heads, MLP 4096, quick_gelu), penultimate layer, CLS dropped, 576 tokens.
-        text = dict(
-            model_type="llama",
-            num_hidden_layers=nt,
-            vocab_size=32064,  # checkpoint (default 32000)
-            rms_norm_eps=1e-5,  # checkpoint (default 1e-6)
-            max_position_embeddings=4096,  # checkpoint (default 2048)
-            bos_token_id=ids["<s>"],
-            eos_token_id=ids["</s>"],
-            pad_token_id=ids["<pad>"],
-        )
-        # LlavaConfig's default vision_config (the CLIPVisionConfig class defaults are ViT-B/32)
-        vision = {**tr.LlavaConfig().vision_config.to_dict(), "num_hidden_layers": nv}
-        if tiny:
-            text.update(vocab_size=vocab, **TINY_TEXT)
-            vision.update(TINY_VISION, projection_dim=32)
-        return tr.LlavaConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_index=ids["<image>"],
-            tie_word_embeddings=False,
-        )
-
-    if family == "llava_next":
         # llava-hf/llava-v1.6-mistral-7b-hf: LlavaNextConfig's defaults for the CLIP tower, the
         # pinpoints, feature layer -2; the text model is Mistral-7B-Instruct-v0.2.
+        cls = tr.LlavaConfig if family == "llava" else tr.LlavaNextConfig
         text = dict(
-            model_type="mistral",
             num_hidden_layers=nt,
-            vocab_size=32064,  # checkpoint (Mistral default 32000)
-            max_position_embeddings=32768,  # checkpoint (default 131072)
-            rms_norm_eps=1e-5,  # checkpoint (default 1e-6)
-            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},  # default 1e4
-            sliding_window=None,  # checkpoint (default 4096)
+            vocab_size=32064,  # checkpoints (default 32000)
+            rms_norm_eps=1e-5,  # checkpoints (default 1e-6)
             bos_token_id=ids["<s>"],
             eos_token_id=ids["</s>"],
             pad_token_id=ids["<pad>"],
         )
-        # LlavaNextConfig's default vision_config: CLIP ViT-L/14-336 (class defaults: ViT-B/32)
-        vision = {**tr.LlavaNextConfig().vision_config.to_dict(), "num_hidden_layers": nv}
+        if family == "llava":  # checkpoint: 4096 positions (default 2048)
+            text.update(model_type="llama", max_position_embeddings=4096)
+        else:  # checkpoint: 32768 positions (default 131072), theta 1e6 (1e4), no window (4096)
+            text.update(
+                model_type="mistral",
+                max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+                sliding_window=None,
+            )
+        # the class's default vision_config (the CLIPVisionConfig class defaults are ViT-B/32)
+        vision = {**cls().vision_config.to_dict(), "num_hidden_layers": nv}
         if tiny:
             text.update(vocab_size=vocab, **TINY_TEXT)
             vision.update(TINY_VISION, projection_dim=32)
-        return tr.LlavaNextConfig(
+        return cls(
             text_config=text,
             vision_config=vision,
             image_token_index=ids["<image>"],
@@ -622,10 +607,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             text_config=text,
             vision_config=vision,
             tie_word_embeddings=False,
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
+            **{key: ids[token] for key, token in QWEN_TOKENS.items()},
         )
 
     if family == "qwen3_5":
@@ -668,10 +650,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             text_config=text,
             vision_config=vision,
             tie_word_embeddings=False,
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
+            **{key: ids[token] for key, token in QWEN_TOKENS.items()},
         )
 
     if family == "gemma4":
@@ -724,13 +703,8 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
         return tr.Gemma4Config(
             text_config=text,
             vision_config=vision,
-            boi_token_id=ids["<|image>"],
-            eoi_token_id=ids["<image|>"],
-            image_token_id=ids["<|image|>"],
-            boa_token_id=ids["<|audio>"],
-            eoa_token_index=ids["<audio|>"],
-            audio_token_id=ids["<|audio|>"],
             tie_word_embeddings=True,
+            **{key: ids[token] for key, token in GEMMA4_TOKENS.items()},
         )
 
     if family == "qwen2_vl":
@@ -768,10 +742,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             text_config=text,
             vision_config=vision,
             tie_word_embeddings=False,
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
+            **{key: ids[token] for key, token in QWEN_TOKENS.items()},
         )
 
     if family == "idefics3":

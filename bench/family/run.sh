@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # On the GPU machine: unpack the package bundles, build each family's model folder once, and time
-# each SPEC in its own process (clean peak-memory numbers), with a timeout per spec. Logs and
-# results go under $OUT. See README.md for the copy step that puts this next to vlmflow's code.
+# each SPEC in its own process (clean peak-memory numbers) with bench/bench_train.py, with a
+# timeout per spec. Logs and results go under $OUT (results.jsonl appended after every spec).
 #
-#   bash run.sh SPEC...        SPEC = FAMILY:IMPL:QUANT[:EXTRA]
+#   bash run.sh SPEC...        SPEC = FAMILY:IMPL:QUANT[:EXTRA], or a bare FAMILY
 #     FAMILY  mllama gemma3 pixtral llava llava_next qwen3_vl qwen2_vl idefics3 qwen3_5 gemma4 mistral3
 #     IMPL    vlmflow | hf | unsloth          QUANT  16bit | 4bit
-#     EXTRA   comma-separated arguments of time_family.py (commas become spaces), and/or
+#     EXTRA   comma-separated arguments of bench_train.py (commas become spaces), and/or
 #             timeout=N (this spec's limit in seconds), e.g.
 #             mllama:vlmflow:4bit:--gc,offload,--set,model.quantize_vision=true,timeout=120
+#     a bare FAMILY is its standard set (suite.py standard_specs): vlmflow and hf in 16bit and
+#     4bit with defaults, then unsloth 16bit/4bit where Unsloth supports the family.
+# summary.txt: the table (ratios vs hf and unsloth, floor_fraction) and a PASS/FAIL line per
+# non-hf row: its first-step loss within 1% of hf's (same family and quant), with the ratio.
 #
 # Environment (defaults):
 #   OUT=/tmp/out              logs/, results.jsonl, summary.txt, build logs
@@ -21,7 +25,8 @@
 #   DEADLINE=0                if > 0: seconds since the start by which every spec must end (for a
 #                             600 s device call): a spec's timeout is cut to the time left, and
 #   MIN_SPEC=30               a spec is not started with less than MIN_SPEC seconds left
-#   ARGS=""                   extra time_family.py arguments for every spec (e.g. "--steps 4")
+#   ARGS=""                   extra bench_train.py arguments for every spec (after its
+#                             defaults here: --steps 6 --quant of the spec; e.g. "--steps 4")
 #   PYTHON=python3
 #   VLMFLOW_ROOT=<found>      the folder holding vlmflow's src/, bench/, config/ (its checkout or
 #                             the copy of README.md); default: here, or a parent of here
@@ -91,7 +96,9 @@ ensure_model() {  # build the family's folder once
   [ $rc -eq 0 ]
 }
 
-for spec in "$@"; do
+mapfile -t specs < <("$PYTHON" "$here/suite.py" expand "$@")
+[ ${#specs[@]} -gt 0 ] || { echo "no specs (see the head of $0)" >&2; exit 2; }
+for spec in "${specs[@]}"; do
   IFS=: read -r fam impl quant extra <<< "$spec"
   limit=$SPEC_TIMEOUT; args=""
   for x in ${extra//,/ }; do
@@ -109,43 +116,13 @@ for spec in "$@"; do
   fi
   t=$SECONDS
   # shellcheck disable=SC2086
-  timeout "$limit" "$PYTHON" "$here/time_family.py" "$(model_dir "$fam")" --impl "$impl" --quant "$quant" \
-    --tag "$tag" $ARGS $args --out "$OUT/results.jsonl" > "$OUT/logs/$tag.log" 2>&1
+  timeout "$limit" "$PYTHON" "$root/bench/bench_train.py" "$(model_dir "$fam")" --impl "$impl" \
+    --quant "$quant" --steps 6 --tag "$tag" $ARGS $args --out "$OUT/results.jsonl" > "$OUT/logs/$tag.log" 2>&1
   rc=$?
   echo "== $spec: rc=$rc in $((SECONDS - t)) s$([ $rc -eq 124 ] && echo " (timeout $limit s)")"
-  if grep -q '^RESULT' "$OUT/logs/$tag.log"; then
-    grep '^RESULT' "$OUT/logs/$tag.log" | "$PYTHON" -c '
-import json, sys
-r = json.loads(sys.stdin.read()[7:])
-print("   %(tokens_per_s)s tok/s, %(step_s_median)s s/step, peak %(peak_alloc_gib)s GiB, loss %(loss_first)s -> %(loss_last)s, trainable %(trainable_params)s, batch %(batch_sha)s, load %(load_s)s s" % r)'
-  else
+  "$PYTHON" "$here/suite.py" line "$OUT/logs/$tag.log" ||
     grep -vE "Warning|warn\(|^\s*$|Loading weights" "$OUT/logs/$tag.log" | tail -12 | cut -c1-300
-  fi
 done
 
-[ -f "$OUT/results.jsonl" ] && "$PYTHON" - "$OUT/results.jsonl" <<'EOF' | tee "$OUT/summary.txt"
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-first = {}
-for r in rows:  # the first result of each (family, quant, impl) is the reference
-    first.setdefault((r["family"], r["quant"], r["impl"]), r)
-
-
-def ratio(r, impl, key):
-    b = first.get((r["family"], r["quant"], impl))
-    if not b or not r[key] or not b[key]:
-        return ""
-    return f"{r[key] / b[key]:.2f}"
-
-
-print("| family | impl | quant | tag | tokens/s | s/step | peak GiB | x hf speed | x hf mem "
-      "| x unsloth speed | x unsloth mem | trainable | loss first -> last | batch |")
-print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
-for r in rows:
-    print(f"| {r['family']} | {r['impl']} | {r['quant']} | {r['tag']} | {r['tokens_per_s']} | "
-          f"{r['step_s_median']} | {r['peak_alloc_gib']} | {ratio(r, 'hf', 'tokens_per_s')} | "
-          f"{ratio(r, 'hf', 'peak_alloc_gib')} | {ratio(r, 'unsloth', 'tokens_per_s')} | "
-          f"{ratio(r, 'unsloth', 'peak_alloc_gib')} | {r['trainable_params']} | "
-          f"{r['loss_first']} -> {r['loss_last']} | {r['batch_sha']} |")
-EOF
+[ -f "$OUT/results.jsonl" ] && "$PYTHON" "$here/suite.py" summary "$OUT/results.jsonl" | tee "$OUT/summary.txt"
 echo "== done in ${SECONDS} s; results in $OUT"
