@@ -121,7 +121,9 @@ def test_loss_check_within_one_percent_of_hf():
         row("unsloth", "4bit", 9.0),
     ]
     lines = suite.loss_check(rows)
-    assert lines[0].startswith("loss check gemma3 16bit vlmflow close: PASS") and "1.0099" in lines[0]
+    assert (
+        lines[0].startswith("loss check gemma3 16bit vlmflow close: PASS") and "1.0099" in lines[0]
+    )
     assert lines[1].startswith("loss check gemma3 16bit vlmflow far: FAIL") and "1.0200" in lines[1]
     assert "n/a" in lines[2]  # no 4-bit HF row to compare with
 
