@@ -27,6 +27,7 @@ per image over all its tiles, local + global layers); Qwen2.5-VL keeps its windo
 Projectors are left out. Without gradient checkpointing a step is 2 forwards (`recompute=False`).
 
     python bench/flops.py       # the fixed and the realistic case of bench_train.py, 7B config
+    python bench/flops.py --family gemma3 mllama    # the fixed batch, make_family.py's depths
 """
 
 from __future__ import annotations
@@ -239,10 +240,52 @@ def floor_flops(config, batches: list[dict], recompute: bool = True) -> float:
     return (3 if recompute else 2) * (lm + vis)
 
 
-def main() -> None:
+def family_floors(families: list[str], full: bool) -> None:
+    """The fixed batch's floor of make_family.py's folders (real widths; reduced depth unless
+    `full`), from their configs and processors alone (no weights are built)."""
     import tempfile
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "family"))
+    import make_family
+    from bench_train import fixed_rows
+
+    from vlmflow.collate import Encoder, collate
+    from vlmflow.families import family_for_config
+
+    for name in list(make_family.CHECKPOINTS) if families == ["all"] else families:
+        processor, tok, ids = make_family.build_processor(name)
+        _, depth, reduced = make_family.CHECKPOINTS[name]
+        nt, nv = depth if full else reduced
+        config = make_family.build_config(name, "real", nt, nv, tok, ids)
+        family = family_for_config(config)
+        encoder = Encoder(processor, family, max_seq_length=8192)
+        with tempfile.TemporaryDirectory() as tmp:
+            samples = [encoder(r) for r in fixed_rows(4, 896, 300, tmp)]
+        batch = collate(samples, encoder.pad_id, family.batch_layout)
+        flops, tokens = floor_flops(config, [batch]), sum(sample_lengths(batch))
+        print(
+            f"{name} (text {nt}, vision {nv} layers): {tokens} tokens, {flops:.3g} FLOP per "
+            f"step = {tokens / (flops / PEAK_FLOPS):,.0f} tokens/s at {PEAK_FLOPS / 1e12:.0f} "
+            "TFLOP/s"
+        )
+
+
+def main() -> None:
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument(
+        "--family",
+        nargs="+",
+        help="instead: the fixed batch's floor of these make_family.py families (or: all)",
+    )
+    ap.add_argument("--full", action="store_true", help="with --family: full depth")
+    a = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if a.family:
+        family_floors(a.family, a.full)
+        return
     from bench_train import fixed_rows, realistic_rows
     from make_model import SIZES, build_processor
 
