@@ -275,11 +275,7 @@ def main() -> None:
     import tempfile
 
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument(
-        "--family",
-        nargs="+",
-        help="instead: the fixed batch's floor of these make_family.py families (or: all)",
-    )
+    ap.add_argument("--family", nargs="+", help="make_family.py families (or: all) instead")
     ap.add_argument("--full", action="store_true", help="with --family: full depth")
     a = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
