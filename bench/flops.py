@@ -114,15 +114,22 @@ def attention_pairs(n: int, window: int | None = None) -> float:
     return window * window / 2 + (n - window) * window
 
 
-def mlp_flops_per_token(text: dict) -> float:
-    """Gated MLP (gate, up, down); a MoE layer counts its active experts, router, shared expert."""
+def mlp_flops_per_token(text: dict, layer: int = 0) -> float:
+    """Gated MLP (gate, up, down) of decoder layer `layer`; a MoE layer counts its active
+    experts, router and shared expert (+ the dense MLP beside them: Gemma 4's enable_moe_block;
+    Qwen-MoE's mlp_only_layers / decoder_sparse_step layers are dense)."""
     d = text["hidden_size"]
+    dense = 2 * 3 * d * (text.get("intermediate_size") or 0)
     k = text.get("num_experts_per_tok") or text.get("top_k_experts")
-    if k and text.get("moe_intermediate_size"):
-        experts = text.get("num_experts") or text.get("num_local_experts") or 0
-        shared = text.get("shared_expert_intermediate_size") or 0
-        return 2 * (k * 3 * d * text["moe_intermediate_size"] + d * experts + 3 * d * shared)
-    return 2 * 3 * d * text["intermediate_size"]
+    sparse = (
+        k and text.get("moe_intermediate_size") and layer not in (text.get("mlp_only_layers") or [])
+    )
+    if not sparse or (layer + 1) % (text.get("decoder_sparse_step") or 1):
+        return dense
+    experts = text.get("num_experts") or text.get("num_local_experts") or 0
+    shared = text.get("shared_expert_intermediate_size") or 0
+    moe = 2 * (k * 3 * d * text["moe_intermediate_size"] + d * experts + 3 * d * shared)
+    return moe + (dense if text.get("enable_moe_block") else 0)
 
 
 def decoder_flops(text: dict, lengths: list[int], cross_tokens: list[int] | None = None) -> float:
@@ -135,10 +142,10 @@ def decoder_flops(text: dict, lengths: list[int], cross_tokens: list[int] | None
     types = list(text.get("layer_types") or [])
     cross = set(text.get("cross_attention_layers") or [])
     gated_q = str(text.get("model_type", "")).startswith("qwen3_5")  # q_proj -> query + gate
-    ntok, mlp = sum(lengths), mlp_flops_per_token(text)
-    total = 0.0
+    ntok, total = sum(lengths), 0.0
     for i in range(layers):
         kind = types[i] if i < len(types) else "full_attention"
+        mlp = mlp_flops_per_token(text, i)
         if i in cross:  # Mllama: no self-attention in this layer
             vis = cross_tokens or [0] * len(lengths)
             total += ntok * (2 * 2 * d * heads * head_dim + mlp)  # q, o, MLP on text tokens

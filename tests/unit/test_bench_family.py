@@ -83,7 +83,13 @@ def test_moe_counts_the_active_experts_only():
     dense = dict(hidden_size=8, intermediate_size=16)
     moe = dict(dense, num_experts_per_tok=2, num_experts=8, moe_intermediate_size=4)
     assert mlp_flops_per_token(dense) == 2 * 3 * 8 * 16
-    assert mlp_flops_per_token(moe) == 2 * (2 * 3 * 8 * 4 + 8 * 8)
+    experts = 2 * (2 * 3 * 8 * 4 + 8 * 8)  # 2 active experts of 4 wide + the router over 8
+    assert mlp_flops_per_token(moe) == experts
+    # Gemma 4's MoE block runs beside the dense MLP; Qwen-MoE's mlp_only_layers are dense
+    assert mlp_flops_per_token({**moe, "enable_moe_block": True}) == experts + 2 * 3 * 8 * 16
+    assert mlp_flops_per_token({**moe, "mlp_only_layers": [0]}, layer=0) == 2 * 3 * 8 * 16
+    assert mlp_flops_per_token({**moe, "mlp_only_layers": [0]}, layer=1) == experts
+    assert mlp_flops_per_token({**moe, "decoder_sparse_step": 2}, layer=0) == 2 * 3 * 8 * 16
 
 
 def test_standard_specs():
