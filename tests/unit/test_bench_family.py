@@ -175,3 +175,22 @@ def test_bench_train_vlmflow_and_hf_on_two_tiny_families(tmp_path, capsys):
         f"{h['loss_first']} = {r['loss_first'] / h['loss_first']:.4f}"
         for r, h in (rows[:2], rows[2:])
     ]
+
+
+def test_run_sh_expands_a_bare_family_and_keeps_to_the_deadline(tmp_path):
+    import os
+    import subprocess
+
+    env = dict(os.environ, OUT=str(tmp_path / "out"), MODELS=str(tmp_path / "models"))
+    env.update(DEADLINE="1", MIN_SPEC="30", PYTHON=sys.executable, BUNDLES=str(tmp_path / "none"))
+    run = subprocess.run(
+        ["bash", str(ROOT / "bench" / "family" / "run.sh"), "gemma3", "llava:hf:4bit"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    skipped = [x.split(": skipped")[0][3:] for x in run.stdout.splitlines() if "skipped" in x]
+    assert skipped == [*suite.standard_specs("gemma3"), "llava:hf:4bit"]
+    assert not (tmp_path / "models" / "gemma3-real-recommended").exists()  # nothing built
