@@ -402,6 +402,8 @@ def main(argv=None) -> None:
     from vlmflow.collate import Encoder, count_tokens
     from vlmflow.train import build_optimizer, build_scheduler, train_step
 
+    if a.set and a.impl != "vlmflow":
+        print(f"note: --set {a.set} configures vlmflow; {a.impl} takes only its LoRA targets")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # the train rule's settings for these flags (train.packing also switches the attention)
     flags = [f"train.{k}=true" for k in ("packing", "group_by_length") if getattr(a, k)]
