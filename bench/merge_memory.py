@@ -148,11 +148,13 @@ def main() -> None:
     work.mkdir(parents=True)
     base, adapter, n_params = build(work, a.layers)
 
-    from vlmflow import data, demo, images
+    from vlmflow import data, demo, image_validation, images
 
     demo.write_digits(work / "digits", limit=8)
     src = data.Source(path=str(work / "digits/data.jsonl"), image_root=str(work / "digits"))
-    recs = images.validate_images(data.seed_image_refs(src), images.ImagePolicy(), progress=False)
+    recs = image_validation.validate_images(
+        data.seed_image_refs(src), images.ImagePolicy(), progress=False
+    )
     rows, _ = data.seed_to_conversations(
         src, {(r["root"], r["path"]): r for r in recs}, {"val": 0.0, "test": 0.0, "seed": 0}
     )

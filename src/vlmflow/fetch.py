@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
-from .images import BlobStore
+from .image_refs import BlobStore
 from .redact import redact_url
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,9 @@ from PIL import Image
 
 from vlmflow import fetch as fetch_module
 from vlmflow.fetch import DownloadPolicy, UrlIndex, check_url, fetch, fetch_all
-from vlmflow.images import BlobStore, ImagePolicy, ImageRef, validate_refs
+from vlmflow.image_refs import BlobStore, ImageRef
+from vlmflow.image_validation import validate_refs
+from vlmflow.images import ImagePolicy
 
 
 def png_bytes(size=(10, 8), colour=(0, 128, 255)):

@@ -7,18 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from vlmflow import images
-from vlmflow.images import (
-    BlobStore,
-    ImagePolicy,
-    ImageRef,
-    PathEscapeError,
-    check_image,
-    load_rgb,
-    resolve_in_root,
-    validate_images,
-    validate_refs,
-)
+from vlmflow import image_validation, images
+from vlmflow.image_refs import BlobStore, ImageRef
+from vlmflow.image_validation import check_image, validate_images, validate_refs
+from vlmflow.images import ImagePolicy, load_rgb
+from vlmflow.paths import PathEscapeError, resolve_in_root
 
 
 def png_header_only(width, height):
@@ -218,7 +211,9 @@ def test_incremental_cache_decodes_only_new_or_changed_files(tmp_path, monkeypat
         Image.new("RGB", (10, 10), (i, 0, 0)).save(tmp_path / f"{i}.png")
     decoded = []
     real = images.inspect_file
-    monkeypatch.setattr(images, "inspect_file", lambda p, pol: decoded.append(p) or real(p, pol))
+    monkeypatch.setattr(
+        image_validation, "inspect_file", lambda p, pol: decoded.append(p) or real(p, pol)
+    )
     cache = tmp_path / "cache" / "validation.parquet"
 
     def run(n, policy=None):

@@ -18,7 +18,9 @@ from vlmflow import archive as archive_module
 from vlmflow.archive import build_archive
 from vlmflow.data import _rejected
 from vlmflow.fetch import DownloadPolicy
-from vlmflow.images import ImagePolicy, ImageRef, validate_refs
+from vlmflow.image_refs import ImageRef
+from vlmflow.image_validation import validate_refs
+from vlmflow.images import ImagePolicy
 from vlmflow.redact import redact_url
 
 GH_TOKEN = "ghp_" + "A1b2C3d4E5f6G7h8I9j0" * 2
