@@ -16,6 +16,7 @@ import torch
 from vlmflow.cli import parser, run, setup_logging
 from vlmflow.config import resolve_sections
 from vlmflow.data import read_conversations
+from vlmflow.errors import DataError
 from vlmflow.evaluate import (
     HIGHER_IS_BETTER,
     generate_answers,
@@ -68,7 +69,7 @@ def main() -> None:
     if eval_cfg["max_samples"] is not None:
         rows = rows[: eval_cfg["max_samples"]]
     if not rows:
-        raise SystemExit("error: the test split is empty; raise datasets.<name>.split.test")
+        raise DataError("the test split is empty; raise datasets.<name>.split.test")
     refs = [reference_of(r) for r in rows]
     base_answers, base_stats = answers_of(cfg["model"], eval_cfg, rows, None)
     tuned_answers, tuned_stats = answers_of(cfg["model"], eval_cfg, rows, a.tuned)

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .errors import VlmflowError
 from .families import Family
 from .images import load_rgb
 
@@ -27,7 +28,7 @@ TOKEN_KEYS = {
 }
 
 
-class SampleTooLongError(ValueError):
+class SampleTooLongError(VlmflowError, ValueError):
     """A sample's tokens (image tokens included) exceed max_seq_length. It is never truncated:
     cutting through image tokens breaks the model, and cutting the answer trains on half of it.
     The data stage drops such samples before training; reaching this error means one slipped by."""

@@ -29,13 +29,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import DataError
 from .fetch import DownloadPolicy
 from .image_refs import BlobStore, ImageRef, record_key
 from .image_validation import validate_refs
 from .images import ImagePolicy
 from .io import atomic_file, write_json, write_parquet
 from .layouts import Sample, Source, iter_image_refs, iter_samples, raw_json
-from .readers import DataError, RowError
+from .readers import RowError
 from .redact import redact_text
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import DataError
 from .image_refs import ImageRef
-from .readers import DataError, Reader, RowError, has_surrogates
+from .readers import Reader, RowError, has_surrogates
 
 PLACEHOLDER = "<image>"
 ROLES = {

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import VlmflowError
 from .export_files import clean_export, fix_adapter_config
 from .io import atomic_dir, write_json
 
@@ -79,11 +80,11 @@ ADAPTER_PREFIX = "base_model.model."
 DEFAULT_RTOL = {True: 0.02, False: 0.1}
 
 
-class MergeError(ValueError):
+class MergeError(VlmflowError, ValueError):
     """The adapter cannot be merged into this base (names the key or setting)."""
 
 
-class MergeCheckError(RuntimeError):
+class MergeCheckError(VlmflowError, RuntimeError):
     """The merged model's logits differ from the adapter's by more than the tolerance."""
 
 

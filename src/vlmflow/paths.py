@@ -7,8 +7,8 @@ import functools
 import os
 from pathlib import Path
 
+from .errors import DataError
 from .layouts import Source, iter_image_refs
-from .readers import DataError
 
 
 class PathEscapeError(ValueError):

@@ -26,6 +26,7 @@ import re
 import shutil
 from pathlib import Path
 
+from .errors import VlmflowError
 from .export_files import base_reference, clean_export, fix_adapter_config
 from .io import atomic_dir
 
@@ -43,7 +44,7 @@ METRIC_NAMES = {
 _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 
 
-class CardError(ValueError):
+class CardError(VlmflowError, ValueError):
     """A model card that the Hub would not accept."""
 
 

@@ -19,9 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-
-class DataError(ValueError):
-    """Input that cannot be read at all (names the file, line or column)."""
+from .errors import DataError
 
 
 @dataclass

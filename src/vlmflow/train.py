@@ -42,6 +42,7 @@ from .collate import (
     rope_index_fn,
 )
 from .distributed import DistContext
+from .errors import VlmflowError
 from .fast import label_only_loss, label_positions
 from .io import atomic_dir, atomic_file, write_json
 from .modeling import build_training_model, count_parameters, pick_device, resolve_dtype
@@ -50,7 +51,7 @@ from .preempt import Preempted
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(VlmflowError, RuntimeError):
     pass
 
 
@@ -282,11 +283,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed (damaged, non-finite); the message says why."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(VlmflowError, RuntimeError):
     """Writing a checkpoint failed (no space left, quota); the older checkpoints are kept."""
 
 
-class WorkDirBusy(RuntimeError):
+class WorkDirBusy(VlmflowError, RuntimeError):
     """Another trainer holds the work folder's lock."""
 
 
