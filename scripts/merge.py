@@ -13,8 +13,8 @@ from pathlib import Path
 from vlmflow.cli import parser, run, setup_logging
 from vlmflow.config import resolve_sections
 from vlmflow.data import read_conversations
+from vlmflow.export import export_model
 from vlmflow.hub import check_model_source
-from vlmflow.merge import export_model
 
 
 def read_json(path: str | None) -> dict | None:

@@ -280,6 +280,23 @@ PACK_META_KEYS = ("row_lengths",)
 """Keys of a packed batch that describe it and are not model inputs (see `model_inputs`)."""
 
 
+def make_encoder(processor, family: Family, model_cfg: dict) -> Encoder:
+    """The Encoder of a model section as training builds it (answers-only labels, the same pixel
+    limits), for the steps that encode rows without training: evaluation, the merge check."""
+    return Encoder(
+        processor,
+        family,
+        max_seq_length=model_cfg["max_seq_length"],
+        min_pixels=model_cfg["min_pixels"],
+        max_pixels=model_cfg["max_pixels"],
+    )
+
+
+def collate_batch(samples: Sequence[dict[str, torch.Tensor]], pad_id: int, family: Family) -> dict:
+    """`collate` with the family's batch layout."""
+    return collate(samples, pad_id, family.batch_layout)
+
+
 def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     """First-fit decreasing bin packing of samples (by token count) into rows of at most
     `max_length` tokens. A sample is never split: one longer than `max_length` raises

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import TrainSummary
 from .collate import (
     Encoder,
     collate,
@@ -957,20 +958,17 @@ def _train(cfg, train_rows, out_dir, work_dir, data_files, preempt, dist_ctx) ->
         processor.save_pretrained(tmp)
         write_json(tmp / "vlmflow_train_config.json", cfg)
         shutil.copy(log_path, tmp / "train_log.jsonl")
-        write_json(
-            tmp / "train_summary.json",
-            {
-                "steps": steps,
-                "final_loss": loss_value,
-                "resumed_from_step": start,
-                "trainable_parameters": trainable,
-                "total_parameters": total,
-                "family": family.name,
-                "device": str(device),
-                "world_size": ctx.world_size,
-                "train_samples": len(data),
-            },
-        )
+        TrainSummary(
+            steps=steps,
+            final_loss=loss_value,
+            resumed_from_step=start,
+            trainable_parameters=trainable,
+            total_parameters=total,
+            family=family.name,
+            device=str(device),
+            world_size=ctx.world_size,
+            train_samples=len(data),
+        ).write(tmp / "train_summary.json")
         plot_training_log(tmp / "train_log.jsonl", tmp / "loss.png")
     ctx.barrier()
     return TrainResult(

@@ -33,7 +33,7 @@ def test_unexpected_error_keeps_its_traceback():
 def test_every_vlmflow_error_is_one_message_and_exit_1(capsys):
     from vlmflow.collate import SampleTooLongError
     from vlmflow.data import DataError
-    from vlmflow.merge import MergeCheckError
+    from vlmflow.merge_check import MergeCheckError
 
     errors = [
         DataError("row 3: empty response"),
