@@ -43,16 +43,19 @@ _OK_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
 
 @dataclass(frozen=True)
 class DownloadPolicy:
-    timeout: float = 30.0
+    """How image URLs are fetched (`datasets.<name>.images.download`; the defaults are the
+    schema's, `from_config` builds it from a resolved section)."""
+
+    timeout: float
     """Seconds per attempt (connect and each read)."""
-    max_bytes: int = 50_000_000
-    retries: int = 3
+    max_bytes: int
+    retries: int
     """Extra attempts after a failed one (timeouts, connection errors, HTTP 429 and 5xx)."""
-    backoff: float = 1.0
+    backoff: float
     """Seconds before the first retry; doubled for each further one."""
-    deadline: float = 300.0
+    deadline: float
     """Seconds per URL in all (every attempt, read and back-off)."""
-    allow_private_addresses: bool = False
+    allow_private_addresses: bool
     """Allow hosts that resolve to loopback, private, link-local or other non-global addresses."""
 
     @classmethod

@@ -8,6 +8,7 @@ a re-run decodes only new or changed files.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import stat
@@ -68,21 +69,8 @@ class ImageRecord:
 def check_image(root: str, rel: str, policy: ImagePolicy) -> ImageRecord:
     """Validate one image `rel` under `root` (no cache). Never raises for bad input."""
     rec = check_path(root, rel, policy)
-    return ImageRecord(
-        path=rel,
-        resolved=rec["resolved"],
-        sha256=rec["sha256"],
-        width=rec["width"],
-        height=rec["height"],
-        format=rec["format"],
-        ok=rec["ok"],
-        reason=rec["reason"],
-        notes=rec["notes"],
-        status=rec["status"],
-        mode=rec["mode"],
-        frames=rec["frames"],
-        bytes=rec["bytes"],
-    )
+    fields = [f.name for f in dataclasses.fields(ImageRecord) if f.name != "path"]
+    return ImageRecord(path=rel, **{k: rec[k] for k in fields})
 
 
 def check_path(root: str, rel: str, policy: ImagePolicy) -> dict:

@@ -33,11 +33,14 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 @dataclass(frozen=True)
 class ImagePolicy:
-    allowed_formats: tuple[str, ...] = ("PNG", "JPEG", "WEBP")
-    max_pixels: int = 89_478_485
-    min_side: int = 1
-    animated: str = "first_frame"  # or "reject"
-    fast_jpeg: bool = True
+    """What an image must be to be kept (`datasets.<name>.images`; the defaults are the
+    schema's, `from_config` builds it from a resolved section)."""
+
+    allowed_formats: tuple[str, ...]
+    max_pixels: int
+    min_side: int
+    animated: str  # first_frame | reject
+    fast_jpeg: bool
     """Decode JPEGs with libjpeg's DCT scaling (1/8 size): every entropy-coded coefficient is
     still read, so truncated or corrupt data fail exactly as in a full-size decode, at about half
     the CPU. load_rgb always decodes at full size."""
