@@ -33,6 +33,7 @@ from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
 from .image_refs import BlobStore
+from .io import atomic_file
 from .redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,6 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
     def _check(self, newurl: str) -> None:
-        from .redact import redact_url
-
         if urlsplit(newurl).scheme.lower() not in ("http", "https"):
             raise _Refused(
                 f"bad_redirect: redirect to a non-http(s) URL refused: {redact_url(newurl)}"
@@ -304,8 +303,6 @@ class UrlIndex:
         return None
 
     def save(self, fetched: list[Fetched]) -> None:
-        from .io import atomic_file
-
         for f in fetched:
             if not f.error:
                 key = self.key(f.url)
