@@ -5,11 +5,11 @@ import json
 
 from vlmflow.artifacts import MergeCheck, Metrics, TrainSummary
 
+SCORES = {"base": {"exact_match": 0.0, "cer": 1.0}, "tuned": {"exact_match": 1.0, "cer": 0.0}}
 METRICS = {
     "n": 2,
     "metrics": ["exact_match", "cer"],
-    "base": {"exact_match": 0.0, "cer": 1.0},
-    "tuned": {"exact_match": 1.0, "cer": 0.0},
+    **SCORES,
     "delta": {"exact_match": 1.0, "cer": -1.0},
     "higher_is_better": {"exact_match": True, "cer": False},
     "generation": {"base": {"generated_tokens": 4, "seconds": 1.0, "tokens_per_s": 4.0}},
