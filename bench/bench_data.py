@@ -222,8 +222,8 @@ def main() -> None:
     messages = []
     handler = logging.Handler()
     handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger("vlmflow.images").addHandler(handler)
-    logging.getLogger("vlmflow.images").setLevel(logging.INFO)
+    logging.getLogger("vlmflow.image_validation").addHandler(handler)
+    logging.getLogger("vlmflow.image_validation").setLevel(logging.INFO)
     snapshot = work / "cache-after-full"
     shutil.rmtree(snapshot, ignore_errors=True)
     shutil.copytree(cache, snapshot)
@@ -282,7 +282,7 @@ def main() -> None:
 
         from vlmflow.budget import token_budget
         from vlmflow.config import resolve_sections
-        from vlmflow.images import IMAGE_COLUMNS, IMAGES_SCHEMA
+        from vlmflow.image_validation import IMAGE_COLUMNS, IMAGES_SCHEMA
         from vlmflow.io import write_parquet
         from vlmflow.tiny import build_tiny
 

@@ -93,7 +93,8 @@ def build_model(out: Path, tiny: bool) -> Path:
 def build_data(out: Path, scale: int, limit: int) -> Path:
     import pyarrow.parquet as pq
 
-    from vlmflow import data, images
+    from vlmflow import data, image_validation, images
+    from vlmflow.config import resolve_dataset
     from vlmflow.data import to_table
     from vlmflow.demo import write_digits
 
@@ -103,7 +104,10 @@ def build_data(out: Path, scale: int, limit: int) -> Path:
     folder = out / f"digits-{scale}"
     write_digits(folder, scale=scale, limit=limit)
     src = data.Source(path=str(folder / "data.jsonl"), image_root=str(folder))
-    recs = images.validate_images(data.seed_image_refs(src), images.ImagePolicy(), progress=False)
+    policy = images.ImagePolicy.from_config(
+        resolve_dataset({"sources": [{"path": src.path}]})["images"]
+    )
+    recs = image_validation.validate_images(data.seed_image_refs(src), policy, progress=False)
     rows, _ = data.seed_to_conversations(
         src, {(r["root"], r["path"]): r for r in recs}, {"val": 0.0, "test": 0.0, "seed": 0}
     )

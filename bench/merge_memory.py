@@ -95,7 +95,7 @@ CHILD = {
     "export": """
         from vlmflow.config import resolve_sections
         from vlmflow.data import read_conversations
-        from vlmflow.merge import export_model
+        from vlmflow.export import export_model
         cfg = resolve_sections(
             {"model": {"name": BASE, "max_seq_length": 256},
              "export": {"max_shard_size": "20MB", "check_dtype": "bfloat16"}},
@@ -148,11 +148,15 @@ def main() -> None:
     work.mkdir(parents=True)
     base, adapter, n_params = build(work, a.layers)
 
-    from vlmflow import data, demo, images
+    from vlmflow import data, demo, image_validation, images
+    from vlmflow.config import resolve_dataset
 
     demo.write_digits(work / "digits", limit=8)
     src = data.Source(path=str(work / "digits/data.jsonl"), image_root=str(work / "digits"))
-    recs = images.validate_images(data.seed_image_refs(src), images.ImagePolicy(), progress=False)
+    policy = images.ImagePolicy.from_config(
+        resolve_dataset({"sources": [{"path": src.path}]})["images"]
+    )
+    recs = image_validation.validate_images(data.seed_image_refs(src), policy, progress=False)
     rows, _ = data.seed_to_conversations(
         src, {(r["root"], r["path"]): r for r in recs}, {"val": 0.0, "test": 0.0, "seed": 0}
     )

@@ -14,21 +14,22 @@ import pandas as pd
 import torch
 
 from vlmflow.cli import parser, run, setup_logging
+from vlmflow.collate import make_encoder
 from vlmflow.config import resolve_sections
 from vlmflow.data import read_conversations
+from vlmflow.errors import DataError
 from vlmflow.evaluate import (
-    HIGHER_IS_BETTER,
+    compare,
     generate_answers,
     generation_kwargs,
     is_adapter,
     load_for_eval,
-    make_encoder,
     question_of,
     reference_of,
     score,
 )
 from vlmflow.hub import check_model_source
-from vlmflow.io import write_json, write_parquet
+from vlmflow.io import write_parquet
 
 log = logging.getLogger("vlmflow.evaluate")
 
@@ -68,7 +69,7 @@ def main() -> None:
     if eval_cfg["max_samples"] is not None:
         rows = rows[: eval_cfg["max_samples"]]
     if not rows:
-        raise SystemExit("error: the test split is empty; raise datasets.<name>.split.test")
+        raise DataError("the test split is empty; raise datasets.<name>.split.test")
     refs = [reference_of(r) for r in rows]
     base_answers, base_stats = answers_of(cfg["model"], eval_cfg, rows, None)
     tuned_answers, tuned_stats = answers_of(cfg["model"], eval_cfg, rows, a.tuned)
@@ -86,15 +87,13 @@ def main() -> None:
     for name in names:
         columns[f"base_{name}"] = base_per[name]
         columns[f"tuned_{name}"] = tuned_per[name]
-    metrics = {
-        "n": len(rows),
-        "metrics": list(names),
-        "base": base,
-        "tuned": tuned,
-        "delta": {m: tuned[m] - base[m] for m in names},
-        "higher_is_better": {m: HIGHER_IS_BETTER[m] for m in names},
-        "generation": {"base": base_stats, "tuned": tuned_stats},
-        "settings": {
+    metrics = compare(
+        names,
+        base,
+        tuned,
+        n=len(rows),
+        generation={"base": base_stats, "tuned": tuned_stats},
+        settings={
             "base_model": cfg["model"]["name"],
             "base_revision": cfg["model"]["revision"],
             "tuned_model": a.tuned,
@@ -102,9 +101,9 @@ def main() -> None:
             "test": a.test,
             **eval_cfg,
         },
-    }
+    )
     write_parquet(a.predictions, pd.DataFrame(columns))
-    write_json(a.metrics, metrics)
+    metrics.write(a.metrics)
     for m in names:
         log.info("%s: base %.4f, tuned %.4f (n=%d)", m, base[m], tuned[m], len(rows))
 

@@ -6,7 +6,7 @@ import logging
 
 from vlmflow.cli import parser, run, setup_logging
 from vlmflow.config import resolve_sections
-from vlmflow.hub import HubError, fetch
+from vlmflow.hub import fetch
 from vlmflow.io import write_json
 
 log = logging.getLogger("vlmflow.fetch_model")
@@ -18,10 +18,7 @@ def main() -> None:
     a = p.parse_args()
     setup_logging(a.verbose)
     m = resolve_sections(a.config, ["model"])["model"]
-    try:
-        info = fetch(m["name"], m["revision"], trust_remote_code=m["trust_remote_code"])
-    except HubError as e:
-        raise SystemExit(f"error: {e}") from e
+    info = fetch(m["name"], m["revision"], trust_remote_code=m["trust_remote_code"])
     write_json(a.out, info)
     log.info(
         "%s @ %s: %d files, %.1f MB in %s",

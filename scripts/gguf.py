@@ -6,7 +6,7 @@ vision projector (mmproj) and an Ollama Modelfile in --out.
 
 from vlmflow.cli import parser, run, setup_logging
 from vlmflow.config import resolve_sections
-from vlmflow.gguf import GGUFError, export_gguf
+from vlmflow.gguf import export_gguf
 
 
 def main() -> None:
@@ -16,10 +16,7 @@ def main() -> None:
     a = p.parse_args()
     setup_logging(a.verbose)
     cfg = resolve_sections(a.config, ["export"])["export"]
-    try:
-        export_gguf(a.merged, a.out, cfg["save_method"], pretokenizer=cfg["gguf_pretokenizer"])
-    except GGUFError as e:
-        raise SystemExit(f"error: {e}") from e
+    export_gguf(a.merged, a.out, cfg["save_method"], pretokenizer=cfg["gguf_pretokenizer"])
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from pathlib import Path
 from vlmflow.cli import parser, run, setup_logging
 from vlmflow.config import resolve_sections
 from vlmflow.data import read_conversations
+from vlmflow.export import export_model
 from vlmflow.hub import check_model_source
-from vlmflow.merge import MergeCheckError, MergeError, export_model
 
 
 def read_json(path: str | None) -> dict | None:
@@ -37,19 +37,16 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     rows = read_conversations(a.train) if a.train else None
-    try:
-        export_model(
-            cfg["model"],
-            a.adapter,
-            a.out,
-            cfg["export"],
-            check_rows=rows,
-            check_path=a.check,
-            data_summary=read_json(a.data_summary),
-            metrics=read_json(a.metrics),
-        )
-    except (MergeError, MergeCheckError) as e:
-        raise SystemExit(f"error: {e}") from e
+    export_model(
+        cfg["model"],
+        a.adapter,
+        a.out,
+        cfg["export"],
+        check_rows=rows,
+        check_path=a.check,
+        data_summary=read_json(a.data_summary),
+        metrics=read_json(a.metrics),
+    )
 
 
 if __name__ == "__main__":

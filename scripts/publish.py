@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vlmflow.cli import parser, run, setup_logging
 from vlmflow.config import resolve_sections
-from vlmflow.publish import CardError, publish
+from vlmflow.publish import publish
 
 
 def read_json(path: str | None) -> dict | None:
@@ -30,21 +30,18 @@ def main() -> None:
     a = p.parse_args()
     setup_logging(a.verbose)
     cfg = resolve_sections(a.config, ["run", "model", "export"])
-    try:
-        publish(
-            model_cfg=cfg["model"],
-            export_cfg=cfg["export"],
-            adapter_dir=a.adapter,
-            merged_dir=a.merged,
-            out_dir=a.out,
-            run=cfg["run"]["name"],
-            dataset=cfg["run"]["dataset"],
-            metrics=read_json(a.metrics),
-            merge_check=read_json(a.merge_check),
-            data_summary=read_json(a.data_summary),
-        )
-    except CardError as e:
-        raise SystemExit(f"error: {e}") from e
+    publish(
+        model_cfg=cfg["model"],
+        export_cfg=cfg["export"],
+        adapter_dir=a.adapter,
+        merged_dir=a.merged,
+        out_dir=a.out,
+        run=cfg["run"]["name"],
+        dataset=cfg["run"]["dataset"],
+        metrics=read_json(a.metrics),
+        merge_check=read_json(a.merge_check),
+        data_summary=read_json(a.data_summary),
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from vlmflow.preempt import (
     oom_advice,
     stop_with_parent,
 )
-from vlmflow.train import CheckpointWriteError, WorkDirBusy, train
+from vlmflow.train import train
 
 log = logging.getLogger("vlmflow.train")
 
@@ -65,10 +65,6 @@ def main() -> None:
             with open(Path(a.work_dir) / "preemptions.log", "a") as f:
                 f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {slurm_context() or ''} {e}\n")
         sys.exit(EXIT_PREEMPTED)
-    except (WorkDirBusy, CheckpointWriteError) as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     except torch.cuda.OutOfMemoryError:
         log.error("%s", oom_advice(cfg, ctx.world_size), exc_info=a.verbose)
         print(f"error: {oom_advice(cfg, ctx.world_size)}", file=sys.stderr)

@@ -16,7 +16,7 @@ import pyarrow as pa
 from vlmflow.cli import parser, run, setup_logging
 from vlmflow.config import resolve_dataset
 from vlmflow.data import validate_dataset
-from vlmflow.images import IMAGE_COLUMNS, IMAGES_SCHEMA
+from vlmflow.image_validation import IMAGE_COLUMNS, IMAGES_SCHEMA
 from vlmflow.io import atomic_file, write_parquet
 
 log = logging.getLogger("vlmflow.validate_images")

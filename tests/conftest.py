@@ -32,10 +32,14 @@ def digits_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_rows(digits_dir):
     """Canonical conversation rows of the 200-image digits folder."""
-    from vlmflow import data, images
+    from helpers import image_policy
+
+    from vlmflow import data, image_validation
 
     src = data.Source(path=str(digits_dir / "data.jsonl"), image_root=str(digits_dir))
-    recs = images.validate_images(data.seed_image_refs(src), images.ImagePolicy(), progress=False)
+    recs = image_validation.validate_images(
+        data.seed_image_refs(src), image_policy(), progress=False
+    )
     acc, rej = data.seed_to_conversations(
         src, {(r["root"], r["path"]): r for r in recs}, {"val": 0.1, "test": 0.2, "seed": 0}
     )

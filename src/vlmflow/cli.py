@@ -1,4 +1,4 @@
-"""Shared plumbing of the scripts/ CLIs: logging, config arguments, clean errors."""
+"""Shared plumbing of the scripts/ CLIs: logging, config arguments, clean errors (`run`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 from collections.abc import Callable
 
 from .cluster import slurm_context
-from .config import ConfigError, load_config_arg
-
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+from .config import load_config_arg
+from .errors import VlmflowError
+from .redact import RedactingFormatter, redact_text
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -20,8 +20,6 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from .redact import RedactingFormatter
-
     for handler in logging.getLogger().handlers:  # no credential reaches a log
         handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     sys.excepthook = _redacting_excepthook
@@ -35,8 +33,6 @@ def setup_logging(verbose: bool = False) -> None:
 def _redacting_excepthook(exc_type, exc, tb) -> None:
     """Uncaught exceptions are printed as usual, less any credential."""
     import traceback
-
-    from .redact import redact_text
 
     sys.stderr.write(redact_text("".join(traceback.format_exception(exc_type, exc, tb))))
 
@@ -55,34 +51,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-# Expected errors defined in modules that import torch: looked up only if that module is loaded
-# (an error of a class can only be raised once its module is), so a data CLI never imports torch.
-_LAZY_EXPECTED = (
-    ("vlmflow.data", "DataError"),
-    ("vlmflow.hub", "ModelSourceError"),
-    ("vlmflow.collate", "SampleTooLongError"),
-    ("vlmflow.train", "NonFiniteLossError"),
-)
-
-
-def _expected(error: BaseException) -> bool:
-    classes = list(EXPECTED_ERRORS)
-    for module, name in _LAZY_EXPECTED:
-        loaded = sys.modules.get(module)
-        if loaded is not None:
-            classes.append(getattr(loaded, name))
-    return isinstance(error, tuple(classes))
-
-
 def run(main: Callable[[], None]) -> None:
-    """Run a CLI's main; expected input problems end with one clear message and exit code 1."""
+    """Run a CLI's main; a `VlmflowError` (bad input, a failed check) ends it with one clear
+    message and exit code 1; any other exception keeps its traceback."""
     try:
         main()
-    except Exception as e:
-        if not _expected(e):
-            raise
+    except VlmflowError as e:
         logging.getLogger("vlmflow").error("%s", e)
-        from .redact import redact_text
-
         print(f"error: {redact_text(str(e))}", file=sys.stderr)
         sys.exit(1)

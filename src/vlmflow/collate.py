@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .errors import VlmflowError
 from .families import Family
 from .images import load_rgb
 
@@ -27,7 +28,7 @@ TOKEN_KEYS = {
 }
 
 
-class SampleTooLongError(ValueError):
+class SampleTooLongError(VlmflowError, ValueError):
     """A sample's tokens (image tokens included) exceed max_seq_length. It is never truncated:
     cutting through image tokens breaks the model, and cutting the answer trains on half of it.
     The data stage drops such samples before training; reaching this error means one slipped by."""
@@ -277,6 +278,23 @@ def collate(
 # ------------------------------------------------------------------------------------- packing
 PACK_META_KEYS = ("row_lengths",)
 """Keys of a packed batch that describe it and are not model inputs (see `model_inputs`)."""
+
+
+def make_encoder(processor, family: Family, model_cfg: dict) -> Encoder:
+    """The Encoder of a model section as training builds it (answers-only labels, the same pixel
+    limits), for the steps that encode rows without training: evaluation, the merge check."""
+    return Encoder(
+        processor,
+        family,
+        max_seq_length=model_cfg["max_seq_length"],
+        min_pixels=model_cfg["min_pixels"],
+        max_pixels=model_cfg["max_pixels"],
+    )
+
+
+def collate_batch(samples: Sequence[dict[str, torch.Tensor]], pad_id: int, family: Family) -> dict:
+    """`collate` with the family's batch layout."""
+    return collate(samples, pad_id, family.batch_layout)
 
 
 def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:

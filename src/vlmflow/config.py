@@ -15,10 +15,12 @@ from typing import Any
 import jsonschema
 import yaml
 
+from .errors import VlmflowError
+
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema" / "config.schema.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(VlmflowError, ValueError):
     """The configuration is invalid; the message lists every problem found."""
 
 

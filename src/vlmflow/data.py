@@ -29,16 +29,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .formats import (
-    DataError,
-    ImageRef,
-    RowError,
-    Sample,
-    Source,
-    iter_image_refs,
-    iter_samples,
-    raw_json,
-)
+from .errors import DataError
+from .fetch import DownloadPolicy
+from .image_refs import BlobStore, ImageRef, record_key
+from .image_validation import validate_refs
+from .images import ImagePolicy
+from .io import atomic_file, write_json, write_parquet
+from .layouts import Sample, Source, iter_image_refs, iter_samples, raw_json
+from .readers import RowError
 from .redact import redact_text
 
 log = logging.getLogger(__name__)
@@ -363,8 +361,6 @@ class _Sink:
 
 def write_rejects_tsv(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     """The rejects as a tab-separated table a person can read (or open in a spreadsheet)."""
-    from .io import atomic_file
-
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         w.writerow(["source", "row", "id", "kind", "reason", "raw"])
@@ -513,22 +509,16 @@ def format_dataset(
         "rejected_by_reason": dict(Counter(r["kind"] for r in rejected).most_common()),
         "sources": {k: dict(v) for k, v in per_source.items()},
     }
-    from .io import write_json
-
     write_json(outdir / "summary.json", summary)
     return summary
 
 
 def write_parquet_table(path: str | os.PathLike, table: pa.Table) -> None:
-    from .io import write_parquet
-
     write_parquet(path, table)
 
 
 def read_images_table(path: str | os.PathLike) -> dict:
     """images.parquet → {image key: record}."""
-    from .images import record_key
-
     return {record_key(r): r for r in pq.read_table(path).to_pylist()}
 
 
@@ -603,9 +593,6 @@ def validate_dataset(
     into it; verdicts are cached in `cache_dir/validation[-name].parquet` (one file per dataset,
     so that datasets may share a cache_dir) so that a re-run decodes only new or changed files.
     """
-    from .fetch import DownloadPolicy
-    from .images import BlobStore, ImagePolicy, validate_refs
-
     cache_dir = Path(cache_dir)
     blobs = BlobStore(cache_dir)
     blob_paths: dict[str, Path] = {}

@@ -24,9 +24,11 @@ import string
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
+from .artifacts import Metrics
 from .collate import Encoder
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,28 @@ METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], tuple[float, list[fl
     "rouge_l": _rouge_l,
 }
 HIGHER_IS_BETTER = {m: m not in ("cer", "wer") for m in METRICS}
+
+
+def compare(
+    names: Sequence[str],
+    base: dict[str, float],
+    tuned: dict[str, float],
+    *,
+    n: int,
+    generation: dict[str, dict],
+    settings: dict,
+) -> Metrics:
+    """The metrics.json of a comparison: both sides' scores, the delta and which way is good."""
+    return Metrics(
+        n=n,
+        metrics=list(names),
+        base=base,
+        tuned=tuned,
+        delta={m: tuned[m] - base[m] for m in names},
+        higher_is_better={m: HIGHER_IS_BETTER[m] for m in names},
+        generation=generation,
+        settings=settings,
+    )
 
 
 def score(
@@ -259,27 +283,7 @@ def generate_answers(
     return answers, stats
 
 
-def make_encoder(processor, family, model_cfg: dict) -> Encoder:
-    """The Encoder the model was trained with (pixel limits passed where the Encoder resizes
-    images itself)."""
-    import inspect
-
-    accepted = inspect.signature(Encoder).parameters
-    pixels = {k: model_cfg[k] for k in ("min_pixels", "max_pixels") if k in accepted}
-    return Encoder(processor, family, max_seq_length=model_cfg["max_seq_length"], **pixels)
-
-
-def collate_batch(items: list[dict], pad_id: int, family) -> dict:
-    """`collate` with the family's batch layout where the registry defines one."""
-    from .collate import collate
-
-    layout = getattr(family, "batch_layout", None)
-    return collate(items, pad_id, layout) if layout else collate(items, pad_id)
-
-
 def is_adapter(folder) -> bool:
-    from pathlib import Path
-
     return (Path(folder) / "adapter_config.json").exists()
 
 

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
-from .images import BlobStore
+from .image_refs import BlobStore
+from .io import atomic_file
 from .redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -43,16 +44,19 @@ _OK_TYPES = ("image/", "application/octet-stream", "binary/octet-stream")
 
 @dataclass(frozen=True)
 class DownloadPolicy:
-    timeout: float = 30.0
+    """How image URLs are fetched (`datasets.<name>.images.download`; the defaults are the
+    schema's, `from_config` builds it from a resolved section)."""
+
+    timeout: float
     """Seconds per attempt (connect and each read)."""
-    max_bytes: int = 50_000_000
-    retries: int = 3
+    max_bytes: int
+    retries: int
     """Extra attempts after a failed one (timeouts, connection errors, HTTP 429 and 5xx)."""
-    backoff: float = 1.0
+    backoff: float
     """Seconds before the first retry; doubled for each further one."""
-    deadline: float = 300.0
+    deadline: float
     """Seconds per URL in all (every attempt, read and back-off)."""
-    allow_private_addresses: bool = False
+    allow_private_addresses: bool
     """Allow hosts that resolve to loopback, private, link-local or other non-global addresses."""
 
     @classmethod
@@ -107,8 +111,6 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
     def _check(self, newurl: str) -> None:
-        from .redact import redact_url
-
         if urlsplit(newurl).scheme.lower() not in ("http", "https"):
             raise _Refused(
                 f"bad_redirect: redirect to a non-http(s) URL refused: {redact_url(newurl)}"
@@ -301,8 +303,6 @@ class UrlIndex:
         return None
 
     def save(self, fetched: list[Fetched]) -> None:
-        from .io import atomic_file
-
         for f in fetched:
             if not f.error:
                 key = self.key(f.url)

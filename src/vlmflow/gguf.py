@@ -27,6 +27,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from .errors import VlmflowError
 from .io import atomic_dir
 
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -46,7 +47,7 @@ MMPROJ_FAMILIES = {
 }
 
 
-class GGUFError(RuntimeError):
+class GGUFError(VlmflowError, RuntimeError):
     """The GGUF conversion failed (names the step and the converter's message)."""
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .errors import VlmflowError
+
 # What from_pretrained reads for a transformers VLM (weights in safetensors only: no pickles).
 # README.md: the model card, whose license and id the publish step copies into the run's cards.
 ALLOW_PATTERNS = [
@@ -25,11 +27,11 @@ ALLOW_PATTERNS = [
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class HubError(RuntimeError):
+class HubError(VlmflowError, RuntimeError):
     pass
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(VlmflowError, ValueError):
     """model.name names a local folder that is missing or cannot be trained from (checked when
     the workflow starts, and by every CLI that loads the model)."""
 

@@ -1,8 +1,8 @@
-"""Export a trained LoRA adapter: `lora`, `merged_16bit` or `merged_4bit` (Unsloth's names).
+"""The streaming LoRA merge (`merged_16bit`, and the first step of `merged_4bit`).
 
-`merged_16bit` folds the adapter into the ORIGINAL 16-bit base weights, read fresh from the base
-checkpoint (also when training ran in 4-bit): never into dequantized 4-bit weights. It streams
-tensor by tensor, so that merging a 7B model fits a 24 GB CPU node:
+It folds the adapter into the ORIGINAL 16-bit base weights, read fresh from the base checkpoint
+(also when training ran in 4-bit): never into dequantized 4-bit weights. It streams tensor by
+tensor, so that merging a 7B model fits a 24 GB CPU node:
 
 - the base checkpoint's safetensors shards are read one tensor at a time (`safe_open`);
 - a LoRA-targeted weight becomes `W + scale * B @ A` (in float32, then cast to the export dtype);
@@ -22,18 +22,8 @@ conversion mapping (the one `from_pretrained` applies), on a model built on the 
 output keeps the checkpoint's names, so that whatever loads the base loads the merged model.
 Every adapter tensor must land on exactly one base tensor, or the merge stops naming the key.
 
-`merged_4bit` writes the 16-bit merge to a scratch folder, then quantizes it with bitsandbytes
-(NF4, double quantization; vision tower, projector and lm_head stay 16-bit) and saves that. It is
-about 3.5x smaller than 16-bit, but the rounding of every language-model weight to 4 bits costs
-accuracy, and the 4-bit model cannot be merged into or trained further in 16-bit: keep the adapter
-(and the 16-bit merge, if you can afford the disk) when quality matters.
-
-The merge check compares, on a sample batch of training conversations, the logits of the
-exported model (loaded with plain `from_pretrained`) with those of the adapter applied to the
-fresh base (PEFT, unmerged): max |diff| must stay below `check_atol + check_rtol * max |ref|`,
-else the export fails. Both models run in float32 when a float32 copy fits in memory (the check
-then sees only the rounding of the merged weights; default rtol 0.02), else in the export dtype
-(16-bit noise in both forward passes; default rtol 0.1, which only catches gross errors).
+The export pipeline that calls this merge, checks it and re-quantizes it for `merged_4bit`
+is `vlmflow.export`.
 """
 
 from __future__ import annotations
@@ -44,14 +34,14 @@ import logging
 import math
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .export_files import clean_export, fix_adapter_config
-from .io import atomic_dir, write_json
+from .errors import VlmflowError
+from .export_files import clean_export
+from .io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +65,10 @@ ST_DTYPES = {
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 FLOAT_TAGS = {"F64", "F32", "F16", "BF16"}
 ADAPTER_PREFIX = "base_model.model."
-# Default relative tolerance of the merge check: {check in float32: 0.02, in 16-bit: 0.1}.
-DEFAULT_RTOL = {True: 0.02, False: 0.1}
 
 
-class MergeError(ValueError):
+class MergeError(VlmflowError, ValueError):
     """The adapter cannot be merged into this base (names the key or setting)."""
-
-
-class MergeCheckError(RuntimeError):
-    """The merged model's logits differ from the adapter's by more than the tolerance."""
 
 
 # ------------------------------------------------------------------------------------ utilities
@@ -601,365 +585,3 @@ def save_processor(model_cfg: dict, adapter_dir: Path, out_dir: Path) -> None:
         )
     processor.save_pretrained(out_dir)
     clean_export(out_dir, processor=processor)
-
-
-def _folder_processor(folder: Path, model_cfg: dict):
-    """The processor saved in an adapter folder (None when it holds none)."""
-    if not (folder / "tokenizer_config.json").exists():
-        return None
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(folder, trust_remote_code=model_cfg["trust_remote_code"])
-
-
-def unquantized_modules(family) -> list[str]:
-    """Modules that stay 16-bit in a 4-bit export, as in QLoRA training: the vision tower, the
-    projector and lm_head."""
-    if hasattr(family, "unquantized_modules"):
-        return list(family.unquantized_modules(quantize_vision=False))
-    names = []
-    for x in (family.vision_tower, family.projector, family.lm_head):
-        names += [x] if isinstance(x, str) else list(x)
-    return names
-
-
-def quantize_4bit(src: Path, out_dir: Path, model_cfg: dict, export_dtype: torch.dtype) -> None:
-    """Load the 16-bit merge in NF4 (as QLoRA training does) and save it quantized."""
-    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
-
-    from .modeling import model_family
-
-    family = model_family(str(src))
-    model = AutoModelForImageTextToText.from_pretrained(
-        src,
-        dtype=export_dtype,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=export_dtype,
-            llm_int8_skip_modules=unquantized_modules(family),
-        ),
-        device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"},
-        trust_remote_code=model_cfg["trust_remote_code"],
-    )
-    model.save_pretrained(out_dir)
-    del model
-    gc.collect()
-
-
-# ------------------------------------------------------------------------------------ the check
-def sample_batch(rows: list[dict], processor, family, model_cfg: dict, n: int) -> dict:
-    """Encode up to `n` rows (skipping ones that are too long) into one padded batch."""
-    from .collate import SampleTooLongError
-    from .evaluate import collate_batch, make_encoder
-
-    encoder = make_encoder(processor, family, model_cfg)
-    items = []
-    for row in rows:
-        if len(items) == n:
-            break
-        try:
-            items.append(encoder(row))
-        except SampleTooLongError as e:
-            log.info("merge check skips a sample: %s", e)
-    if not items:
-        raise MergeError("merge check: no sample of the train split fits max_seq_length")
-    batch = collate_batch(items, encoder.pad_id, family)
-    batch.pop("labels")
-    return batch
-
-
-def check_dtype_for(export_cfg: dict, n_params: int) -> torch.dtype:
-    """`auto`: float32 when a float32 copy of the model fits comfortably in free memory (the check
-    then measures only the rounding of the merged weights), else the export dtype."""
-    name = export_cfg["check_dtype"]
-    if name != "auto":
-        return getattr(torch, name)
-    import psutil
-
-    if n_params * 4 * 1.5 < psutil.virtual_memory().available * 0.8:
-        return torch.float32
-    return getattr(torch, export_cfg["dtype"])
-
-
-@torch.no_grad()
-def _logits(model, batch: dict) -> torch.Tensor:
-    model.eval()
-    device = next(model.parameters()).device
-    out = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
-    return out[batch["attention_mask"].bool()]
-
-
-def compare_logits(ref: torch.Tensor, got: torch.Tensor, atol: float, rtol: float) -> dict:
-    diff = float((ref - got).abs().max())
-    scale = float(ref.abs().max())
-    tol = atol + rtol * scale
-    return {
-        "max_abs_diff": diff,
-        "max_abs_reference_logit": scale,
-        "tolerance": tol,
-        "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
-        "tokens": int(ref.shape[0]),
-        "passed": diff <= tol,
-    }
-
-
-def reference_logits(
-    model_cfg: dict, adapter_dir: Path, batch: dict, dtype: torch.dtype
-) -> torch.Tensor:
-    """Logits of the adapter applied (unmerged, PEFT) to the fresh 16-bit base."""
-    from peft import PeftModel
-
-    from .modeling import load_model
-
-    base, _ = load_model(
-        dict(model_cfg, dtype=str(dtype).removeprefix("torch.")),
-        torch.device("cpu"),
-        quantize=False,
-    )
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    ref = _logits(model, batch)
-    del model, base
-    gc.collect()
-    return ref
-
-
-def exported_logits(folder: Path, batch: dict, dtype: torch.dtype | None, trust: bool):
-    """Logits of an exported folder loaded with plain `from_pretrained`."""
-    from transformers import AutoModelForImageTextToText
-
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=trust, **kwargs)
-    got = _logits(model, batch)
-    del model
-    gc.collect()
-    return got
-
-
-# ---------------------------------------------------------------------------------------- export
-def export_model(
-    model_cfg: dict,
-    adapter_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    export_cfg: dict,
-    *,
-    check_rows: list[dict] | None = None,
-    check_path: str | os.PathLike | None = None,
-    data_summary: dict | None = None,
-    metrics: dict | None = None,
-) -> dict:
-    """Export the adapter as `export_cfg["save_method"]` into `out_dir`, check it, write the
-    model card. Returns the summary (also written as vlmflow_export.json).
-
-    Raises MergeCheckError (after writing `check_path`) when the check fails; `out_dir` is then
-    left untouched.
-    """
-    from .modeling import model_family
-
-    method = export_cfg["save_method"]
-    if method.startswith("gguf"):  # GGUF is converted from the 16-bit merge (rule gguf)
-        method = "merged_16bit"
-    adapter_dir = Path(adapter_dir)
-    dtype = getattr(torch, export_cfg["dtype"])
-    summary: dict = {"save_method": method, "dtype": export_cfg["dtype"]}
-    check: dict = {"save_method": method}
-    with atomic_dir(out_dir) as tmp:
-        if method == "lora":
-            for f in adapter_dir.iterdir():
-                if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
-            clean_export(tmp, processor=_folder_processor(tmp, model_cfg))
-            fix_adapter_config(tmp, model_cfg["name"])
-            base = read_base(model_cfg)
-            summary["base"] = base.info
-            check["skipped"] = "save_method lora: nothing is merged"
-        else:
-            target = tmp if method == "merged_16bit" else tmp / ".merged_16bit"
-            target.mkdir(exist_ok=True)
-            stats = merge_weights(
-                model_cfg, adapter_dir, target, dtype, export_cfg["max_shard_size"]
-            )
-            save_processor(model_cfg, adapter_dir, target)
-            summary.update(stats)
-            summary["base"] = stats.pop("base")
-            if check_rows is not None and export_cfg["check_samples"] > 0:
-                family = model_family(str(target))
-                from transformers import AutoProcessor
-
-                processor = AutoProcessor.from_pretrained(target)
-                batch = sample_batch(
-                    check_rows, processor, family, model_cfg, export_cfg["check_samples"]
-                )
-                cdtype = check_dtype_for(export_cfg, stats["parameters"])
-                ref = reference_logits(model_cfg, adapter_dir, batch, cdtype)
-                got = exported_logits(target, batch, cdtype, model_cfg["trust_remote_code"])
-                rtol = export_cfg["check_rtol"]
-                if rtol is None:
-                    rtol = DEFAULT_RTOL[cdtype == torch.float32]
-                check.update(compare_logits(ref, got, export_cfg["check_atol"], rtol))
-                check.update(
-                    compared="merged 16-bit weights vs adapter on the fresh base (PEFT)",
-                    check_dtype=str(cdtype).removeprefix("torch."),
-                    export_dtype=export_cfg["dtype"],
-                    samples=int(batch["input_ids"].shape[0]),
-                    atol=export_cfg["check_atol"],
-                    rtol=rtol,
-                )
-                log.info(
-                    "merge check: max |logit diff| %.3g (tolerance %.3g, %s), top-1 agreement %.3f",
-                    check["max_abs_diff"],
-                    check["tolerance"],
-                    check["check_dtype"],
-                    check["top1_agreement"],
-                )
-                if not check["passed"]:
-                    if check_path is not None:
-                        write_json(check_path, check)
-                    raise MergeCheckError(
-                        f"merge check failed: max |logit diff| {check['max_abs_diff']:.4g} > "
-                        f"tolerance {check['tolerance']:.4g} (atol {check['atol']} + "
-                        f"rtol {check['rtol']} x max |logit| "
-                        f"{check['max_abs_reference_logit']:.4g}); the merged weights do not "
-                        "reproduce the adapter. Details in merge_check.json."
-                    )
-            else:
-                check["skipped"] = (
-                    "export.check_samples is 0"
-                    if check_rows is not None
-                    else "no sample rows were given (--train)"
-                )
-            if method == "merged_4bit":
-                quantize_4bit(target, tmp, model_cfg, dtype)
-                save_processor(model_cfg, adapter_dir, tmp)
-                if "max_abs_diff" in check:
-                    q = exported_logits(tmp, batch, None, model_cfg["trust_remote_code"])
-                    check["quantized"] = {
-                        k: v
-                        for k, v in compare_logits(ref, q, 0.0, 0.0).items()
-                        if k not in ("tolerance", "passed")
-                    }
-                    check["quantized"]["note"] = (
-                        "4-bit export vs adapter on the 16-bit base: the quantization error, "
-                        "reported, not gated"
-                    )
-                shutil.rmtree(target)
-        summary["check"] = {k: v for k, v in check.items() if k != "save_method"}
-        summary["adapter"] = str(adapter_dir)
-        summary["family"] = model_family(str(tmp)).name if method != "lora" else None
-        write_json(tmp / "vlmflow_export.json", summary)
-        if method != "lora":
-            (tmp / "README.md").write_text(
-                model_card(
-                    summary,
-                    adapter_dir=adapter_dir,
-                    data_summary=data_summary,
-                    metrics=metrics,
-                )
-            )
-    if check_path is not None:
-        write_json(check_path, check)
-    return summary
-
-
-# ------------------------------------------------------------------------------------ model card
-def _json_block(obj) -> list[str]:
-    return ["```json", json.dumps(obj, indent=2, sort_keys=True, default=str), "```"]
-
-
-def model_card(
-    summary: dict,
-    *,
-    adapter_dir: Path,
-    data_summary: dict | None = None,
-    metrics: dict | None = None,
-) -> str:
-    """The merged model's README.md: what it is, how to load it, how it was made."""
-    cfg_path = adapter_dir / "vlmflow_train_config.json"
-    train_cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-    train_summary_path = adapter_dir / "train_summary.json"
-    train_summary = (
-        json.loads(train_summary_path.read_text()) if train_summary_path.exists() else {}
-    )
-    base = summary["base"]
-    base_id = base["name"]
-    method = summary["save_method"]
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: image-text-to-text",
-        f"base_model: {base_id}",
-        "tags: [vlmflow, lora, merged]",
-        "---",
-        "",
-        f"# Fine-tuned {base_id}",
-        "",
-        f"A LoRA adapter trained with vlmflow and merged into the base weights "
-        f"(`save_method: {method}`, {summary['dtype']}).",
-    ]
-    if method == "merged_4bit":
-        lines += [
-            "The weights of the language model are stored in 4-bit NF4 (bitsandbytes, double "
-            "quantization); the vision tower, projector and lm_head stay 16-bit. This is about "
-            "3.5x smaller than 16-bit, at the cost of a quantization error on every language "
-            "weight (see the check below); it needs `bitsandbytes` to load.",
-        ]
-    lines += [
-        "",
-        "```python",
-        "from transformers import AutoModelForImageTextToText, AutoProcessor",
-        'model = AutoModelForImageTextToText.from_pretrained("<this folder>")',
-        'processor = AutoProcessor.from_pretrained("<this folder>")',
-        "```",
-        "",
-        "## Base model",
-        "",
-        f"- id: `{base_id}`",
-        f"- revision: `{base.get('revision') or 'default branch'}`"
-        + (f", commit `{base['commit']}`" if base.get("commit") else ""),
-        "",
-        "## Data",
-        "",
-    ]
-    if data_summary:
-        lines += _json_block(data_summary)
-    else:
-        lines += ["(no data summary was given to the export)"]
-    lines += ["", "## LoRA and training settings", ""]
-    lines += _json_block(
-        {k: train_cfg.get(k) for k in ("model", "lora", "train") if k in train_cfg}
-    )
-    lines += ["", "## Metrics", ""]
-    if train_summary:
-        lines += [
-            f"- training: {train_summary.get('steps')} steps on {train_summary.get('train_samples')} "
-            f"samples, final loss {train_summary.get('final_loss'):.4f}"
-            if isinstance(train_summary.get("final_loss"), float)
-            else f"- training: {train_summary}"
-        ]
-    check = summary.get("check") or {}
-    if "max_abs_diff" in check:
-        lines += [
-            f"- merge check ({check['samples']} samples, {check['tokens']} tokens, "
-            f"{check['check_dtype']}): max |logit diff| vs the adapter on the base "
-            f"{check['max_abs_diff']:.4g} (tolerance {check['tolerance']:.4g}), top-1 agreement "
-            f"{check['top1_agreement']:.4f}"
-        ]
-        if "quantized" in check:
-            q = check["quantized"]
-            lines += [
-                f"- 4-bit quantization error: max |logit diff| {q['max_abs_diff']:.4g}, top-1 "
-                f"agreement {q['top1_agreement']:.4f}"
-            ]
-    if metrics:
-        lines += ["", "| metric | base | tuned | delta |", "|---|---|---|---|"]
-        for name in metrics.get("metrics", sorted(metrics.get("tuned", {}))):
-            b, t, d = (metrics[k].get(name) for k in ("base", "tuned", "delta"))
-            lines.append(f"| {name} | {b:.4f} | {t:.4f} | {d:+.4f} |")
-        lines.append(f"\nTest split: {metrics.get('n')} samples.")
-    else:
-        lines += [
-            "- evaluation: base vs tuned on the held-out test split is written by the evaluate "
-            "step (`eval/metrics.json` of the run)"
-        ]
-    return "\n".join(lines) + "\n"

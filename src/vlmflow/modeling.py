@@ -23,6 +23,7 @@ from .fast import (
     slow_linear_attention,
     use_torch_gated_delta_rule,
 )
+from .quantization import nf4_config
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +127,7 @@ def load_model(model_cfg: dict, device: torch.device | None = None, *, quantize:
     if four or eight:
         skip = family.unquantized_modules(quantize_vision=model_cfg["quantize_vision"])
         if four:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype,
-                bnb_4bit_quant_storage=torch.uint8,
-                llm_int8_skip_modules=skip,
-            )
+            kwargs["quantization_config"] = nf4_config(dtype, skip, quant_storage=torch.uint8)
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_8bit=True, llm_int8_skip_modules=skip

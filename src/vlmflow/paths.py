@@ -1,11 +1,58 @@
-"""Helpers the Snakefile calls while it builds the job graph (kept light: no torch import)."""
+"""Confined paths (a path under a root cannot leave it) and the helpers the Snakefile calls
+while it builds the job graph (kept light: no torch, PIL or pyarrow import)."""
 
 from __future__ import annotations
 
+import functools
 import os
+from pathlib import Path
 
-from .formats import Source, iter_image_refs
-from .images import PathEscapeError, resolve_str
+from .errors import DataError
+from .layouts import Source, iter_image_refs
+
+
+class PathEscapeError(ValueError):
+    pass
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _real_dir(path: str) -> str:
+    return os.path.realpath(path)
+
+
+def resolve_in_root(root: str | os.PathLike, rel: str) -> Path:
+    """Join `rel` to `root` and refuse anything that resolves outside `root`.
+
+    Refused: `..` components, absolute paths outside the root, and symlinks (of the file or of
+    any folder on the way) whose target leaves the root. An absolute path inside the root is
+    accepted (datasets written by other tools often store those). Folders are resolved once
+    (cached), files with one lstat: millions of paths cost seconds.
+    """
+    return Path(resolve_str(os.fspath(root), rel))
+
+
+def resolve_str(root: str, rel: str) -> str:
+    """`resolve_in_root` returning a string (no Path objects: this runs once per image)."""
+    if not rel:
+        raise PathEscapeError("empty path")
+    if "\0" in rel:
+        raise PathEscapeError("path contains a NUL byte")
+    if ".." in rel.split(os.sep):
+        raise PathEscapeError(f"'{rel}' contains '..'")
+    joined = rel if os.path.isabs(rel) else os.path.join(root, rel)
+    root_real = _real_dir(root)
+    head, tail = os.path.split(joined)
+    real = os.path.join(_real_dir(head), tail) if tail else _real_dir(head)
+    if tail and os.path.islink(real):
+        real = os.path.realpath(real)
+    if real != root_real and not real.startswith(root_real.rstrip(os.sep) + os.sep):
+        if os.path.isabs(rel):
+            raise PathEscapeError(
+                f"absolute path '{rel}' is outside the image root '{root_real}'; give paths "
+                "relative to the image root"
+            )
+        raise PathEscapeError(f"'{rel}' resolves to '{real}', outside the image root '{root_real}'")
+    return joined
 
 
 def referenced_images(sources: list[dict]) -> list[str]:
@@ -21,8 +68,6 @@ def referenced_images(sources: list[dict]) -> list[str]:
     builds its job graph (about 3 s per 100,000 image files on a 2-core VM; Snakemake's own
     handling of that many inputs costs more); `track_image_files: false` turns this off.
     """
-    from .formats import DataError
-
     refs = set()
     for s in sources:
         try:

@@ -26,6 +26,8 @@ import re
 import shutil
 from pathlib import Path
 
+from .artifacts import MergeCheck, Metrics, TrainSummary
+from .errors import VlmflowError
 from .export_files import base_reference, clean_export, fix_adapter_config
 from .io import atomic_dir
 
@@ -43,7 +45,7 @@ METRIC_NAMES = {
 _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 
 
-class CardError(ValueError):
+class CardError(VlmflowError, ValueError):
     """A model card that the Hub would not accept."""
 
 
@@ -84,14 +86,14 @@ def license_of(base_meta: dict) -> dict:
 
 
 # -------------------------------------------------------------------------------------- the card
-def eval_results(metrics: dict | None, dataset: str):
+def eval_results(metrics: Metrics | None, dataset: str):
     from huggingface_hub import EvalResult
 
     if not metrics:
         return []
     out = []
-    for name in metrics.get("metrics", sorted(metrics.get("tuned", {}))):
-        value = metrics["tuned"].get(name)
+    for name in metrics.names:
+        value = metrics.tuned.get(name)
         if value is None:
             continue
         out.append(
@@ -120,15 +122,15 @@ def card_text(
     base_meta: dict,
     dataset: str,
     run: str,
-    metrics: dict | None,
-    merge_check: dict | None,
+    metrics: Metrics | None,
+    merge_check: MergeCheck | None,
     train_cfg: dict,
-    train_summary: dict,
+    train_summary: TrainSummary | None,
     data_summary: dict | None,
     export: dict | None,
 ) -> str:
     """The README.md of the published `kind` ("adapter" or "merged") folder."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCardData
 
     hub_id = hub_id_of(model_cfg)
     base_name = hub_id or base_reference(model_cfg["name"])
@@ -192,35 +194,29 @@ def card_text(
     ]
     if metrics:
         lines += [
-            f"Test split of `{dataset}`: {metrics.get('n')} samples, greedy decoding.",
+            f"Test split of `{dataset}`: {metrics.n} samples, greedy decoding.",
             "",
             "| metric | base | tuned | delta |",
             "|---|---:|---:|---:|",
         ]
-        for name in metrics.get("metrics", sorted(metrics.get("tuned", {}))):
-            b, t, d = (metrics[k].get(name) for k in ("base", "tuned", "delta"))
-            lines.append(f"| {name} | {b:.4f} | {t:.4f} | {d:+.4f} |")
+        lines += metric_rows(metrics)
     else:
         lines += ["(no evaluation was given to the publish step)"]
-    if merge_check and "max_abs_diff" in merge_check:
+    if merge_check and merge_check.ran:
         c = merge_check
         lines += [
             "",
-            f"Merge check ({c['samples']} samples, {c['tokens']} tokens, {c['check_dtype']}): "
-            f"max |logit diff| vs the adapter on the base {c['max_abs_diff']:.4g} "
-            f"(tolerance {c['tolerance']:.4g}), top-1 agreement {c['top1_agreement']:.4f}.",
+            f"Merge check ({c.samples} samples, {c.tokens} tokens, {c.check_dtype}): "
+            f"max |logit diff| vs the adapter on the base {c.max_abs_diff:.4g} "
+            f"(tolerance {c.tolerance:.4g}), top-1 agreement {c.top1_agreement:.4f}.",
         ]
     lines += ["", "## Training", ""]
     if train_summary:
+        ts = train_summary
         lines += [
-            f"{train_summary.get('steps')} optimizer steps on {train_summary.get('train_samples')} "
-            f"samples; {train_summary.get('trainable_parameters')} trainable of "
-            f"{train_summary.get('total_parameters')} parameters"
-            + (
-                f"; final loss {train_summary['final_loss']:.4f}."
-                if isinstance(train_summary.get("final_loss"), float)
-                else "."
-            ),
+            f"{ts.steps} optimizer steps on {ts.train_samples} samples; "
+            f"{ts.trainable_parameters} trainable of {ts.total_parameters} parameters"
+            + (f"; final loss {ts.final_loss:.4f}." if isinstance(ts.final_loss, float) else "."),
             "",
         ]
     lines += [
@@ -235,6 +231,23 @@ def card_text(
         "Nothing was uploaded. To push this folder: "
         "`hf upload <your-namespace>/<repo-name> <this folder>`.",
     ]
+    return render_card(data, lines)
+
+
+def metric_rows(metrics: Metrics) -> list[str]:
+    """`| name | base | tuned | delta |` for each metric."""
+    out = []
+    for name in metrics.names:
+        b, t, d = metrics.base[name], metrics.tuned[name], metrics.delta[name]
+        out.append(f"| {name} | {b:.4f} | {t:.4f} | {d:+.4f} |")
+    return out
+
+
+def render_card(data, lines: list[str]) -> str:
+    """A README.md: `data` (a `huggingface_hub.ModelCardData`) as its YAML metadata, then the
+    body `lines`."""
+    from huggingface_hub import ModelCard
+
     return ModelCard.from_template(
         data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n", body="\n".join(lines)
     ).content
@@ -314,14 +327,15 @@ def publish(
     adapter_dir = Path(adapter_dir)
     base_folder, _ = locate_base(model_cfg)
     base_meta = base_card_data(base_folder)
+    summary_path = adapter_dir / "train_summary.json"
     common = dict(
         model_cfg=model_cfg,
         base_meta=base_meta,
         dataset=dataset,
         run=run,
-        metrics=metrics,
+        metrics=Metrics.from_json(metrics) if metrics else None,
         train_cfg=_read(adapter_dir / "vlmflow_train_config.json"),
-        train_summary=_read(adapter_dir / "train_summary.json"),
+        train_summary=TrainSummary.read(summary_path) if summary_path.is_file() else None,
         data_summary=data_summary,
     )
     sources = {"adapter": adapter_dir}
@@ -343,7 +357,9 @@ def publish(
                 fix_adapter_config(dst, model_cfg["name"])
             text = card_text(
                 kind,
-                merge_check=merge_check if kind == "merged" else None,
+                merge_check=MergeCheck.from_json(merge_check)
+                if merge_check and kind == "merged"
+                else None,
                 export=export_cfg if kind == "merged" else None,
                 **common,
             )

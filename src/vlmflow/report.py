@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .artifacts import MergeCheck, Metrics
 from .io import atomic_file
 
 CSS = """
@@ -196,37 +197,36 @@ def metrics_page(
     merge_check_path: str | os.PathLike | None = None,
 ) -> dict:
     """The base vs tuned table (with the better side marked), generation speed and settings."""
-    m = json.loads(Path(metrics_path).read_text())
-    names = m.get("metrics") or sorted(m["tuned"])
+    m = Metrics.read(metrics_path)
+    names = m.names
     rows = []
     for name in names:
-        hib = m.get("higher_is_better", {}).get(name, True)
-        d = m["delta"][name]
+        hib = m.higher(name)
+        d = m.delta[name]
         better = (d > 0) == hib and d != 0
         cls = "better" if better else ("worse" if d != 0 else "")
         rows.append(
             [
                 name + ("" if hib else " (lower is better)"),
-                m["base"][name],
-                m["tuned"][name],
+                m.base[name],
+                m.tuned[name],
                 _Raw(f"<span class='{cls}'>{d:+.4g}</span>"),
             ]
         )
-    gen = m.get("generation", {})
     body = [
-        f"<p>Held-out test split: <b>{m['n']}</b> samples.</p>",
+        f"<p>Held-out test split: <b>{m.n}</b> samples.</p>",
         _table(["metric", "base", "tuned", "delta"], rows),
         "<h3>Generation</h3>",
         _table(
             ["model", "generated tokens", "seconds", "tokens / s"],
             [
                 [k, v.get("generated_tokens"), v.get("seconds"), v.get("tokens_per_s")]
-                for k, v in gen.items()
+                for k, v in m.generation.items()
             ],
         ),
     ]
     if merge_check_path and Path(merge_check_path).exists():
-        check = json.loads(Path(merge_check_path).read_text())
+        check = MergeCheck.read(merge_check_path).to_json()
         body += [
             "<h3>Merge check</h3>",
             _table(
@@ -235,7 +235,7 @@ def metrics_page(
         ]
     body += [
         "<h3>Settings</h3>",
-        _table(["key", "value"], [[k, json.dumps(v)] for k, v in sorted(m["settings"].items())]),
+        _table(["key", "value"], [[k, json.dumps(v)] for k, v in sorted(m.settings.items())]),
     ]
     _write_text(out_html, _page("Base vs tuned", "\n".join(body)))
 
@@ -246,16 +246,15 @@ def metrics_page(
     for ax in axes.flat[len(names) :]:
         ax.set_visible(False)
     for ax, name in zip(axes.flat, names):
-        vals = [m["base"][name], m["tuned"][name]]
+        vals = [m.base[name], m.tuned[name]]
         bars = ax.bar(["base", "tuned"], vals, color=["tab:gray", "tab:blue"])
         ax.bar_label(bars, fmt="%.3g")
-        hib = m.get("higher_is_better", {}).get(name, True)
-        ax.set_title(name + ("" if hib else " (lower is better)"), fontsize=10)
+        ax.set_title(name + ("" if m.higher(name) else " (lower is better)"), fontsize=10)
         top = SCALE_TOP.get(name) or max(max(vals) * 1.2, 1.0)
         ax.set_ylim(0, top)
     fig.tight_layout()
     _save_fig(fig, out_png)
-    return m
+    return m.to_json()
 
 
 SCALE_TOP = {"exact_match": 1.05, "accuracy": 1.05, "anls": 1.05, "rouge_l": 1.05, "bleu": 105}
@@ -293,9 +292,9 @@ def gallery_page(
     """Test images with question, reference, base answer and tuned answer; each answer is
     coloured by the first configured metric (green = full score)."""
     preds = pd.read_parquet(predictions_path)
-    m = json.loads(Path(metrics_path).read_text())
-    metric = (m.get("metrics") or ["exact_match"])[0]
-    hib = m.get("higher_is_better", {}).get(metric, True)
+    m = Metrics.read(metrics_path)
+    metric = (m.metrics or ["exact_match"])[0]
+    hib = m.higher(metric)
     shown = preds.head(max_items)
     cards = []
     for r in shown.to_dict("records"):

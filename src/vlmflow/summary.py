@@ -11,6 +11,8 @@ import html
 import json
 from pathlib import Path
 
+from .artifacts import Metrics
+
 REPORT_COMMAND = "snakemake --report report.html"
 
 
@@ -71,12 +73,12 @@ def _num(v) -> str:
 
 def metric_lines(metrics: dict) -> list[str]:
     """`name base -> tuned` for each metric (lower-is-better ones say so)."""
+    m = Metrics.from_json(metrics)
     out = []
-    for name in metrics.get("metrics") or sorted(metrics.get("tuned", {})):
-        hib = metrics.get("higher_is_better", {}).get(name, True)
+    for name in m.names:
         out.append(
-            f"{name} {_num(metrics['base'][name])} -> {_num(metrics['tuned'][name])}"
-            + ("" if hib else " (lower is better)")
+            f"{name} {_num(m.base[name])} -> {_num(m.tuned[name])}"
+            + ("" if m.higher(name) else " (lower is better)")
         )
     return out
 
@@ -126,18 +128,17 @@ def summary_html(s: dict, figure: str | Path | None = None) -> str:
     esc = html.escape
     cell = "style='border:1px solid #ccc;padding:3px 10px'"
     parts = ["<div class='vlmflow-summary'>"]
-    m = s["metrics"]
-    if m:
+    if s["metrics"]:
+        m = Metrics.from_json(s["metrics"])
         rows = [f"<tr><th {cell}>metric</th><th {cell}>base</th><th {cell}>tuned</th></tr>"]
-        for name in m.get("metrics") or sorted(m["tuned"]):
-            hib = m.get("higher_is_better", {}).get(name, True)
-            label = name + ("" if hib else " (lower is better)")
+        for name in m.names:
+            label = name + ("" if m.higher(name) else " (lower is better)")
             rows.append(
-                f"<tr><td {cell}>{esc(label)}</td><td {cell}>{esc(_num(m['base'][name]))}</td>"
-                f"<td {cell}><b>{esc(_num(m['tuned'][name]))}</b></td></tr>"
+                f"<tr><td {cell}>{esc(label)}</td><td {cell}>{esc(_num(m.base[name]))}</td>"
+                f"<td {cell}><b>{esc(_num(m.tuned[name]))}</b></td></tr>"
             )
         parts.append(
-            f"<p><b>Base vs tuned</b> on {m['n']} held-out test samples:</p>"
+            f"<p><b>Base vs tuned</b> on {m.n} held-out test samples:</p>"
             f"<table style='border-collapse:collapse' class='vlmflow-metrics'>{''.join(rows)}"
             "</table>"
         )

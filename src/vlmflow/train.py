@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import TrainSummary
 from .collate import (
     Encoder,
     collate,
@@ -42,6 +43,7 @@ from .collate import (
     rope_index_fn,
 )
 from .distributed import DistContext
+from .errors import VlmflowError
 from .fast import label_only_loss, label_positions
 from .io import atomic_dir, atomic_file, write_json
 from .modeling import build_training_model, count_parameters, pick_device, resolve_dtype
@@ -50,7 +52,7 @@ from .preempt import Preempted
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(VlmflowError, RuntimeError):
     pass
 
 
@@ -282,11 +284,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed (damaged, non-finite); the message says why."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(VlmflowError, RuntimeError):
     """Writing a checkpoint failed (no space left, quota); the older checkpoints are kept."""
 
 
-class WorkDirBusy(RuntimeError):
+class WorkDirBusy(VlmflowError, RuntimeError):
     """Another trainer holds the work folder's lock."""
 
 
@@ -956,20 +958,17 @@ def _train(cfg, train_rows, out_dir, work_dir, data_files, preempt, dist_ctx) ->
         processor.save_pretrained(tmp)
         write_json(tmp / "vlmflow_train_config.json", cfg)
         shutil.copy(log_path, tmp / "train_log.jsonl")
-        write_json(
-            tmp / "train_summary.json",
-            {
-                "steps": steps,
-                "final_loss": loss_value,
-                "resumed_from_step": start,
-                "trainable_parameters": trainable,
-                "total_parameters": total,
-                "family": family.name,
-                "device": str(device),
-                "world_size": ctx.world_size,
-                "train_samples": len(data),
-            },
-        )
+        TrainSummary(
+            steps=steps,
+            final_loss=loss_value,
+            resumed_from_step=start,
+            trainable_parameters=trainable,
+            total_parameters=total,
+            family=family.name,
+            device=str(device),
+            world_size=ctx.world_size,
+            train_samples=len(data),
+        ).write(tmp / "train_summary.json")
         plot_training_log(tmp / "train_log.jsonl", tmp / "loss.png")
     ctx.barrier()
     return TrainResult(

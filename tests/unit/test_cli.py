@@ -30,13 +30,31 @@ def test_unexpected_error_keeps_its_traceback():
         cli.run(main)
 
 
-def test_lazy_expected_errors_are_recognised_once_their_module_is_loaded():
+def test_every_vlmflow_error_is_one_message_and_exit_1(capsys):
     from vlmflow.collate import SampleTooLongError
     from vlmflow.data import DataError
+    from vlmflow.merge_check import MergeCheckError
 
-    assert cli._expected(DataError("row 3: empty response"))
-    assert cli._expected(SampleTooLongError("too long"))
-    assert not cli._expected(KeyError("x"))
+    errors = [
+        DataError("row 3: empty response"),
+        SampleTooLongError("too long"),
+        MergeCheckError("merged logits differ by 0.3 > 0.01"),
+    ]
+    for error in errors:
+
+        def main(error=error):
+            raise error
+
+        with pytest.raises(SystemExit) as stop:
+            cli.run(main)
+        assert stop.value.code == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {error}"
+
+    def bug():
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        cli.run(bug)
 
 
 def test_data_cli_does_not_import_torch():

@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import train_config
 
 from vlmflow.cluster import launch_prefix, main, slurm_torchrun_args
 from vlmflow.config import resolve_sections
@@ -75,24 +76,8 @@ def test_launcher_module_dry_run(monkeypatch, capsys):
 
 
 def _cfg(model, **train_over):
-    t = {
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 2,
-        "max_steps": 4,
-        "learning_rate": 2e-3,
-        "warmup_steps": 1,
-        "optim": "adamw_torch",
-        "use_gradient_checkpointing": False,
-        "seed": 5,
-        "gpus": 2,
-        "threads": 2,
-    }
-    t.update(train_over)
-    return {
-        "model": {"name": model, "max_seq_length": 256},
-        "lora": {"r": 8, "lora_alpha": 16, "modules_to_save": ["lm_head", "projector"]},
-        "train": t,
-    }
+    batch = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 4}
+    return train_config(model, **{**batch, "seed": 5, "gpus": 2, "threads": 2, **train_over})
 
 
 @pytest.mark.parametrize("quant", ["lora", "qlora"])

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from vlmflow.config import resolve_sections
+from vlmflow.export import export_model
 from vlmflow.export_files import (
     PROCESSOR_CONFIGS,
     RUNTIME_KEYS,
@@ -20,7 +21,6 @@ from vlmflow.export_files import (
     legacy_config_keys,
     serving_template,
 )
-from vlmflow.merge import export_model
 
 MESSAGES = [
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which digit?"}]},

@@ -8,11 +8,13 @@ import threading
 import time
 
 import pytest
+from helpers import download_policy, image_policy
 from PIL import Image
 
 from vlmflow import fetch as fetch_module
-from vlmflow.fetch import DownloadPolicy, UrlIndex, check_url, fetch, fetch_all
-from vlmflow.images import BlobStore, ImagePolicy, ImageRef, validate_refs
+from vlmflow.fetch import UrlIndex, check_url, fetch, fetch_all
+from vlmflow.image_refs import BlobStore, ImageRef
+from vlmflow.image_validation import validate_refs
 
 
 def png_bytes(size=(10, 8), colour=(0, 128, 255)):
@@ -108,7 +110,7 @@ def server():
     httpd.shutdown()
 
 
-FAST = DownloadPolicy(
+FAST = download_policy(
     timeout=0.3, max_bytes=1000, retries=1, backoff=0.0, allow_private_addresses=True
 )
 
@@ -172,9 +174,9 @@ def test_each_url_is_downloaded_once(server, tmp_path):
 
 def test_url_images_are_validated_like_files(server, tmp_path):
     refs = [ImageRef("url", "", server + p) for p in ("/ok.png", "/broken.jpg", "/html")]
-    policy = DownloadPolicy(timeout=2, max_bytes=100_000, retries=0, allow_private_addresses=True)
+    policy = download_policy(timeout=2, max_bytes=100_000, retries=0, allow_private_addresses=True)
     recs = validate_refs(
-        refs, ImagePolicy(), cache_dir=tmp_path, download=policy, threads=2, progress=False
+        refs, image_policy(), cache_dir=tmp_path, download=policy, threads=2, progress=False
     )
     assert [r["ok"] for r in recs] == [True, False, False]
     assert (recs[0]["width"], recs[0]["height"]) == (10, 8) and recs[0]["kind"] == "url"
@@ -221,7 +223,7 @@ def test_the_index_is_saved_when_the_downloads_are_interrupted(server, tmp_path,
 def test_a_dripping_server_is_cut_off_at_the_deadline(server, tmp_path):
     """Each byte comes well within the 1 s timeout; the 1.5 s deadline per URL (all attempts
     included) stops the download anyway."""
-    policy = DownloadPolicy(
+    policy = download_policy(
         timeout=1.0, max_bytes=1000, retries=3, backoff=0.1, deadline=1.5,
         allow_private_addresses=True,
     )  # fmt: skip
@@ -257,7 +259,7 @@ def test_public_addresses_pass_the_address_check():
 
 def test_private_hosts_are_not_contacted_unless_allowed(server, tmp_path):
     HITS.pop("/ok.png", None)
-    strict = DownloadPolicy(timeout=1, max_bytes=1000, retries=0)
+    strict = download_policy(timeout=1, max_bytes=1000, retries=0)
     got = fetch(server + "/ok.png", BlobStore(tmp_path), strict)
     assert got.error.startswith("private_address: host '127.0.0.1' resolves to 127.0.0.1")
     assert "/ok.png" not in HITS  # refused before any request
@@ -271,7 +273,7 @@ def test_redirects_to_private_addresses_are_refused(server, tmp_path, monkeypatc
     monkeypatch.setattr(
         fetch_module, "_address_reason", lambda h: "" if h == "127.0.0.1" else real(h)
     )
-    strict = DownloadPolicy(timeout=1, max_bytes=1000, retries=2)
+    strict = download_policy(timeout=1, max_bytes=1000, retries=2)
     HITS.pop("/to-metadata", None)
     got = fetch(server + "/to-metadata", BlobStore(tmp_path), strict)
     assert got.error.startswith("bad_redirect: http://169.254.169.254/latest/meta-data/: private")

@@ -18,9 +18,10 @@ from vlmflow.data import (
     read_images_table,
     validate_dataset,
 )
-from vlmflow.formats import Source, iter_samples
-from vlmflow.images import IMAGE_COLUMNS, IMAGES_SCHEMA, load_rgb
+from vlmflow.image_validation import IMAGE_COLUMNS, IMAGES_SCHEMA
+from vlmflow.images import load_rgb
 from vlmflow.io import write_parquet
+from vlmflow.layouts import Source, iter_samples
 
 
 def png(colour, size=(12, 10)):
@@ -551,7 +552,7 @@ def test_splits_do_not_move_when_rows_are_appended(folder):
 def test_save_to_disk_folder_files_stay_inside_it(tmp_path, index, entry):
     """A save_to_disk folder whose index lists a file or split outside the folder is refused
     (naming the index and the entry), before anything outside is opened."""
-    from vlmflow.formats import Reader
+    from vlmflow.readers import Reader
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()

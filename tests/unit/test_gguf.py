@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from vlmflow.config import resolve_sections
+from vlmflow.export import export_model
 from vlmflow.gguf import GGUFError, export_gguf, read_gguf
-from vlmflow.merge import export_model
 
 
 @pytest.fixture(scope="module")

@@ -5,20 +5,14 @@ import zlib
 
 import numpy as np
 import pytest
+from helpers import image_policy
 from PIL import Image, ImageFile
 
-from vlmflow import images
-from vlmflow.images import (
-    BlobStore,
-    ImagePolicy,
-    ImageRef,
-    PathEscapeError,
-    check_image,
-    load_rgb,
-    resolve_in_root,
-    validate_images,
-    validate_refs,
-)
+from vlmflow import image_validation, images
+from vlmflow.image_refs import BlobStore, ImageRef
+from vlmflow.image_validation import check_image, validate_images, validate_refs
+from vlmflow.images import ImagePolicy, load_rgb
+from vlmflow.paths import PathEscapeError, resolve_in_root
 
 
 def png_header_only(width, height):
@@ -100,7 +94,7 @@ def root(tmp_path):
     ],
 )
 def test_check_image_reasons(root, rel, reason):
-    rec = check_image(str(root), rel, ImagePolicy())
+    rec = check_image(str(root), rel, image_policy())
     assert rec.ok == (reason == ""), rec.reason
     assert rec.reason.split(":")[0] == reason
     if rec.ok:
@@ -109,11 +103,11 @@ def test_check_image_reasons(root, rel, reason):
 
 
 def test_bad_inputs_say_what_is_wrong(root):
-    html = check_image(str(root), "page.jpg", ImagePolicy())
+    html = check_image(str(root), "page.jpg", image_policy())
     assert "HTML" in html.reason
-    bomb = check_image(str(root), "bomb.png", ImagePolicy())
+    bomb = check_image(str(root), "bomb.png", image_policy())
     assert "50000x50000" in bomb.reason or "exceeds limit" in bomb.reason
-    bmp = check_image(str(root), "pic.bmp", ImagePolicy())
+    bmp = check_image(str(root), "pic.bmp", image_policy())
     assert "BMP" in bmp.reason and "PNG, JPEG, WEBP" in bmp.reason
 
 
@@ -122,7 +116,7 @@ def test_pixel_limit_is_checked_before_decoding(root, monkeypatch):
     Image.new("RGB", (100, 100)).save(root / "big.png")
     calls = []
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: calls.append(1))
-    rec = check_image(str(root), "big.png", ImagePolicy(max_pixels=9_999))
+    rec = check_image(str(root), "big.png", image_policy(max_pixels=9_999))
     assert rec.reason.startswith("too_many_pixels: 100x100 > max_pixels 9999")
     assert calls == []
 
@@ -131,24 +125,24 @@ def test_absolute_paths(root, tmp_path):
     with pytest.raises(PathEscapeError, match="absolute path .* outside the image root"):
         resolve_in_root(root, str(tmp_path / "secret.png"))
     assert resolve_in_root(root, str(root / "ok.png")) == root / "ok.png"  # inside: accepted
-    rec = check_image(str(root), str(tmp_path / "secret.png"), ImagePolicy())
+    rec = check_image(str(root), str(tmp_path / "secret.png"), image_policy())
     assert rec.reason.startswith("path_escape")
 
 
 def test_min_side(root):
-    rec = check_image(str(root), "ok.png", ImagePolicy(min_side=32))
+    rec = check_image(str(root), "ok.png", image_policy(min_side=32))
     assert not rec.ok and rec.reason.startswith("too_small")
 
 
 def test_cmyk_is_converted(root):
-    rec = check_image(str(root), "cmyk.jpg", ImagePolicy())
+    rec = check_image(str(root), "cmyk.jpg", image_policy())
     assert rec.ok and rec.status == "converted" and "CMYK" in rec.notes
     px = load_rgb(root / "cmyk.jpg").getpixel((8, 4))
     assert px[0] > 220 and px[1] < 40 and px[2] < 40  # red stays red
 
 
 def test_16_bit_png_is_scaled_not_clipped(root):
-    rec = check_image(str(root), "gray16.png", ImagePolicy())
+    rec = check_image(str(root), "gray16.png", image_policy())
     assert rec.ok and rec.mode.startswith("I") and "8-bit" in rec.notes
     # Pillow's own convert("RGB") clips 32896 to 255 (white); we scale: 32896/257 = 128.
     with Image.open(root / "gray16.png") as raw:
@@ -157,7 +151,7 @@ def test_16_bit_png_is_scaled_not_clipped(root):
 
 
 def test_palette_transparency_goes_on_white(root):
-    rec = check_image(str(root), "palette.png", ImagePolicy())
+    rec = check_image(str(root), "palette.png", image_policy())
     assert rec.ok and "alpha composited on white" in rec.notes
     im = load_rgb(root / "palette.png")
     assert im.getpixel((1, 1)) == (0, 255, 0) and im.getpixel((8, 1)) == (255, 255, 255)
@@ -167,7 +161,7 @@ def test_palette_transparency_goes_on_white(root):
 def test_exif_rotated_jpeg_comes_out_upright(root):
     with Image.open(root / "rotated.jpg") as stored:
         assert stored.size == (20, 40)  # stored rotated
-    rec = check_image(str(root), "rotated.jpg", ImagePolicy())
+    rec = check_image(str(root), "rotated.jpg", image_policy())
     assert rec.ok and (rec.width, rec.height) == (40, 20) and "exif_orientation 6" in rec.notes
     im = load_rgb(root / "rotated.jpg")
     assert im.size == (40, 20)
@@ -177,20 +171,22 @@ def test_exif_rotated_jpeg_comes_out_upright(root):
 
 
 def test_animated_gif_first_frame_or_reject(root):
-    gif_ok = ImagePolicy(allowed_formats=("PNG", "GIF"), animated="first_frame")
+    gif_ok = image_policy(allowed_formats=("PNG", "GIF"), animated="first_frame")
     rec = check_image(str(root), "anim.gif", gif_ok)
     assert rec.ok and rec.frames == 2 and "first frame" in rec.notes
     assert load_rgb(root / "anim.gif").getpixel((5, 5)) == (255, 0, 0)
     rec = check_image(
-        str(root), "anim.gif", ImagePolicy(allowed_formats=("GIF",), animated="reject")
+        str(root), "anim.gif", image_policy(allowed_formats=("GIF",), animated="reject")
     )
     assert not rec.ok and rec.reason.startswith("animated: 2 frames")
-    assert check_image(str(root), "anim.gif", ImagePolicy()).reason.startswith("format_not_allowed")
+    assert check_image(str(root), "anim.gif", image_policy()).reason.startswith(
+        "format_not_allowed"
+    )
 
 
 def test_validation_and_load_rgb_agree(root):
     """Every accepted image opens with load_rgb at exactly the recorded (upright) size."""
-    policy = ImagePolicy(allowed_formats=("PNG", "JPEG", "GIF"))
+    policy = image_policy(allowed_formats=("PNG", "JPEG", "GIF"))
     names = [n for n in os.listdir(root) if (root / n).is_file()]
     recs = validate_images([(str(root), n) for n in names], policy, progress=False)
     accepted = [r for r in recs if r["ok"]]
@@ -205,8 +201,8 @@ def test_validate_images_parallel_matches_serial(root):
     refs += [(str(root), f"copy{i}.png") for i in range(40)]
     for i in range(40):
         Image.new("RGB", (8 + i, 8), (i, i, i)).save(root / f"copy{i}.png")
-    serial = validate_images(refs, ImagePolicy(), threads=1, progress=False)
-    parallel = validate_images(refs, ImagePolicy(), threads=2, progress=False)
+    serial = validate_images(refs, image_policy(), threads=1, progress=False)
+    parallel = validate_images(refs, image_policy(), threads=2, progress=False)
     assert serial == parallel
     assert [r["path"] for r in serial[:4]] == ["ok.png", "text.jpg", "missing.png", "cmyk.jpg"]
     assert [r["ok"] for r in serial[:4]] == [True, False, False, True]
@@ -218,11 +214,13 @@ def test_incremental_cache_decodes_only_new_or_changed_files(tmp_path, monkeypat
         Image.new("RGB", (10, 10), (i, 0, 0)).save(tmp_path / f"{i}.png")
     decoded = []
     real = images.inspect_file
-    monkeypatch.setattr(images, "inspect_file", lambda p, pol: decoded.append(p) or real(p, pol))
+    monkeypatch.setattr(
+        image_validation, "inspect_file", lambda p, pol: decoded.append(p) or real(p, pol)
+    )
     cache = tmp_path / "cache" / "validation.parquet"
 
     def run(n, policy=None):
-        policy = policy or ImagePolicy()
+        policy = policy or image_policy()
         decoded.clear()
         refs = [ImageRef("path", str(tmp_path), f"{i}.png") for i in range(n)]
         return validate_refs(refs, policy, threads=2, cache_file=cache, progress=False)
@@ -236,7 +234,7 @@ def test_incremental_cache_decodes_only_new_or_changed_files(tmp_path, monkeypat
     again = run(32)
     assert sorted(os.path.basename(p) for p in decoded) == ["30.png", "31.png", "5.png"]
     assert again[5]["reason"].startswith("not_an_image") and again[31]["width"] == 12
-    run(32, ImagePolicy(min_side=11))  # another policy: nothing reused
+    run(32, image_policy(min_side=11))  # another policy: nothing reused
     assert len(decoded) == 32
 
 
@@ -250,7 +248,7 @@ def test_embedded_bytes_go_to_the_blob_store_once(tmp_path):
     assert path.suffix == ".png" and path.parent.name == sha[:2]
     recs = validate_refs(
         [ImageRef("bytes", "", sha), ImageRef("bytes", "", "0" * 64)],
-        ImagePolicy(),
+        image_policy(),
         cache_dir=tmp_path / "cache",
         progress=False,
     )
@@ -289,7 +287,7 @@ def test_fast_jpeg_catches_what_a_full_size_decode_catches(tmp_path, progressive
         variants[f"corrupt{pos}"] = bytes(bad)
     for name, blob in variants.items():
         (tmp_path / f"{name}.jpg").write_bytes(blob)
-    fast, full = ImagePolicy(fast_jpeg=True), ImagePolicy(fast_jpeg=False)
+    fast, full = image_policy(fast_jpeg=True), image_policy(fast_jpeg=False)
     for name in variants:
         a = images.inspect_file(tmp_path / f"{name}.jpg", fast)
         b = images.inspect_file(tmp_path / f"{name}.jpg", full)
@@ -332,15 +330,15 @@ def test_png_with_a_bad_chunk_crc_is_rejected(tmp_path):
             continue
     assert silent is not None  # Pillow alone accepts a damaged file with wrong pixels
     (tmp_path / "rot.png").write_bytes(silent)
-    rec = check_image(str(tmp_path), "rot.png", ImagePolicy())
+    rec = check_image(str(tmp_path), "rot.png", image_policy())
     assert not rec.ok
     assert rec.reason.startswith("corrupt: PNG chunk 'IDAT'") and "CRC" in rec.reason
     (tmp_path / "fine.png").write_bytes(data)
-    assert check_image(str(tmp_path), "fine.png", ImagePolicy()).ok
+    assert check_image(str(tmp_path), "fine.png", image_policy()).ok
 
 
 def test_missing_image_names_the_resolved_path(root):
-    rec = check_image(str(root), "sub/nope.png", ImagePolicy())
+    rec = check_image(str(root), "sub/nope.png", image_policy())
     assert rec.reason == f"missing: file not found: {root / 'sub' / 'nope.png'}"
-    (out,) = validate_refs([ImageRef("path", str(root), "gone.png")], ImagePolicy())
+    (out,) = validate_refs([ImageRef("path", str(root), "gone.png")], image_policy())
     assert out["reason"] == f"missing: file not found: {root / 'gone.png'}"

@@ -9,7 +9,9 @@ import torch
 from safetensors import safe_open
 
 from vlmflow.config import resolve_sections
-from vlmflow.merge import MergeCheckError, MergeError, export_model, merge_weights
+from vlmflow.export import export_model
+from vlmflow.merge import MergeError, merge_weights
+from vlmflow.merge_check import MergeCheckError
 
 
 def _cfg(model: str, **export) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import StopAfter, train_config
 
 from vlmflow.config import resolve_sections
 from vlmflow.data import to_table
@@ -19,25 +20,6 @@ from vlmflow.preempt import EXIT_PREEMPTED, Preempted, PreemptionHandler, oom_ad
 from vlmflow.train import read_log, train
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _cfg(model, **train_over):
-    t = {
-        "per_device_train_batch_size": 8,
-        "gradient_accumulation_steps": 1,
-        "max_steps": 5,
-        "learning_rate": 2e-3,
-        "warmup_steps": 1,
-        "optim": "adamw_torch",
-        "use_gradient_checkpointing": False,
-        "seed": 2,
-    }
-    t.update(train_over)
-    return {
-        "model": {"name": model, "max_seq_length": 256},
-        "lora": {"r": 8, "lora_alpha": 16, "modules_to_save": ["lm_head", "projector"]},
-        "train": t,
-    }
 
 
 def test_handler_turns_signals_into_a_flag_and_restores_the_old_handlers():
@@ -53,30 +35,17 @@ def test_handler_turns_signals_into_a_flag_and_restores_the_old_handlers():
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
-class StopAfter:
-    """Stands for a PreemptionHandler signalled during step `n` (checked once per step)."""
-
-    def __init__(self, n):
-        self.n, self.checks = n, 0
-        self.signame = "SIGUSR1"
-
-    @property
-    def requested(self):
-        self.checks += 1
-        return self.checks >= self.n
-
-
 def test_preempted_run_checkpoints_and_the_rerun_matches_an_uninterrupted_one(
     tiny_qwen, digits_rows, tmp_path
 ):
     """Tolerance: per-step losses within 1e-6 relative, adapter weights within 1e-6 (same
     process, same threads: in practice bit-identical)."""
     rows = [r for r in digits_rows if r["split"] == "train"][:48]
-    cfg = resolve_sections(_cfg(tiny_qwen), ["model", "lora", "train"])
+    cfg = resolve_sections(train_config(tiny_qwen), ["model", "lora", "train"])
     train(cfg, rows, tmp_path / "ref", tmp_path / "ref_work")
 
     with pytest.raises(Preempted) as e:
-        train(cfg, rows, tmp_path / "out", tmp_path / "work", preempt=StopAfter(2))
+        train(cfg, rows, tmp_path / "out", tmp_path / "work", preempt=StopAfter(2, "SIGUSR1"))
     assert e.value.step == 2 and e.value.total == 5
     assert "SIGUSR1 received: stopped after step 2/5" in str(e.value)
     assert e.value.checkpoint == tmp_path / "work" / "checkpoint-00000002"
@@ -102,8 +71,8 @@ def test_preempted_run_checkpoints_and_the_rerun_matches_an_uninterrupted_one(
 
 def test_a_signal_during_the_last_step_does_not_stop_the_run(tiny_qwen, digits_rows, tmp_path):
     rows = [r for r in digits_rows if r["split"] == "train"][:16]
-    cfg = resolve_sections(_cfg(tiny_qwen, max_steps=2), ["model", "lora", "train"])
-    res = train(cfg, rows, tmp_path / "out", tmp_path / "work", preempt=StopAfter(99))
+    cfg = resolve_sections(train_config(tiny_qwen, max_steps=2), ["model", "lora", "train"])
+    res = train(cfg, rows, tmp_path / "out", tmp_path / "work", preempt=StopAfter(99, "SIGUSR1"))
     assert res.steps == 2 and (tmp_path / "out/adapter_model.safetensors").exists()
 
 
@@ -112,7 +81,7 @@ def test_sigterm_to_the_train_cli_exits_75_with_a_checkpoint(tiny_qwen, digits_r
     rows = [r for r in digits_rows if r["split"] == "train"]
     data = tmp_path / "train.parquet"
     pq.write_table(to_table(rows), data)
-    cfg = _cfg(tiny_qwen, max_steps=200, threads=1)
+    cfg = train_config(tiny_qwen, max_steps=200, threads=1)
     log = tmp_path / "train.log"
     cmd = [sys.executable, str(ROOT / "scripts/train.py"), "--config", json.dumps(cfg)]
     cmd += ["--train", str(data), "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "w")]
@@ -181,7 +150,7 @@ def test_train_cli_ends_an_oom_with_the_advice(
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     mod["main"].__globals__["train"] = oom
-    argv = ["train.py", "--config", json.dumps(_cfg(tiny_qwen)), "--train", str(data)]
+    argv = ["train.py", "--config", json.dumps(train_config(tiny_qwen)), "--train", str(data)]
     argv += ["--out", str(tmp_path / "o"), "--work-dir", str(tmp_path / "w"), "--threads", "1"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as e:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vlmflow.config import resolve_sections
-from vlmflow.merge import export_model
+from vlmflow.export import export_model
 from vlmflow.publish import CardError, hub_id_of, publish, validate_card
 
 METRICS = {

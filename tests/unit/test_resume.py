@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import StopAfter, train_config
 
 import vlmflow.train as T
 from vlmflow.config import resolve_sections
@@ -31,40 +32,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _raw(model, **train_over):
-    t = {
-        "per_device_train_batch_size": 8,
-        "gradient_accumulation_steps": 1,
-        "max_steps": 5,
-        "learning_rate": 2e-3,
-        "warmup_steps": 1,
-        "optim": "adamw_torch",
-        "use_gradient_checkpointing": False,
-        "cache_encoded": True,
-        "seed": 2,
-    }
-    t.update(train_over)
-    return {
-        "model": {"name": model, "max_seq_length": 256},
-        "lora": {"r": 8, "lora_alpha": 16, "modules_to_save": ["lm_head", "projector"]},
-        "train": t,
-    }
+    return train_config(model, **{"cache_encoded": True, **train_over})
 
 
 def _cfg(model, **train_over):
     return resolve_sections(_raw(model, **train_over), ["model", "lora", "train"])
-
-
-class StopAfter:
-    """Stands for a PreemptionHandler signalled during step `n` (checked once per step)."""
-
-    def __init__(self, n):
-        self.n, self.checks = n, 0
-        self.signame = "SIGTERM"
-
-    @property
-    def requested(self):
-        self.checks += 1
-        return self.checks >= self.n
 
 
 @pytest.fixture

@@ -12,13 +12,14 @@ import threading
 
 import pandas as pd
 import pytest
+from helpers import download_policy, image_policy
 from PIL import Image
 
 from vlmflow import archive as archive_module
 from vlmflow.archive import build_archive
 from vlmflow.data import _rejected
-from vlmflow.fetch import DownloadPolicy
-from vlmflow.images import ImagePolicy, ImageRef, validate_refs
+from vlmflow.image_refs import ImageRef
+from vlmflow.image_validation import validate_refs
 from vlmflow.redact import redact_url
 
 GH_TOKEN = "ghp_" + "A1b2C3d4E5f6G7h8I9j0" * 2
@@ -98,10 +99,10 @@ def test_no_planted_secret_reaches_any_output(tmp_path, server, monkeypatch, cap
     # An image URL with credentials: its images.parquet row and a rejected row.
     url = f"http://me:{URL_PASSWORD}@{server}/ok.png?token={URL_TOKEN}&w=1"
     bad_url = f"http://me:{URL_PASSWORD}@{server}/gone.png?token={URL_TOKEN}"
-    policy = DownloadPolicy(timeout=2, retries=0, allow_private_addresses=True)
+    policy = download_policy(timeout=2, retries=0, allow_private_addresses=True)
     recs = validate_refs(
         [ImageRef("url", "", url), ImageRef("url", "", bad_url)],
-        ImagePolicy(),
+        image_policy(),
         cache_dir=tmp_path / "cache",
         download=policy,
         progress=False,
