@@ -369,6 +369,41 @@ _FAMILIES = [
 # SmolVLM2 (model_type smolvlm): the Idefics3 architecture under new class names.
 _FAMILIES.append(replace(_FAMILIES[-1], name="smolvlm", model_types=("smolvlm",)))
 
+# InternVL 3 / 3.5 in the HF format (`OpenGVLab/InternVL3_5-8B-HF`, model_type internvl; the
+# trust_remote_code checkpoints without -HF are another format): InternViT blocks
+# `encoder.layer.N` whose attention output is `projection_layer`, a pixel-shuffle + MLP
+# projector, a Qwen2.5/Qwen3 decoder, ChatML turns. An image is the placeholder <IMG_CONTEXT>,
+# which the processor expands to <img> + 256 <IMG_CONTEXT> per 448px tile + </img>; its tiles
+# (pixel_values (tiles, C, H, W)) concatenate along dim 0 like LLaVA's images.
+_FAMILIES.append(
+    Family(
+        name="internvl",
+        model_types=("internvl",),
+        vision_layers=r"model\.vision_tower\.encoder\.layer\.\d+",
+        language_layers=_LANG,
+        vision_attention=r"attention\.(?:q_proj|k_proj|v_proj|projection_layer)",
+        vision_mlp=_CLIP_MLP,
+        language_attention=_LANG_ATTN,
+        language_mlp=_LANG_MLP,
+        vision_tower=("model.vision_tower",),
+        projector=("model.multi_modal_projector",),
+        **{**_QWEN_CHAT, "image_tokens": ("<IMG_CONTEXT>", "<img>", "</img>")},
+    )
+)
+# LLaVA-OneVision (`llava-hf/llava-onevision-qwen2-7b-ov-hf`): SigLIP tower, MLP projector, Qwen2
+# decoder, ChatML turns; one image per sample is cut into any-res tiles (pixel_values
+# (images, tiles, C, H, W), zero-padded tile counts across samples), several images per sample
+# are not, which the model reads off `batch_num_images` (one entry per sample with images:
+# concatenated, it lines up with the images).
+_FAMILIES.append(
+    Family(
+        name="llava_onevision",
+        model_types=("llava_onevision",),
+        **_CLIP_TOWER,
+        **{**_QWEN_CHAT, "image_tokens": ("<image>",)},
+    )
+)
+
 FAMILIES: dict[str, Family] = {f.name: f for f in _FAMILIES}
 
 

@@ -202,15 +202,18 @@ def _finish(model, eos_id: int, pad_id: int, bos_id: int | None = None) -> None:
         model.generation_config.bos_token_id = bos_id
 
 
-def _qwen_tokenizer():
+def _qwen_tokenizer(extra_specials: tuple[str, ...] = (), **kwargs):
+    """Qwen's tokenizer; `extra_specials` are added after Qwen's, kwargs go to the class (e.g.
+    `extra_special_tokens`)."""
     from transformers import Qwen2TokenizerFast
 
     return Qwen2TokenizerFast(
-        tokenizer_object=train_bpe_tokenizer(QWEN_SPECIALS),
+        tokenizer_object=train_bpe_tokenizer([*QWEN_SPECIALS, *extra_specials]),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
         bos_token=None,
+        **kwargs,
     )
 
 
@@ -966,6 +969,146 @@ def _build_idefics3_like(out_dir, seed: int, smolvlm: bool) -> Path:
     return _save(model, proc, out_dir)
 
 
+# InternVL (HF format) and LLaVA-OneVision: ChatML turns around Qwen decoders.
+INTERNVL_SPECIALS = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+# InternVL's HF template: parts in order, an image is `<IMG_CONTEXT>\n`, every turn closed by
+# `<|im_end|>\n`.
+INTERNVL_CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE.replace(
+    "<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n"
+)
+# llava-hf's OneVision template: a turn's images first (`<image>\n` each), then its text.
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is not string %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    + _TEXT_PARTS
+    + "<|im_end|>{% endgeneration %}\n"
+    "{% else %}" + _TEXT_PARTS + "<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _chatml_parts(extra_specials: tuple[str, ...], model_type: str, **tok_kwargs):
+    """(tokenizer, token ids, text config) of a 2-layer Qwen decoder with ChatML specials."""
+    tok = _qwen_tokenizer(extra_specials, **tok_kwargs)
+    ids = _ids(tok, [*QWEN_SPECIALS, *extra_specials])
+    pad, eos = ids["<|endoftext|>"], ids["<|im_end|>"]
+    text = _llama_text(
+        tok,
+        dict(bos_token_id=pad, eos_token_id=eos, pad_token_id=pad),
+        model_type=model_type,
+        **({"head_dim": 16} if model_type == "qwen3" else {}),
+    )
+    return tok, ids, text
+
+
+def build_tiny_internvl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """InternVL 3.5 (HF format): InternViT (32px tiles of 8px patches) + pixel shuffle (4 tokens
+    a tile) + MLP projector + Qwen3 decoder; InternVLProcessor with the GOT-OCR2 image processor
+    cutting images into up to 4 tiles plus a thumbnail."""
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    tok, ids, text = _chatml_parts(
+        INTERNVL_SPECIALS,
+        "qwen3",
+        # the processor reads these named tokens off the tokenizer
+        extra_special_tokens={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    cfg = InternVLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<IMG_CONTEXT>"],
+        image_seq_length=4,  # (32 / 8)^2 patches, pixel-shuffled by downsample_ratio 0.5
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration._from_config(cfg, dtype=torch.float32)
+    _finish(model, ids["<|im_end|>"], ids["<|endoftext|>"])
+    tile = {"height": 32, "width": 32}
+    proc = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(
+            size=tile, crop_to_patches=True, min_patches=1, max_patches=4
+        ),
+        tokenizer=tok,
+        video_processor=InternVLVideoProcessor(size=tile),
+        image_seq_length=4,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+    return _save(model, proc, out_dir)
+
+
+def build_tiny_llava_onevision(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """LLaVA-OneVision: SigLIP tower (32px, 16 tokens a tile, all kept) + MLP projector + Qwen2;
+    a lone image gets any-res tiles over a 32/64px grid and the learned newline token."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    tok, ids, text = _chatml_parts(("<image>", "<video>"), "qwen2")
+    vision = dict(
+        model_type="siglip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        vision_use_head=False,
+    )
+    grid = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    cfg = LlavaOnevisionConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=ids["<image>"],
+        video_token_index=ids["<video>"],
+        image_grid_pinpoints=grid,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, dtype=torch.float32)
+    _finish(model, ids["<|im_end|>"], ids["<|endoftext|>"])
+    tile = {"height": 32, "width": 32}
+    proc = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=tile, image_grid_pinpoints=grid),
+        tokenizer=tok,
+        video_processor=LlavaOnevisionVideoProcessor(size=tile),
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
+        chat_template=ONEVISION_CHAT_TEMPLATE,
+    )
+    return _save(model, proc, out_dir)
+
+
 def _save(model, processor, out_dir) -> Path:
     from .io import atomic_dir
 
@@ -989,6 +1132,8 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "gemma4": build_tiny_gemma4,
     "idefics3": build_tiny_idefics3,
     "smolvlm": build_tiny_smolvlm,
+    "internvl": build_tiny_internvl,
+    "llava_onevision": build_tiny_llava_onevision,
 }
 
 

@@ -286,16 +286,23 @@ def test_transformers_4_57_generates_what_transformers_5_does(tmp_path):
         diff = max(abs(x - y) for x, y in zip(a["logits"], b["logits"]))
         if a["gen"] != b["gen"] or diff > 1e-4:
             differ.append(family)
-    # Compared: the Qwen-VL families, Mllama, Pixtral. Not comparable here: the tiny LLaVA,
-    # LLaVA-NeXT and Gemma 3 checkpoints are saved by transformers 5, which names the CLIP /
-    # SigLIP tower's weights its own way (`vision_tower.embeddings`, v4 reads
-    # `vision_tower.vision_model.embeddings`); a merged export keeps the base checkpoint's names,
+    # Compared: the Qwen-VL families, Mllama, Pixtral, InternVL. Not comparable here: the tiny
+    # LLaVA, LLaVA-NeXT, LLaVA-OneVision and Gemma 3 checkpoints are saved by transformers 5,
+    # which names the CLIP / SigLIP tower's weights its own way (`vision_tower.embeddings`, v4
+    # reads `vision_tower.vision_model.embeddings`); a merged export keeps the base checkpoint's names,
     # which for hub checkpoints are v4's. Idefics3/SmolVLM differ by ~0.03 in the logits
     # (v4's image processing; not investigated). All of them load and generate in 4.57.
-    assert set(differ) <= {"llava", "llava_next", "gemma3", "idefics3", "smolvlm"}, differ
-    assert {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mllama", "pixtral"} <= set(BUILDERS) - set(
-        differ
-    )
+    assert set(differ) <= {
+        "llava",
+        "llava_next",
+        "llava_onevision",
+        "gemma3",
+        "idefics3",
+        "smolvlm",
+    }, differ
+    assert {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mllama", "pixtral", "internvl"} <= set(
+        BUILDERS
+    ) - set(differ)
 
 
 def test_no_transformers_4_keys_for_model_types_4_never_had():

@@ -151,6 +151,16 @@ SPEC = {
     ),
 }
 SPEC["smolvlm"] = SPEC["idefics3"]
+SPEC["internvl"] = (
+    blocks(
+        "model.vision_tower.encoder.layer",
+        2,
+        [f"attention.{x}" for x in ["q_proj", "k_proj", "v_proj", "projection_layer"]],
+        ["mlp.fc1", "mlp.fc2"],
+    ),
+    LANG,
+)
+SPEC["llava_onevision"] = (CLIP, LANG)
 # What closes an assistant turn, and what the template puts between the marker and the answer.
 END_OF_TURN = {
     "qwen2_vl": "<|im_end|>",
@@ -166,6 +176,8 @@ END_OF_TURN = {
     "gemma4": "<turn|>",
     "idefics3": "<end_of_utterance>",
     "smolvlm": "<end_of_utterance>",
+    "internvl": "<|im_end|>",
+    "llava_onevision": "<|im_end|>",
 }
 ANSWER_PREFIX = {"llava": " ", "llava_next": " ", "idefics3": " ", "smolvlm": " "}
 
