@@ -11,7 +11,7 @@ image tokens / vision patches the processor makes, which all follow the real che
     python make_family.py all --count                             # parameter counts, nothing saved
 
 FAMILY is one of mllama, gemma3, pixtral, llava, llava_next, qwen3_vl, qwen2_vl, idefics3,
-qwen3_5, gemma4, mistral3 (the checkpoint each copies is in CHECKPOINTS). `--scale tiny` keeps the real processor geometry
+qwen3_5, gemma4, mistral3, internvl, llava_onevision (the checkpoint each copies is in CHECKPOINTS). `--scale tiny` keeps the real processor geometry
 (image size, patch size, tiles, image tokens) with tiny widths and a ~500-token vocabulary, so
 that the CPU exercises the same processor/model pairing as the real build.
 
@@ -60,6 +60,8 @@ CHECKPOINTS = {
     "qwen3_5": ("Qwen/Qwen3.5-9B", (32, 27), (8, 8)),
     "gemma4": ("google/gemma-4-31B-it", (60, 27), (6, 7)),
     "mistral3": ("mistralai/Mistral-Small-3.1-24B-Instruct-2503", (40, 24), (8, 6)),
+    "internvl": ("OpenGVLab/InternVL3_5-8B-HF", (36, 24), (9, 6)),
+    "llava_onevision": ("llava-hf/llava-onevision-qwen2-7b-ov-hf", (28, 26), (7, 7)),
 }
 TINY_DEPTH = (2, 2)  # text, vision (Mllama: 4 text layers so that layer 3 is a cross-attention one)
 
@@ -136,6 +138,9 @@ def _tokenizer(family: str):
     if family in ("qwen2_vl", "qwen3_vl", "qwen3_5"):
         tok = tiny._qwen_tokenizer()
         return tok, tiny._ids(tok, tiny.QWEN_SPECIALS)
+    if family in ("internvl", "llava_onevision"):
+        tok, ids, _ = tiny._chatml_parts(family)
+        return tok, ids
     if family == "gemma4":
         tok = tiny._gemma4_tokenizer()
         return tok, tiny._ids(tok, tiny.GEMMA4_SPECIALS)
@@ -190,6 +195,8 @@ def _tokenizer(family: str):
 
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+# llava-onevision's any-res grid: every 1..6 x 1..6 arrangement of 384 px views
+ONEVISION_GRID = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
@@ -324,6 +331,42 @@ def build_processor(family: str):
             tokenizer=tok,
             video_processor=tr.Qwen2VLVideoProcessor(),
             chat_template=tiny.QWEN_CHAT_TEMPLATE,
+        )
+    elif family == "internvl":
+        # InternVL3_5-8B-HF: 448 px tiles (1 to 12, + a thumbnail when tiled), CLIP-style
+        # ImageNet mean/std, 256 <IMG_CONTEXT> tokens per tile (1024 patches pixel-shuffled 2x2)
+        tile = {"height": 448, "width": 448}
+        image = tr.GotOcr2ImageProcessor(
+            size=tile,
+            crop_to_patches=True,
+            min_patches=1,
+            max_patches=12,
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+        )
+        proc = tr.InternVLProcessor(
+            image_processor=image,
+            tokenizer=tok,
+            video_processor=tr.InternVLVideoProcessor(size=tile),
+            image_seq_length=256,
+            chat_template=tiny.INTERNVL_CHAT_TEMPLATE,
+        )
+    elif family == "llava_onevision":
+        # llava-onevision-qwen2-7b-ov-hf: SigLIP at 384 px (mean/std 0.5), any-res tiles on the
+        # 384..2304 px grid, 729 tokens per view, all patches kept (strategy "full")
+        image = tr.LlavaOnevisionImageProcessor(
+            size={"height": 384, "width": 384},
+            image_grid_pinpoints=ONEVISION_GRID,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        )
+        proc = tr.LlavaOnevisionProcessor(
+            image_processor=image,
+            tokenizer=tok,
+            video_processor=tr.LlavaOnevisionVideoProcessor(size={"height": 384, "width": 384}),
+            num_image_tokens=729,
+            vision_feature_select_strategy="full",
+            chat_template=tiny.ONEVISION_CHAT_TEMPLATE,
         )
     elif family == "idefics3":
         # Idefics3-8B-Llama3: images rescaled to a 1456 px longest edge and split into 364 px
@@ -774,6 +817,9 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             vision_end_token_id=ids["<|vision_end|>"],
         )
 
+    if family in ("internvl", "llava_onevision"):
+        return chatml_config(family, tiny, nt, nv, vocab, ids)
+
     if family == "idefics3":
         # HuggingFaceM4/Idefics3-8B-Llama3: Llama-3.1-8B-Instruct text model, SigLIP So400m/14 at
         # 364 px (Idefics3VisionConfig's defaults are a 12-layer, 224 px, 32 px-patch tower),
@@ -822,6 +868,89 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
     raise KeyError(family)
 
 
+def chatml_config(family: str, tiny: bool, nt: int, nv: int, vocab: int, ids: dict):
+    """InternVL 3.5 and LLaVA-OneVision: a Qwen decoder behind a ViT. Widths as recalled from
+    the checkpoints' config.json (not checked against the hub here)."""
+    import transformers as tr
+
+    eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
+    if family == "internvl":
+        # OpenGVLab/InternVL3_5-8B-HF: Qwen3-8B (36 layers 4096 wide, 32 heads / 8 KV heads of
+        # 128, MLP 12288, vocab 151936, rope_theta 1e6); InternViT-300M (24 layers 1024 wide,
+        # 16 heads, MLP 4096, 448 px, 14 px patches, qkv bias, layer norm, no qk norm); pixel
+        # shuffle 0.5 + MLP projector
+        text = dict(
+            model_type="qwen3",
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=nt,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            max_position_embeddings=40960,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        )
+        vision = dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=nv,
+            num_attention_heads=16,
+            image_size=448,
+            patch_size=14,
+            attention_bias=True,
+        )
+    else:
+        # llava-hf/llava-onevision-qwen2-7b-ov-hf: Qwen2-7B (28 layers 3584 wide, 28 heads / 4
+        # KV heads, MLP 18944, vocab 152128 after the image/video tokens, rope_theta 1e6);
+        # SigLIP So400m/14 at 384 px without its last layer (26) and head
+        text = dict(
+            model_type="qwen2",
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=nt,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152128,
+            max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        )
+        vision = dict(
+            model_type="siglip_vision_model",
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=nv,
+            num_attention_heads=16,
+            image_size=384,
+            patch_size=14,
+            vision_use_head=False,
+        )
+    text.update(bos_token_id=pad, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False)
+    if tiny:
+        text.update(vocab_size=vocab, **TINY_TEXT)
+        vision.update(TINY_VISION)
+    if family == "internvl":
+        return tr.InternVLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=ids["<IMG_CONTEXT>"],
+            image_seq_length=256,
+            downsample_ratio=0.5,
+            tie_word_embeddings=False,
+        )
+    return tr.LlavaOnevisionConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=ids["<image>"],
+        video_token_index=ids["<video>"],
+        image_grid_pinpoints=ONEVISION_GRID,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
+
+
 MODEL_CLASSES = {
     "mllama": "MllamaForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
@@ -834,6 +963,8 @@ MODEL_CLASSES = {
     "qwen3_5": "Qwen3_5ForConditionalGeneration",
     "gemma4": "Gemma4ForConditionalGeneration",
     "mistral3": "Mistral3ForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
 }
 
 
@@ -849,6 +980,8 @@ EOS_PAD_BOS = {  # generation_config tokens, as vlmflow.tiny sets them
     "qwen3_5": ("<|im_end|>", "<|endoftext|>", None),
     "gemma4": ("<turn|>", "<pad>", "<bos>"),
     "mistral3": ("</s>", "<pad>", "<s>"),
+    "internvl": ("<|im_end|>", "<|endoftext|>", None),
+    "llava_onevision": ("<|im_end|>", "<|endoftext|>", None),
 }
 
 

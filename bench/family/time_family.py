@@ -101,6 +101,16 @@ HF_TARGETS["gemma4"] = (
     _LANG,
 )
 
+HF_TARGETS["llava_onevision"] = HF_TARGETS["llava"]
+# InternVL: InternViT blocks `encoder.layer.N`, attention output `projection_layer`
+HF_TARGETS["internvl"] = (
+    (
+        r"model\.vision_tower\.encoder\.layer\.\d+\.(?:attention\."
+        r"(?:q_proj|k_proj|v_proj|projection_layer)|mlp\.(?:fc1|fc2))"
+    ),
+    _LANG,
+)
+
 
 def target_regex(family: str) -> str:
     vision, language = HF_TARGETS[family]
@@ -272,7 +282,8 @@ def vision_patches(batch: dict, config) -> int | None:
     if config.model_type == "gemma4":  # (images, patches, 3 * p * p), already patchified
         return int(pv.shape[0] * pv.shape[1])
     p = getattr(vc, "patch_size", 14)
-    return int(pv.numel() // (pv.shape[-3] * p * p))
+    ph, pw = p if isinstance(p, (list, tuple)) else (p, p)  # InternViT: [14, 14]
+    return int(pv.numel() // (pv.shape[-3] * ph * pw))
 
 
 def lora_modules(model, family) -> dict[str, int]:

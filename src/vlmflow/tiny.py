@@ -991,8 +991,29 @@ ONEVISION_CHAT_TEMPLATE = (
 )
 
 
-def _chatml_parts(extra_specials: tuple[str, ...], model_type: str, **tok_kwargs):
-    """(tokenizer, token ids, text config) of a 2-layer Qwen decoder with ChatML specials."""
+# family: (specials after Qwen's, decoder model_type, tokenizer kwargs)
+CHATML_FAMILIES = {
+    "internvl": (
+        INTERNVL_SPECIALS,
+        "qwen3",
+        # the processor reads these named tokens off the tokenizer
+        dict(
+            extra_special_tokens={
+                "start_image_token": "<img>",
+                "end_image_token": "</img>",
+                "context_image_token": "<IMG_CONTEXT>",
+                "video_token": "<video>",
+            }
+        ),
+    ),
+    "llava_onevision": (("<image>", "<video>"), "qwen2", {}),
+}
+
+
+def _chatml_parts(family: str):
+    """(tokenizer, token ids, text config) of a 2-layer Qwen decoder with the family's specials
+    (CHATML_FAMILIES)."""
+    extra_specials, model_type, tok_kwargs = CHATML_FAMILIES[family]
     tok = _qwen_tokenizer(extra_specials, **tok_kwargs)
     ids = _ids(tok, [*QWEN_SPECIALS, *extra_specials])
     pad, eos = ids["<|endoftext|>"], ids["<|im_end|>"]
@@ -1017,17 +1038,7 @@ def build_tiny_internvl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         InternVLVideoProcessor,
     )
 
-    tok, ids, text = _chatml_parts(
-        INTERNVL_SPECIALS,
-        "qwen3",
-        # the processor reads these named tokens off the tokenizer
-        extra_special_tokens={
-            "start_image_token": "<img>",
-            "end_image_token": "</img>",
-            "context_image_token": "<IMG_CONTEXT>",
-            "video_token": "<video>",
-        },
-    )
+    tok, ids, text = _chatml_parts("internvl")
     vision = dict(
         hidden_size=32,
         intermediate_size=64,
@@ -1071,7 +1082,7 @@ def build_tiny_llava_onevision(out_dir: str | os.PathLike, seed: int = 0) -> Pat
         LlavaOnevisionVideoProcessor,
     )
 
-    tok, ids, text = _chatml_parts(("<image>", "<video>"), "qwen2")
+    tok, ids, text = _chatml_parts("llava_onevision")
     vision = dict(
         model_type="siglip_vision_model",
         hidden_size=32,
