@@ -917,17 +917,9 @@ def chatml_config(family: str, tiny: bool, nt: int, nv: int, vocab: int, ids: di
             downsample_ratio=0.5,
             tie_word_embeddings=False,
         )
-    return tr.LlavaOnevisionConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_index=ids["<image>"],
-        video_token_index=ids["<video>"],
-        image_grid_pinpoints=ONEVISION_GRID,
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        vision_aspect_ratio="anyres_max_9",
-        tie_word_embeddings=False,
-    )
+    from vlmflow.models.llava_onevision import onevision_config
+
+    return onevision_config(text, vision, ids, ONEVISION_GRID)
 
 
 MODEL_CLASSES = {

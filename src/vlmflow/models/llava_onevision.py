@@ -35,11 +35,28 @@ def onevision_tokenizer():
     return qwen_tokenizer(("<image>", "<video>"))
 
 
+def onevision_config(text: dict, vision: dict, ids: dict, grid: list):
+    """LlavaOnevisionConfig as llava-hf's checkpoints set it (every patch of the last layer,
+    `anyres_max_9`), for the decoder `text`, the SigLIP `vision` and the any-res `grid`."""
+    from transformers import LlavaOnevisionConfig
+
+    return LlavaOnevisionConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=ids["<image>"],
+        video_token_index=ids["<video>"],
+        image_grid_pinpoints=grid,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
+
+
 def build_tiny_llava_onevision(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """LLaVA-OneVision: SigLIP tower (32 px, 16 tokens a view, all kept) + MLP projector + Qwen2;
     a lone image gets any-res tiles over a 32/64 px grid and the learned newline token."""
     from transformers import (
-        LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
         LlavaOnevisionImageProcessor,
         LlavaOnevisionProcessor,
@@ -52,17 +69,7 @@ def build_tiny_llava_onevision(out_dir: str | os.PathLike, seed: int = 0) -> Pat
         model_type="siglip_vision_model", image_size=32, patch_size=8, vision_use_head=False
     )
     grid = [[32, 32], [32, 64], [64, 32], [64, 64]]
-    cfg = LlavaOnevisionConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_index=ids["<image>"],
-        video_token_index=ids["<video>"],
-        image_grid_pinpoints=grid,
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        vision_aspect_ratio="anyres_max_9",
-        tie_word_embeddings=False,
-    )
+    cfg = onevision_config(text, vision, ids, grid)
     model = random_model(LlavaOnevisionForConditionalGeneration, cfg, seed)
     finish(model, ids["<|im_end|>"], ids["<|endoftext|>"])
     tile = {"height": 32, "width": 32}
