@@ -11,9 +11,10 @@ image tokens / vision patches the processor makes, which all follow the real che
     python make_family.py all --count                             # parameter counts, nothing saved
 
 FAMILY is one of mllama, gemma3, pixtral, llava, llava_next, qwen3_vl, qwen2_vl, idefics3,
-qwen3_5, gemma4, mistral3, internvl, llava_onevision (the checkpoint each copies is in CHECKPOINTS). `--scale tiny` keeps the real processor geometry
-(image size, patch size, tiles, image tokens) with tiny widths and a ~500-token vocabulary, so
-that the CPU exercises the same processor/model pairing as the real build.
+qwen3_5, gemma4, mistral3, internvl, llava_onevision (the checkpoint each copies is in
+CHECKPOINTS). `--scale tiny` keeps the real processor geometry (image size, patch size, tiles,
+image tokens) with tiny widths and a ~500-token vocabulary, so that the CPU exercises the same
+processor/model pairing as the real build.
 
 Depth: --text-layers / --vision-layers cut the decoder / vision tower (default: the full depth).
 Structure that depends on depth is scaled with it: Mllama's cross-attention layers keep the
