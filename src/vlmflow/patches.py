@@ -1,5 +1,6 @@
-"""Fast paths of the training step. Each computes the same function as the transformers code it
-replaces (tests compare them on random inputs); they change how, not what.
+"""Monkeypatches of transformers / PEFT for the training step (the fast paths). Each computes
+the same function as the transformers code it replaces (tests compare them on random inputs);
+they change how, not what. Each can be switched off (`train.fast_paths`).
 
 - `batched_vision_attention`: Qwen2/2.5/3-VL vision towers run attention window by window
   (Qwen2.5-VL: 256 windows x 28 windowed blocks per pass for four 896x896 images, thousands of
@@ -16,25 +17,21 @@ replaces (tests compare them on random inputs); they change how, not what.
   of every packed row (rows of several thousand tokens), which rules out the flash kernel and
   computes every cross-sample block only to mask it. Here each sample of a row is one causal
   SDPA call over its own tokens (flash on a GPU): the same attention, without the masked work.
-- `label_only_loss`: the causal-LM loss needs logits only where a label is set (the answer:
-  about a fifth of the tokens in a typical VQA batch). The head runs on those positions only, in
-  chunks under checkpointing, with the cross-entropy in fp32: the (tokens x vocab) logits tensor
-  (3.4 GB in fp32 for 5.5k tokens and Qwen's 152k vocabulary) is never materialised. A final
-  logit softcap (Gemma 4) is applied to those chunks, the model's own one is off meanwhile.
+- `compile_layers`: regional torch.compile of decoder layers and vision blocks.
+- `use_torch_gated_delta_rule`: the PyTorch reference of the gated delta rule where
+  flash-linear-attention's kernel cannot train.
+
+The training loss is in `vlmflow.loss`, activation offloading in `vlmflow.offload`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import types
 import weakref
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
-IGNORE_INDEX = -100
 
 
 def declared_classes(model, patch: str) -> tuple[str, ...]:
@@ -475,112 +472,3 @@ def compile_layers(model, backend: str = "inductor") -> int:
         module.forward = torch.compile(module.forward, backend=backend, dynamic=None)
         n += 1
     return n
-
-
-# ------------------------------------------------------------------------ label-only loss
-def _find_lm_head_owner(model):
-    """(owner, attribute) of the output head: the module whose `.lm_head` the forward calls."""
-    for module in model.modules():
-        if "lm_head" in module._modules:
-            return module
-    raise ValueError("no lm_head found on the model")
-
-
-def _softcap_configs(model) -> list:
-    """The model's configs (top level and text) that set a final logit softcap."""
-    cfg = getattr(model, "config", None)
-    return [
-        c
-        for c in (cfg, getattr(cfg, "text_config", None))
-        if c is not None and getattr(c, "final_logit_softcapping", None)
-    ]
-
-
-@contextlib.contextmanager
-def _softcap_bypassed(model):
-    """Turn the model's final logit softcap off for one forward (its head is bypassed too, so
-    it would squash the hidden states); yields the cap (None when the model has none)."""
-    configs = _softcap_configs(model)
-    caps = [c.final_logit_softcapping for c in configs]
-    for c in configs:
-        c.final_logit_softcapping = None
-    try:
-        yield caps[0] if caps else None
-    finally:
-        for c, cap in zip(configs, caps):
-            c.final_logit_softcapping = cap
-
-
-@contextlib.contextmanager
-def _head_bypassed(owner):
-    head = owner.lm_head
-    owner.lm_head = torch.nn.Identity()
-    try:
-        yield head
-    finally:
-        owner.lm_head = head
-
-
-def chunked_head_loss(
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    head: torch.nn.Module,
-    chunk_size: int = 2048,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """Sum of token cross-entropies of `head(hidden)` against `targets`, chunk by chunk.
-
-    hidden: (N, d); targets: (N,) int64 (no ignore index). Each chunk's logits (chunk, V) are
-    recomputed in the backward pass instead of being kept. `softcap`: the logits are
-    `softcap * tanh(logits / softcap)` first (Gemma's final_logit_softcapping).
-    """
-    acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 in tests
-
-    def piece(h, t):
-        logits = head(h).to(acc)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return F.cross_entropy(logits, t, reduction="sum")
-
-    total = hidden.new_zeros((), dtype=acc)
-    for i in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[i : i + chunk_size], targets[i : i + chunk_size]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(piece, h, t, use_reentrant=False)
-        else:
-            total = total + piece(h, t)
-    return total
-
-
-def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where the shifted labels are set: (flat indices into the (B * (T - 1)) predicting
-    positions, their target ids). Computed on the labels' device; on the CPU, before the batch
-    goes to the GPU, it costs the GPU no synchronisation (a boolean index on the GPU does)."""
-    shift = labels[:, 1:].reshape(-1)
-    index = (shift != IGNORE_INDEX).nonzero().squeeze(1)
-    return index, shift.index_select(0, index)
-
-
-def label_only_loss(
-    model,
-    batch: dict,
-    num_items_in_batch: int | None = None,
-    chunk_size: int = 2048,
-    positions: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Causal-LM loss (mean over labelled tokens, or sum / num_items_in_batch) computed with the
-    head on labelled positions only. Same value as transformers' ForCausalLMLoss.
-
-    batch: the collator's dict (input_ids (B, T), labels (B, T), attention_mask, image tensors).
-    positions: `label_positions(labels)` on the model's device, if already known.
-    """
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    owner = _find_lm_head_owner(model)
-    with _head_bypassed(owner) as head, _softcap_bypassed(model) as softcap:
-        hidden = model(**inputs, use_cache=False).logits  # (B, T, d): the head is bypassed
-    index, targets = positions if positions is not None else label_positions(labels)
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, index)
-    total = chunked_head_loss(h, targets, head, chunk_size, softcap=softcap)
-    denom = num_items_in_batch if num_items_in_batch is not None else int(index.numel())
-    return total / max(denom, 1)
