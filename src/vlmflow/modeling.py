@@ -24,6 +24,8 @@ from .patches import (
     packed_attention,
     slow_linear_attention,
     use_torch_gated_delta_rule,
+    warn_unpatched,
+    warn_untested_versions,
 )
 
 log = logging.getLogger(__name__)
@@ -304,32 +306,56 @@ def build_training_model(cfg: dict, device: torch.device | None = None):
     model, family = load_model(model_cfg, device)
     processor = load_processor(model_cfg, family)
     model.config.use_cache = False
-    broken = fla_backward_broken(device)  # training needs the backward; generation does not
-    if broken and use_torch_gated_delta_rule(model):
-        log.warning(
-            "SLOW PATH: %s; the Gated DeltaNet layers train with the PyTorch reference instead "
-            "(install tilelang, or Triton >= 3.7.1, for the kernels)",
-            broken,
-        )
-    patched = batched_vision_attention(model)
-    if patched:
-        log.info("batched window attention in %d vision attention modules", patched)
-    if linear_patch_embed(model):
-        log.info("patch embedding as one GEMM")
-    if train_cfg["packing"] and model_cfg["attn_implementation"] == "sdpa":
-        log.info(
-            "packed rows: one causal SDPA call per sample in %d modules", packed_attention(model)
-        )
+    model = apply_fast_paths(model, family, cfg, device, lora=False)
     if model_cfg["offload_embeddings"] and offload_input_embeddings(model, device, lora_cfg):
         log.info("input embeddings kept in host memory")
     model = apply_lora(
         model, family, lora_cfg, gradient_checkpointing=train_cfg["use_gradient_checkpointing"]
     )
     model_loss(model)  # the training loss (vlmflow.loss), set up once on the model
-    log.info("LoRA branches in the compute dtype: %d modules", fast_lora(model))
-    if use_compile(train_cfg["compile"], family, device):
-        log.info("torch.compile on %d layers", compile_layers(model))
+    model = apply_fast_paths(model, family, cfg, device, lora=True)
     return model, processor, family
+
+
+def apply_fast_paths(model, family: Family, cfg: dict, device: torch.device, *, lora: bool):
+    """The monkeypatches of `vlmflow.patches` that `train.fast_paths` leaves on: before LoRA
+    (`lora=False`) those of the base model, after it (`lora=True`) the LoRA branches and
+    compilation. A patch the family takes that patches nothing is a WARNING. Returns `model`."""
+    model_cfg, train_cfg = cfg["model"], cfg["train"]
+    fast = train_cfg["fast_paths"]
+    if lora:
+        if fast["lora"]:
+            n = fast_lora(model)
+            log.info("LoRA branches in the compute dtype: %d modules", n)
+            warn_unpatched(model, family, "lora", n)
+        if fast["compile"] and use_compile(train_cfg["compile"], family, device):
+            n = compile_layers(model)
+            log.info("torch.compile on %d layers", n)
+            warn_unpatched(model, family, "compile", n)
+        return model
+    warn_untested_versions()
+    broken = fla_backward_broken(device)  # training needs the backward; generation does not
+    if broken and fast["torch_gated_delta_rule"] and use_torch_gated_delta_rule(model):
+        log.warning(
+            "SLOW PATH: %s; the Gated DeltaNet layers train with the PyTorch reference instead "
+            "(install tilelang, or Triton >= 3.7.1, for the kernels)",
+            broken,
+        )
+    for patch, function, what in (
+        ("vision_attention", batched_vision_attention, "batched window attention in %d modules"),
+        ("patch_embed", linear_patch_embed, "patch embedding as one GEMM in %d modules"),
+    ):
+        if fast[patch] and patch in family.patches:
+            n = function(model, family.patches[patch])
+            if n:
+                log.info(what, n)
+            warn_unpatched(model, family, patch, n, family.patches[patch])
+    sdpa = model_cfg["attn_implementation"] == "sdpa"
+    if fast["packed_attention"] and train_cfg["packing"] and sdpa:
+        n = packed_attention(model)
+        log.info("packed rows: one causal SDPA call per sample in %d modules", n)
+        warn_unpatched(model, family, "packed_attention", n)
+    return model
 
 
 def use_compile(setting, family: Family, device: torch.device) -> bool:

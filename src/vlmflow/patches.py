@@ -26,12 +26,15 @@ The training loss is in `vlmflow.loss`, activation offloading in `vlmflow.offloa
 
 from __future__ import annotations
 
+import logging
 import types
 import weakref
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 def declared_classes(model, patch: str) -> tuple[str, ...]:
@@ -453,22 +456,115 @@ def linear_patch_embed(model, classes: tuple[str, ...] | None = None) -> int:
 _COMPILED_LAYER_CLASSES = ("DecoderLayer", "VisionBlock", "VisionEncoderLayer", "EncoderLayer")
 
 
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What torch.compile raises when it cannot compile a graph (not errors of the code)."""
+    import torch._dynamo.exc
+
+    errors: list[type[BaseException]] = [torch._dynamo.exc.TorchDynamoException]
+    try:
+        from torch._inductor.exc import InductorError
+
+        errors.append(InductorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _compiled_or_eager(name: str, module, backend: str):
+    """`module.forward` compiled; if compiling fails, a WARNING naming the layer and the eager
+    forward from then on (for that layer only)."""
+    eager = module.forward
+    compiled = torch.compile(eager, backend=backend, dynamic=None)
+    errors = _compile_errors()
+
+    def forward(*args, **kwargs):
+        if module._vlmflow_compiled == "failed":
+            return eager(*args, **kwargs)
+        try:
+            return compiled(*args, **kwargs)
+        except errors as exc:
+            log.warning(
+                "torch.compile failed on layer %s (%s); it runs eagerly: %s",
+                name,
+                type(module).__name__,
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
+            module._vlmflow_compiled = "failed"
+            return eager(*args, **kwargs)
+
+    return forward
+
+
 def compile_layers(model, backend: str = "inductor") -> int:
     """torch.compile the forward of every decoder layer and vision block (per instance; the
     layers of one class share one compiled graph). Gradient checkpointing still wraps the
     compiled call, so recomputation runs the compiled code too. The block-diagonal vision
-    attention stays eager (its layout changes with every image size). A graph that fails to
-    compile runs eagerly (with a warning) instead of stopping the run. Returns the number of
-    layers."""
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True
+    attention stays eager (its layout changes with every image size). A layer whose graph fails
+    to compile runs eagerly, with a WARNING naming it, instead of stopping the run (dynamo's
+    process-wide `suppress_errors` is left alone). Returns the number of layers."""
     n = 0
-    for module in model.modules():
-        name = type(module).__name__
-        if not name.endswith(_COMPILED_LAYER_CLASSES) or hasattr(module, "_vlmflow_compiled"):
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if not cls.endswith(_COMPILED_LAYER_CLASSES) or hasattr(module, "_vlmflow_compiled"):
             continue
         module._vlmflow_compiled = True
-        module.forward = torch.compile(module.forward, backend=backend, dynamic=None)
+        module.forward = _compiled_or_eager(name, module, backend)
         n += 1
     return n
+
+
+# -------------------------------------------------------------------- switches and warnings
+# The transformers and PEFT releases the patches are tested with (requirements.in pins them):
+# the patches replace forwards matched by class name, which another release may rename.
+TESTED_VERSIONS = {"transformers": ("5.17", "5.18"), "peft": ("0.21", "0.22")}
+_VERSIONS_CHECKED: list[str] = []
+
+
+def untested_versions(versions: dict[str, str] | None = None) -> list[str]:
+    """'name version' of each of transformers / PEFT outside `TESTED_VERSIONS` ([] if none);
+    `versions` ({name: version}) defaults to the installed ones."""
+    import importlib.metadata
+
+    out = []
+    for name, (lo, hi) in TESTED_VERSIONS.items():
+        version = versions[name] if versions is not None else importlib.metadata.version(name)
+        if not _version_tuple(lo) <= _version_tuple(version) < _version_tuple(hi):
+            out.append(f"{name} {version}")
+    return out
+
+
+def warn_untested_versions() -> list[str]:
+    """One WARNING per process when transformers or PEFT is outside the tested range (the
+    patches may then patch nothing, or the wrong thing). Returns the untested packages."""
+    untested = untested_versions()
+    if untested and not _VERSIONS_CHECKED:
+        ranges = ", ".join(f"{n} >={lo},<{hi}" for n, (lo, hi) in TESTED_VERSIONS.items())
+        log.warning(
+            "%s: outside the range vlmflow's fast paths are tested with (%s); if training "
+            "misbehaves, switch them off one by one (train.fast_paths)",
+            ", ".join(untested),
+            ranges,
+        )
+    _VERSIONS_CHECKED.append("done")
+    return untested
+
+
+def warn_unpatched(model, family, patch: str, n: int, classes: tuple[str, ...] = ()) -> bool:
+    """A WARNING naming the family and the patch when a patch the family takes patched nothing:
+    `classes` (the family's declared class names) are then usually missing from the model (a
+    renamed transformers class). Returns whether it warned."""
+    if n:
+        return False
+    present = {type(m).__name__ for m in model.modules()}
+    if classes and present.intersection(classes):
+        return False  # the modules are there but not eligible (e.g. flash attention)
+    what = f" (no module of class {', '.join(classes)} in this model)" if classes else ""
+    log.warning(
+        "fast path %s of family %s patched 0 modules%s: it does nothing; check the "
+        "transformers / PEFT version (train.fast_paths.%s: false silences this)",
+        patch,
+        family.name,
+        what,
+        patch,
+    )
+    return True

@@ -270,6 +270,7 @@ RESUME_IGNORES = {
         "dataloader_workers",
         "cache_encoded",
         "compile",
+        "fast_paths",
         "use_gradient_checkpointing",
         "gpus",  # the number of ranks (gpus x nodes) is part of the identity instead
         "nodes",
