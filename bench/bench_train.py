@@ -249,7 +249,8 @@ def vision_patches(batch: dict, config) -> int | None:
     if config.model_type == "gemma4":  # (images, patches, 3 * p * p), already patchified
         return int(pv.shape[0] * pv.shape[1])
     p = getattr(config.vision_config, "patch_size", 14)
-    return int(pv.numel() // (pv.shape[-3] * p * p))
+    ph, pw = p if isinstance(p, (list, tuple)) else (p, p)  # InternViT: [14, 14]
+    return int(pv.numel() // (pv.shape[-3] * ph * pw))
 
 
 def lora_modules(model, family) -> dict[str, int]:

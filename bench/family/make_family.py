@@ -11,9 +11,10 @@ image tokens / vision patches the processor makes, which all follow the real che
     python make_family.py all --count                             # parameter counts, nothing saved
 
 FAMILY is one of mllama, gemma3, pixtral, llava, llava_next, qwen3_vl, qwen2_vl, idefics3,
-qwen3_5, gemma4, mistral3 (the checkpoint each copies is in CHECKPOINTS). `--scale tiny` keeps the real processor geometry
-(image size, patch size, tiles, image tokens) with tiny widths and a ~500-token vocabulary, so
-that the CPU exercises the same processor/model pairing as the real build.
+qwen3_5, gemma4, mistral3, internvl, llava_onevision (the checkpoint each copies is in
+CHECKPOINTS). `--scale tiny` keeps the real processor geometry (image size, patch size, tiles,
+image tokens) with tiny widths and a ~500-token vocabulary, so that the CPU exercises the same
+processor/model pairing as the real build.
 
 Depth: --text-layers / --vision-layers cut the decoder / vision tower (default: the full depth).
 Structure that depends on depth is scaled with it: Mllama's cross-attention layers keep the
@@ -27,7 +28,8 @@ This copy (the project's bench/family/) adds qwen3_5 and gemma4 to shared/family
 harness; where their values come from is commented in build_config.
 
 Processors: the tokenizers (byte-level BPE trained with `tokenizers`), special-token lists and
-chat templates are imported from vlmflow.tiny. Its per-family builders cannot be reused as a
+chat templates are imported from the family modules (vlmflow.models.*) and vlmflow.tiny. Their
+tiny builders cannot be reused as a
 whole: they hard-code tiny image geometry (28-64 px images, 8-px patches, 2 tiles) and tiny
 models, so the image processors and processor objects are built here with the checkpoints'
 values. The tokenizer vocabulary stays small (ids < 512): only the model's vocab_size (the
@@ -60,6 +62,8 @@ CHECKPOINTS = {
     "qwen3_5": ("Qwen/Qwen3.5-9B", (32, 27), (8, 8)),
     "gemma4": ("google/gemma-4-31B-it", (60, 27), (6, 7)),
     "mistral3": ("mistralai/Mistral-Small-3.1-24B-Instruct-2503", (40, 24), (8, 6)),
+    "internvl": ("OpenGVLab/InternVL3_5-8B-HF", (36, 24), (9, 6)),
+    "llava_onevision": ("llava-hf/llava-onevision-qwen2-7b-ov-hf", (28, 26), (7, 7)),
 }
 TINY_DEPTH = (2, 2)  # text, vision (Mllama: 4 text layers so that layer 3 is a cross-attention one)
 
@@ -130,66 +134,42 @@ def gemma3_layer_types(n: int) -> list[str]:
 
 # ------------------------------------------------------------------------------- processors
 def _tokenizer(family: str):
-    """(tokenizer, special-token ids) built with vlmflow.tiny's helpers."""
-    from vlmflow import tiny
+    """(tokenizer, special-token ids): those of the family's tiny model (vlmflow.models)."""
+    from vlmflow.models import (
+        gemma3,
+        gemma4,
+        idefics3,
+        internvl,
+        llava,
+        llava_onevision,
+        mistral,
+        mllama,
+        qwen_vl,
+    )
 
-    if family in ("qwen2_vl", "qwen3_vl", "qwen3_5"):
-        tok = tiny._qwen_tokenizer()
-        return tok, tiny._ids(tok, tiny.QWEN_SPECIALS)
-    if family == "gemma4":
-        tok = tiny._gemma4_tokenizer()
-        return tok, tiny._ids(tok, tiny.GEMMA4_SPECIALS)
-    if family == "mllama":
-        specials = tiny.LLAMA3_SPECIALS
-        kw = dict(
-            bos_token="<|begin_of_text|>",
-            eos_token="<|eot_id|>",
-            pad_token="<|finetune_right_pad_id|>",
-        )
-    elif family == "gemma3":
-        specials = tiny.GEMMA3_SPECIALS
-        kw = dict(
-            bos_token="<bos>",
-            eos_token="<end_of_turn>",
-            pad_token="<pad>",
-            unk_token="<unk>",
-            extra_special_tokens={
-                "boi_token": "<start_of_image>",
-                "eoi_token": "<end_of_image>",
-                "image_token": "<image_soft_token>",
-            },
-        )
-    elif family in ("pixtral", "mistral3"):
-        specials = [*tiny.MISTRAL_SPECIALS, "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
-        kw = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    elif family == "llava":  # the list is inline in tiny.build_tiny_llava
-        specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-        kw = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    elif family == "llava_next":
-        specials = [*tiny.MISTRAL_SPECIALS, "<image>"]
-        kw = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    elif family == "idefics3":  # the list is inline in tiny._build_idefics3_like
-        specials = [
-            "<|begin_of_text|>",
-            "<end_of_utterance>",
-            "<fake_token_around_image>",
-            "<image>",
-            "<global-img>",
-            # row/column markers of up to 6x6 crops (1456 px / 364 px = 4x4 here)
-            *[f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)],
-        ]
-        kw = dict(
-            bos_token="<|begin_of_text|>",
-            eos_token="<end_of_utterance>",
-            pad_token="<end_of_utterance>",
-        )
-    else:
+    tokenizers = {
+        "qwen2_vl": qwen_vl.qwen_tokenizer,
+        "qwen3_vl": qwen_vl.qwen_tokenizer,
+        "qwen3_5": qwen_vl.qwen_tokenizer,
+        "gemma4": gemma4.gemma4_tokenizer,
+        "mllama": mllama.llama3_tokenizer,
+        "gemma3": gemma3.gemma3_tokenizer,
+        "pixtral": mistral.pixtral_tokenizer,
+        "mistral3": mistral.pixtral_tokenizer,
+        "llava": llava.llava_tokenizer,
+        "llava_next": lambda: llava.llava_tokenizer(next_=True),
+        "idefics3": idefics3.idefics3_tokenizer,
+        "internvl": internvl.internvl_tokenizer,
+        "llava_onevision": llava_onevision.onevision_tokenizer,
+    }
+    if family not in tokenizers:
         raise KeyError(family)
-    tok = tiny._fast_tokenizer(specials, **kw)
-    return tok, tiny._ids(tok, specials)
+    return tokenizers[family]()
 
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+# llava-onevision's any-res grid: every 1..6 x 1..6 arrangement of 384 px views
+ONEVISION_GRID = [[384 * h, 384 * w] for h in range(1, 7) for w in range(1, 7)]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
@@ -198,7 +178,17 @@ def build_processor(family: str):
     Returns (processor, tokenizer, special-token ids)."""
     import transformers as tr
 
-    from vlmflow import tiny
+    from vlmflow.models import (
+        gemma3,
+        gemma4,
+        idefics3,
+        internvl,
+        llava,
+        llava_onevision,
+        mistral,
+        mllama,
+        qwen_vl,
+    )
 
     tok, ids = _tokenizer(family)
     if family == "mllama":
@@ -211,7 +201,7 @@ def build_processor(family: str):
             image_std=CLIP_STD,
         )
         proc = tr.MllamaProcessor(
-            image_processor=image, tokenizer=tok, chat_template=tiny.LLAMA3_CHAT_TEMPLATE
+            image_processor=image, tokenizer=tok, chat_template=mllama.LLAMA3_CHAT_TEMPLATE
         )
     elif family == "gemma3":
         # gemma-3-4b-it: 896x896, mean/std 0.5, 256 soft tokens per image, no pan-and-scan
@@ -220,7 +210,7 @@ def build_processor(family: str):
             image_processor=image,
             tokenizer=tok,
             image_seq_length=256,
-            chat_template=tiny.GEMMA3_CHAT_TEMPLATE,
+            chat_template=gemma3.GEMMA3_CHAT_TEMPLATE,
         )
     elif family == "pixtral":
         # pixtral-12b: longest edge 1024, 16 px patches, no spatial merge; transformers' defaults
@@ -230,7 +220,7 @@ def build_processor(family: str):
             tokenizer=tok,
             patch_size=16,
             spatial_merge_size=1,
-            chat_template=tiny.MISTRAL_CHAT_TEMPLATE,
+            chat_template=mistral.MISTRAL_CHAT_TEMPLATE,
         )
     elif family == "mistral3":
         # Mistral-Small-3.1-24B-Instruct-2503: longest edge 1540, 14 px patches, 2x2 merge
@@ -240,11 +230,11 @@ def build_processor(family: str):
             tokenizer=tok,
             patch_size=14,
             spatial_merge_size=2,
-            chat_template=tiny.MISTRAL_CHAT_TEMPLATE,
+            chat_template=mistral.MISTRAL_CHAT_TEMPLATE,
         )
     elif family == "llava":
         # llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (resize + center crop) -> 576 image tokens;
-        # the template llava-hf ships (vlmflow replaces it, see families.LLAVA_CHAT_TEMPLATE)
+        # the template llava-hf ships (vlmflow replaces it, see models.llava.LLAVA_CHAT_TEMPLATE)
         image = tr.CLIPImageProcessor(
             size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
         )
@@ -254,7 +244,7 @@ def build_processor(family: str):
             patch_size=14,
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,
-            chat_template=tiny.LLAVA_HF_CHAT_TEMPLATE,
+            chat_template=llava.LLAVA_HF_CHAT_TEMPLATE,
         )
     elif family == "llava_next":
         # llava-v1.6-mistral-7b-hf: 336 px base view + any-res tiles on these pinpoints
@@ -270,7 +260,7 @@ def build_processor(family: str):
             patch_size=14,
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,
-            chat_template=tiny.LLAVA_NEXT_CHAT_TEMPLATE,
+            chat_template=llava.LLAVA_NEXT_TINY_CHAT_TEMPLATE,
         )
     elif family in ("qwen3_vl", "qwen3_5"):
         # Qwen3-VL-8B-Instruct: 16 px patches, 2x2 merge, mean/std 0.5, pixels in [65536, 16777216];
@@ -287,7 +277,7 @@ def build_processor(family: str):
             image_processor=image,
             tokenizer=tok,
             video_processor=tr.Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
-            chat_template=tiny.QWEN_CHAT_TEMPLATE,
+            chat_template=qwen_vl.QWEN_CHAT_TEMPLATE,
         )
     elif family == "gemma4":
         # Gemma 4: Gemma4ImageProcessor's defaults (16 px patches, 3x3 pooling, up to 280 soft
@@ -299,7 +289,7 @@ def build_processor(family: str):
             tokenizer=tok,
             video_processor=tr.Gemma4VideoProcessor(),
             image_seq_length=280,
-            chat_template=tiny.GEMMA4_CHAT_TEMPLATE,
+            chat_template=gemma4.GEMMA4_CHAT_TEMPLATE,
         )
     elif family == "qwen2_vl":
         # Qwen2-VL-7B-Instruct: 14 px patches, 2x2 merge, min_pixels 3136, max_pixels 12845056
@@ -308,7 +298,43 @@ def build_processor(family: str):
             image_processor=image,
             tokenizer=tok,
             video_processor=tr.Qwen2VLVideoProcessor(),
-            chat_template=tiny.QWEN_CHAT_TEMPLATE,
+            chat_template=qwen_vl.QWEN_CHAT_TEMPLATE,
+        )
+    elif family == "internvl":
+        # InternVL3_5-8B-HF: 448 px tiles (1 to 12, + a thumbnail when tiled), CLIP-style
+        # ImageNet mean/std, 256 <IMG_CONTEXT> tokens per tile (1024 patches pixel-shuffled 2x2)
+        tile = {"height": 448, "width": 448}
+        image = tr.GotOcr2ImageProcessor(
+            size=tile,
+            crop_to_patches=True,
+            min_patches=1,
+            max_patches=12,
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+        )
+        proc = tr.InternVLProcessor(
+            image_processor=image,
+            tokenizer=tok,
+            video_processor=tr.InternVLVideoProcessor(size=tile),
+            image_seq_length=256,
+            chat_template=internvl.INTERNVL_CHAT_TEMPLATE,
+        )
+    elif family == "llava_onevision":
+        # llava-onevision-qwen2-7b-ov-hf: SigLIP at 384 px (mean/std 0.5), any-res tiles on the
+        # 384..2304 px grid, 729 tokens per view, all patches kept (strategy "full")
+        image = tr.LlavaOnevisionImageProcessor(
+            size={"height": 384, "width": 384},
+            image_grid_pinpoints=ONEVISION_GRID,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        )
+        proc = tr.LlavaOnevisionProcessor(
+            image_processor=image,
+            tokenizer=tok,
+            video_processor=tr.LlavaOnevisionVideoProcessor(size={"height": 384, "width": 384}),
+            num_image_tokens=729,
+            vision_feature_select_strategy="full",
+            chat_template=llava_onevision.ONEVISION_CHAT_TEMPLATE,
         )
     elif family == "idefics3":
         # Idefics3-8B-Llama3: images rescaled to a 1456 px longest edge and split into 364 px
@@ -322,7 +348,7 @@ def build_processor(family: str):
             image_processor=image,
             tokenizer=tok,
             image_seq_len=169,
-            chat_template=tiny.IDEFICS3_CHAT_TEMPLATE,
+            chat_template=idefics3.IDEFICS3_CHAT_TEMPLATE,
         )
     else:
         raise KeyError(family)
@@ -337,20 +363,14 @@ QWEN_TOKENS = {
     "vision_start_token_id": "<|vision_start|>",
     "vision_end_token_id": "<|vision_end|>",
 }
-GEMMA4_TOKENS = {
-    "boi_token_id": "<|image>",
-    "eoi_token_id": "<image|>",
-    "image_token_id": "<|image|>",
-    "boa_token_id": "<|audio>",
-    "eoa_token_index": "<audio|>",
-    "audio_token_id": "<|audio|>",
-}
 
 
 def build_config(family: str, scale: str, text_layers: int, vision_layers: int, tok, ids):
     """The transformers config. Values are the class defaults where those equal the checkpoint's;
     every other value is set here, commented with the checkpoint it comes from."""
     import transformers as tr
+
+    from vlmflow.models import gemma4
 
     tiny = scale == "tiny"
     vocab = len(tok)
@@ -703,8 +723,8 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
         return tr.Gemma4Config(
             text_config=text,
             vision_config=vision,
+            **gemma4.gemma4_special_ids(ids),
             tie_word_embeddings=True,
-            **{key: ids[token] for key, token in GEMMA4_TOKENS.items()},
         )
 
     if family == "qwen2_vl":
@@ -744,6 +764,9 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             tie_word_embeddings=False,
             **{key: ids[token] for key, token in QWEN_TOKENS.items()},
         )
+
+    if family in ("internvl", "llava_onevision"):
+        return chatml_config(family, tiny, nt, nv, vocab, ids)
 
     if family == "idefics3":
         # HuggingFaceM4/Idefics3-8B-Llama3: Llama-3.1-8B-Instruct text model, SigLIP So400m/14 at
@@ -793,6 +816,81 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
     raise KeyError(family)
 
 
+def chatml_config(family: str, tiny: bool, nt: int, nv: int, vocab: int, ids: dict):
+    """InternVL 3.5 and LLaVA-OneVision: a Qwen decoder behind a ViT. Widths as recalled from
+    the checkpoints' config.json (not checked against the hub here)."""
+    import transformers as tr
+
+    eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
+    if family == "internvl":
+        # OpenGVLab/InternVL3_5-8B-HF: Qwen3-8B (36 layers 4096 wide, 32 heads / 8 KV heads of
+        # 128, MLP 12288, vocab 151936, rope_theta 1e6); InternViT-300M (24 layers 1024 wide,
+        # 16 heads, MLP 4096, 448 px, 14 px patches, qkv bias, layer norm, no qk norm); pixel
+        # shuffle 0.5 + MLP projector
+        text = dict(
+            model_type="qwen3",
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=nt,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            max_position_embeddings=40960,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        )
+        vision = dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=nv,
+            num_attention_heads=16,
+            image_size=448,
+            patch_size=14,
+            attention_bias=True,
+        )
+    else:
+        # llava-hf/llava-onevision-qwen2-7b-ov-hf: Qwen2-7B (28 layers 3584 wide, 28 heads / 4
+        # KV heads, MLP 18944, vocab 152128 after the image/video tokens, rope_theta 1e6);
+        # SigLIP So400m/14 at 384 px without its last layer (26) and head
+        text = dict(
+            model_type="qwen2",
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=nt,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152128,
+            max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        )
+        vision = dict(
+            model_type="siglip_vision_model",
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=nv,
+            num_attention_heads=16,
+            image_size=384,
+            patch_size=14,
+            vision_use_head=False,
+        )
+    text.update(bos_token_id=pad, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False)
+    if tiny:
+        text.update(vocab_size=vocab, **TINY_TEXT)
+        vision.update(TINY_VISION)
+    if family == "internvl":
+        return tr.InternVLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=ids["<IMG_CONTEXT>"],
+            image_seq_length=256,
+            downsample_ratio=0.5,
+            tie_word_embeddings=False,
+        )
+    from vlmflow.models.llava_onevision import onevision_config
+
+    return onevision_config(text, vision, ids, ONEVISION_GRID)
+
+
 MODEL_CLASSES = {
     "mllama": "MllamaForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
@@ -805,6 +903,8 @@ MODEL_CLASSES = {
     "qwen3_5": "Qwen3_5ForConditionalGeneration",
     "gemma4": "Gemma4ForConditionalGeneration",
     "mistral3": "Mistral3ForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
 }
 
 
@@ -820,6 +920,8 @@ EOS_PAD_BOS = {  # generation_config tokens, as vlmflow.tiny sets them
     "qwen3_5": ("<|im_end|>", "<|endoftext|>", None),
     "gemma4": ("<turn|>", "<pad>", "<bos>"),
     "mistral3": ("</s>", "<pad>", "<s>"),
+    "internvl": ("<|im_end|>", "<|endoftext|>", None),
+    "llava_onevision": ("<|im_end|>", "<|endoftext|>", None),
 }
 
 
@@ -958,7 +1060,7 @@ def count(families: list[str], text_layers, vision_layers) -> None:
 def build(family: str, out: str, scale: str, nt: int, nv: int, device: str, seed: int) -> dict:
     from vlmflow.families import family_for_config
     from vlmflow.io import atomic_dir
-    from vlmflow.tiny import _finish
+    from vlmflow.tiny import finish
 
     proc, tok, ids = build_processor(family)
     cfg = build_config(family, scale, nt, nv, tok, ids)
@@ -966,7 +1068,7 @@ def build(family: str, out: str, scale: str, nt: int, nv: int, device: str, seed
     model = make_model(family, cfg, device)
     changed = random_init_zero_parameters(model)
     eos, pad, bos = (None if t is None else ids[t] for t in EOS_PAD_BOS[family])
-    _finish(model, eos, pad, bos)
+    finish(model, eos, pad, bos)
     fam = family_for_config(cfg).name
     info = dict(
         family=fam,

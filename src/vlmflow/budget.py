@@ -10,7 +10,10 @@ tokenizes the text; what images add is computed from each image's (upright) size
   plus a constant calibrated against one real processor call. It is checked against real
   processor calls on the smallest, largest and most common sizes of the data before use;
 - otherwise (or if that check fails): one real processor call per distinct image size, on a
-  blank image of that size (cached).
+  blank image of that size (cached);
+- where what an image adds depends on the other images of its sample (LLaVA-OneVision tiles a
+  lone image only), a row of several images is counted with one processor call on blank images
+  of its sizes (cached by those sizes).
 
 The total equals `len(processor(text=..., images=...).input_ids)`, what the collator feeds the
 model (tests compare them on many sizes).
@@ -39,7 +42,8 @@ class TokenCounter:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self._to_hf = to_hf_messages
-        self._probe_cache: dict[tuple[int, int], int] = {}
+        self._probe_cache: dict[tuple[tuple[int, int], ...], int] = {}
+        self._images_interact: bool | None = None
         self._fast_offset: int | None = None
         self.method = "probe"
         probe = self.render(self._probe_messages(0))
@@ -67,15 +71,29 @@ class TokenCounter:
 
     def probe(self, width: int, height: int) -> int:
         """Tokens one image of this size adds, from a real processor call (cached)."""
-        key = (width, height)
-        if key not in self._probe_cache:
+        return self.probe_images(((width, height),))
+
+    def probe_images(self, sizes: tuple[tuple[int, int], ...]) -> int:
+        """Tokens the images of these (width, height) add to one sample together, from a real
+        processor call (cached)."""
+        if sizes not in self._probe_cache:
             from PIL import Image
 
-            text = self.render(self._probe_messages(1))
-            img = Image.new("RGB", (width, height), (127, 127, 127))
-            with_img = len(self._proc_ids(text, [img]))
-            self._probe_cache[key] = with_img - len(self._tok_ids([text])[0]) - self._text_offset
-        return self._probe_cache[key]
+            text = self.render(self._probe_messages(len(sizes)))
+            imgs = [Image.new("RGB", s, (127, 127, 127)) for s in sizes]
+            with_img = len(self._proc_ids(text, imgs))
+            self._probe_cache[sizes] = with_img - len(self._tok_ids([text])[0]) - self._text_offset
+        return self._probe_cache[sizes]
+
+    @property
+    def images_interact(self) -> bool:
+        """Whether what an image adds depends on the other images of its sample (LLaVA-OneVision
+        tiles a lone image, not those of a multi-image sample): then a row of several images
+        is counted with one processor call (cached by its sizes) instead of image by image."""
+        if self._images_interact is None:
+            size = (224, 224)
+            self._images_interact = self.probe_images((size, size)) != 2 * self.probe(*size)
+        return self._images_interact
 
     def _fast_raw(self, width: int, height: int) -> int:
         data = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
@@ -141,7 +159,10 @@ class TokenCounter:
             img = 0
             if not err:
                 try:
-                    img = sum(self.image_tokens(w, h) for w, h in row_sizes)
+                    if len(row_sizes) > 1 and self.images_interact:
+                        img = self.probe_images(tuple(map(tuple, row_sizes)))
+                    else:
+                        img = sum(self.image_tokens(w, h) for w, h in row_sizes)
                 except Exception as e:
                     err = f"processor_error: {type(e).__name__}: {e}"
             text = lengths[n] if not err else 0

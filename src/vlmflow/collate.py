@@ -13,18 +13,20 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .errors import VlmflowError
-from .families import Family
+from .families import FAMILIES
 from .images import load_rgb
+from .models.base import Family
 
 IGNORE_INDEX = -100
-# Keys with one entry per token (dim 0 of a sample's tensor), and their padding value.
+# Keys with one entry per token (dim 0 of a sample's tensor), and their padding value: the ones
+# transformers' tokenizers and processors return, and those a family adds (Family.token_keys).
 TOKEN_KEYS = {
     "input_ids": None,  # the tokenizer's pad id
     "labels": IGNORE_INDEX,
     "attention_mask": 0,
     "mm_token_type_ids": 0,
     "token_type_ids": 0,
-    "cross_attention_mask": 0,
+    **{k: v for f in FAMILIES.values() for k, v in f.token_keys.items()},
 }
 
 
@@ -347,7 +349,7 @@ def collate_packed(
       0..pad-1 on the padding), rows 1-3 = `rope_index(sample)` (the model's own (3, n_k) M-RoPE
       ids of the sample alone; the padding repeats its text positions). Row 0 confines
       attention to each sample (the padding attends only to itself): transformers builds a
-      block-diagonal causal mask from it for sdpa/eager attention, and `fast.packed_attention`
+      block-diagonal causal mask from it for sdpa/eager attention, and `patches.packed_attention`
       (what `train.packing` installs for sdpa) cuts the rows at it into one causal call per
       sample. No `attention_mask` is returned: a 2-D one would switch that off.
     - other per-token keys (mm_token_type_ids, ...) (R, T), padded as in `collate`.

@@ -79,6 +79,26 @@ def test_counts_equal_the_collators_input_length(tiny_qwen, image_files, pixels)
     assert [c["total"] for c in counter.count(rows, sizes)] == real
 
 
+@pytest.mark.parametrize("family", ["internvl", "llava_onevision"])
+def test_counts_of_tiled_images_equal_the_collators_input_length(family, tiny_model, image_files):
+    """InternVL tiles an image by its aspect ratio; LLaVA-OneVision tiles a lone image but not
+    the images of a multi-image sample (its per-image count depends on the row)."""
+    path = tiny_model(family)
+    processor = load_processor(model_cfg(path))
+    encoder = Encoder(processor, model_family(path), max_seq_length=10**6)
+    paths = [image_files[s] for s in SIZES[:-1]]
+    rows = [row(i, [p]) for i, p in enumerate(paths)]
+    rows += [row(20, paths[:3], turns=3), row(21, [], turns=2), row(22, paths[3:5])]
+    rows.append(row(23, [paths[2], paths[2]]))  # the same size twice
+    sizes = [[Image.open(p).size for p in r["images"]] for r in rows]
+    counter = TokenCounter(processor)
+    assert counter.calibrate(representative_sizes([s for x in sizes for s in x])) == "fast"
+    assert counter.images_interact == (family == "llava_onevision")
+    real = [len(encoder(r)["input_ids"]) for r in rows]
+    assert [c["total"] for c in counter.count(rows, sizes)] == real
+    assert len({counter.image_tokens(w, h) for w, h in SIZES[:-1]}) >= 2  # tiles vary with size
+
+
 def write_splits(folder, rows_by_split):
     for split in data.SPLITS:
         rows = [{**r, "split": split} for r in rows_by_split.get(split, [])]
