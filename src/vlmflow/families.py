@@ -65,6 +65,12 @@ class Family:
     packing_refusal: str = ""
     """Why `train.packing` is refused for this family, when there is more to say than that it is
     not supported (the error message carries it)."""
+    expert_parameters: str = ""
+    """Regex (relative to a decoder layer) of the fused MoE expert weights: 3-D nn.Parameters
+    (experts, out, in), not nn.Linear, which get LoRA through PEFT's `target_parameters`
+    (`lora.ParamWrapper`) when language layers and MLP modules are selected."""
+    router_modules: tuple[str, ...] = ()
+    """Name suffixes of the MoE routers: never LoRA'd, frozen, and kept in 16-bit in 4/8-bit."""
 
     @property
     def image_token(self) -> str:
@@ -97,6 +103,12 @@ class Family:
             return None
         return "|".join(f"(?:{p})" for p in parts)
 
+    def expert_regex(self) -> str | None:
+        """Regex of the full names of the fused expert parameters (None: a dense family)."""
+        if not self.expert_parameters:
+            return None
+        return rf"{self.language_layers}\.(?:{self.expert_parameters})"
+
     def layers_regex(self, *, vision: bool, language: bool) -> str | None:
         """Regex of every module inside the selected vision blocks / decoder layers."""
         parts = [
@@ -113,9 +125,10 @@ class Family:
         return [name]
 
     def unquantized_modules(self, *, quantize_vision: bool) -> list[str]:
-        """Modules bitsandbytes leaves in 16-bit: the head always, the vision tower and the
-        projector unless `quantize_vision`."""
-        keep = [self.lm_head]
+        """Modules bitsandbytes leaves in 16-bit: the head and the MoE routers always, the vision
+        tower and the projector unless `quantize_vision`. (bitsandbytes quantizes nn.Linear
+        only: fused MoE experts, 3-D parameters, stay 16-bit anyway.)"""
+        keep = [self.lm_head, *self.router_modules]
         if not quantize_vision:
             keep = [*self.vision_tower, *self.projector, *keep]
         return keep
@@ -203,6 +216,10 @@ LINEAR_ATTENTION_PACKING = (
     "wired in)"
 )
 
+# Fused MoE experts of transformers 5 (Qwen3-VL-MoE, Qwen3.5-MoE): (experts, 2 x moe_intermediate,
+# hidden) and (experts, hidden, moe_intermediate).
+_EXPERTS = r"mlp\.experts\.(?:gate_up_proj|down_proj)"
+
 _FAMILIES = [
     Family(
         name="qwen2_vl",
@@ -232,6 +249,36 @@ _FAMILIES = [
         **{
             **_QWEN_VL,
             "language_attention": _QWEN3_5_ATTN,
+            "supports_packing": False,
+            "packing_refusal": LINEAR_ATTENTION_PACKING,
+        },
+    ),
+    Family(
+        # Qwen3-VL-MoE (30B-A3B, 235B-A22B): the Qwen3-VL tower and DeepStack mergers in front of
+        # a decoder whose MLPs are sparse MoE blocks: a router `mlp.gate` (frozen, 16-bit) and
+        # the experts fused into two 3-D parameters (LoRA through PEFT's target_parameters).
+        # Layers listed in mlp_only_layers keep a dense MLP (none in the released checkpoints).
+        name="qwen3_vl_moe",
+        model_types=("qwen3_vl_moe",),
+        vision_mlp=r"mlp\.(?:linear_fc1|linear_fc2)",
+        expert_parameters=_EXPERTS,
+        router_modules=("mlp.gate",),
+        **{**_QWEN_VL, "projector": ("model.visual.merger", "model.visual.deepstack_merger_list")},
+    ),
+    Family(
+        # Qwen3.5-MoE (35B-A3B, 122B-A10B, 397B-A17B): the Qwen3.5 hybrid decoder (Gated DeltaNet
+        # and gated full attention) with a sparse MoE block in every layer: router `mlp.gate`,
+        # fused experts, and a dense shared expert (nn.Linear, LoRA'd as the MLP) whose output
+        # is scaled by a sigmoid gate `mlp.shared_expert_gate` (a router: frozen, 16-bit).
+        name="qwen3_5_moe",
+        model_types=("qwen3_5_moe",),
+        vision_mlp=r"mlp\.(?:linear_fc1|linear_fc2)",
+        expert_parameters=_EXPERTS,
+        router_modules=("mlp.gate", "mlp.shared_expert_gate"),
+        **{
+            **_QWEN_VL,
+            "language_attention": _QWEN3_5_ATTN,
+            "language_mlp": r"mlp\.shared_expert\.(?:gate_proj|up_proj|down_proj)",
             "supports_packing": False,
             "packing_refusal": LINEAR_ATTENTION_PACKING,
         },
@@ -405,6 +452,21 @@ def lora_target_names(module_names_and_types: Iterable, regex: str | None) -> li
         return []
     pattern = re.compile(regex)
     return [n for n, m in module_names_and_types if pattern.fullmatch(n) and _is_linear(m)]
+
+
+def parameter_names(module_names_and_types: Iterable, regex: str | None) -> list[str]:
+    """Full names (`module.parameter`) of the parameters a regex selects, e.g. the fused MoE
+    experts that PEFT's `target_parameters` wraps (read off the modules, so that the same
+    `named_modules()` iterable serves both)."""
+    if regex is None:
+        return []
+    pattern = re.compile(regex)
+    return [
+        f"{n}.{p}"
+        for n, m in module_names_and_types
+        for p, _ in m.named_parameters(recurse=False)
+        if pattern.fullmatch(f"{n}.{p}")
+    ]
 
 
 def linear_names(module_names_and_types: Iterable) -> list[str]:

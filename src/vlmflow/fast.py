@@ -40,6 +40,8 @@ _VISION_ATTENTION_CLASSES = {
     "VisionAttention",
     "Qwen3VLVisionAttention",
     "Qwen3_5VisionAttention",  # the same forward as Qwen3-VL's
+    "Qwen3VLMoeVisionAttention",  # and the MoE models' towers: the same code again
+    "Qwen3_5MoeVisionAttention",
 }
 
 

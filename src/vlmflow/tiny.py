@@ -321,27 +321,41 @@ def build_tiny_qwen2_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def build_tiny_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    from transformers import (
-        Qwen2VLImageProcessor,
-        Qwen3VLConfig,
-        Qwen3VLForConditionalGeneration,
-        Qwen3VLProcessor,
-        Qwen3VLVideoProcessor,
-    )
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    tok = _qwen_tokenizer()
-    ids = _ids(tok, QWEN_SPECIALS)
-    text = _llama_text(
+    return _build_qwen3(Qwen3VLConfig, Qwen3VLForConditionalGeneration, out_dir, seed)
+
+
+def _qwen3_text(tok, ids, *, linear_attention: bool = False, **extra) -> dict:
+    """Text config of the Qwen3-VL decoder (interleaved M-RoPE), or with `linear_attention`
+    Qwen3.5's hybrid: layer 0 a Gated DeltaNet, layer 1 full (gated) attention with partial
+    rotary, as the released 3:1 pattern alternates them."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    if linear_attention:
+        rope.update(partial_rotary_factor=0.5, mrope_section=[2, 1, 1])
+        extra.update(
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            layer_types=["linear_attention", "full_attention"],
+        )
+    return _llama_text(
         tok,
         dict(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
         head_dim=16,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [2, 3, 3],
-            "mrope_interleaved": True,
-        },
+        **extra,
+        rope_parameters={**rope, "mrope_interleaved": True},
     )
+
+
+def _build_qwen3(config_cls, model_cls, out_dir, seed: int, **text) -> Path:
+    """A Qwen3-VL-style model: the Qwen3-VL tower (DeepStack at block 0 unless the text config
+    is Qwen3.5's) and Qwen3VLProcessor; `text` goes to `_qwen3_text`."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    tok = _qwen_tokenizer()
+    ids = _ids(tok, QWEN_SPECIALS)
     vision = dict(
         depth=2,
         hidden_size=32,
@@ -352,13 +366,17 @@ def build_tiny_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         spatial_merge_size=2,
         temporal_patch_size=2,
         num_position_embeddings=16,
-        deepstack_visual_indexes=[0],
     )
-    cfg = Qwen3VLConfig(
-        text_config=text, vision_config=vision, tie_word_embeddings=False, **_qwen_tokens(ids)
+    if not text.get("linear_attention"):
+        vision["deepstack_visual_indexes"] = [0]
+    cfg = config_cls(
+        text_config=_qwen3_text(tok, ids, **text),
+        vision_config=vision,
+        tie_word_embeddings=False,
+        **_qwen_tokens(ids),
     )
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration._from_config(cfg, dtype=torch.float32)
+    model = model_cls._from_config(cfg, dtype=torch.float32)
     _finish(model, ids["<|im_end|>"], ids["<|endoftext|>"])
     proc = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(
@@ -372,62 +390,53 @@ def build_tiny_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def build_tiny_qwen3_5(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Qwen3.5 (dense): the Qwen3-VL vision tower and processor in front of a hybrid decoder whose
-    layer 0 is a Gated DeltaNet (linear attention) and layer 1 full (gated) attention, as the
-    released 3:1 pattern alternates them."""
-    from transformers import (
-        Qwen2VLImageProcessor,
-        Qwen3_5Config,
-        Qwen3_5ForConditionalGeneration,
-        Qwen3VLProcessor,
-        Qwen3VLVideoProcessor,
+    """Qwen3.5 (dense): the Qwen3-VL vision tower (no DeepStack) and processor in front of a
+    hybrid decoder: layer 0 a Gated DeltaNet (linear attention), layer 1 full attention."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    return _build_qwen3(
+        Qwen3_5Config, Qwen3_5ForConditionalGeneration, out_dir, seed, linear_attention=True
     )
 
-    tok = _qwen_tokenizer()
-    ids = _ids(tok, QWEN_SPECIALS)
-    text = _llama_text(
-        tok,
-        dict(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
-        head_dim=16,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        layer_types=["linear_attention", "full_attention"],
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "partial_rotary_factor": 0.5,
-            "mrope_section": [2, 1, 1],
-            "mrope_interleaved": True,
-        },
+
+# Tiny MoE blocks: 4 experts, 2 active. moe_intermediate 16 (2 x 16 != hidden 64), so that
+# the (experts, out, in) and (experts, in, out) layouts of a fused expert weight differ.
+_TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+
+
+def build_tiny_qwen3_vl_moe(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Qwen3-VL-MoE: Qwen3-VL with every decoder MLP a sparse MoE block (router + fused
+    experts, no shared expert), as in Qwen3-VL-30B-A3B. transformers 5 saves the experts in the
+    model's (experts, out, in) layout; the hub checkpoints have (experts, in, out), which it
+    transposes on load (tests/unit/test_moe.py merges into both)."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    return _build_qwen3(
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+        out_dir,
+        seed,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        **_TINY_MOE,
     )
-    vision = dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=64,
-        patch_size=16,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        num_position_embeddings=16,
+
+
+def build_tiny_qwen3_5_moe(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Qwen3.5-MoE: the Qwen3.5 hybrid decoder with a sparse MoE block (router, fused experts,
+    a gated shared expert) in both layers, as in Qwen3.5-35B-A3B. Saved, like the hub
+    checkpoints, with one tensor per expert, which transformers fuses on load."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    return _build_qwen3(
+        Qwen3_5MoeConfig,
+        Qwen3_5MoeForConditionalGeneration,
+        out_dir,
+        seed,
+        linear_attention=True,
+        shared_expert_intermediate_size=32,
+        **_TINY_MOE,
     )
-    cfg = Qwen3_5Config(
-        text_config=text, vision_config=vision, tie_word_embeddings=False, **_qwen_tokens(ids)
-    )
-    torch.manual_seed(seed)
-    model = Qwen3_5ForConditionalGeneration._from_config(cfg, dtype=torch.float32)
-    _finish(model, ids["<|im_end|>"], ids["<|endoftext|>"])
-    proc = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(
-            patch_size=16, merge_size=2, min_pixels=32 * 32, max_pixels=32 * 32 * 64
-        ),
-        tokenizer=tok,
-        video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
-        chat_template=QWEN_CHAT_TEMPLATE,
-    )
-    return _save(model, proc, out_dir)
 
 
 LLAMA3_SPECIALS = [
@@ -980,6 +989,8 @@ BUILDERS: dict[str, Callable[..., Path]] = {
     "qwen2_5_vl": build_tiny_qwen2_5_vl,
     "qwen3_vl": build_tiny_qwen3_vl,
     "qwen3_5": build_tiny_qwen3_5,
+    "qwen3_vl_moe": build_tiny_qwen3_vl_moe,
+    "qwen3_5_moe": build_tiny_qwen3_5_moe,
     "mllama": build_tiny_mllama,
     "pixtral": build_tiny_pixtral,
     "mistral3": build_tiny_mistral3,
