@@ -11,7 +11,7 @@ image tokens / vision patches the processor makes, which all follow the real che
     python make_family.py all --count                             # parameter counts, nothing saved
 
 FAMILY is one of mllama, gemma3, pixtral, llava, llava_next, qwen3_vl, qwen2_vl, idefics3,
-qwen3_5, gemma4, mistral3 (the checkpoint each copies is in CHECKPOINTS). `--scale tiny` keeps the real processor geometry
+qwen3_5, gemma4, mistral3, qwen3_vl_moe, qwen3_5_moe (the checkpoint each copies is in CHECKPOINTS). `--scale tiny` keeps the real processor geometry
 (image size, patch size, tiles, image tokens) with tiny widths and a ~500-token vocabulary, so
 that the CPU exercises the same processor/model pairing as the real build.
 
@@ -58,6 +58,9 @@ CHECKPOINTS = {
     "qwen2_vl": ("Qwen/Qwen2-VL-7B-Instruct", (28, 32), (7, 8)),
     "idefics3": ("HuggingFaceM4/Idefics3-8B-Llama3", (32, 27), (8, 7)),
     "qwen3_5": ("Qwen/Qwen3.5-9B", (32, 27), (8, 8)),
+    # MoE: ~0.6B (30B-A3B) / ~0.8B (35B-A3B) expert parameters per decoder layer
+    "qwen3_vl_moe": ("Qwen/Qwen3-VL-30B-A3B-Instruct", (48, 27), (6, 8)),
+    "qwen3_5_moe": ("Qwen/Qwen3.5-35B-A3B", (40, 27), (4, 8)),
     "gemma4": ("google/gemma-4-31B-it", (60, 27), (6, 7)),
     "mistral3": ("mistralai/Mistral-Small-3.1-24B-Instruct-2503", (40, 24), (8, 6)),
 }
@@ -68,6 +71,7 @@ TINY_TEXT = dict(
     hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16
 )
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2)
+TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 
 
 def ensure_vlmflow() -> Path:
@@ -133,7 +137,7 @@ def _tokenizer(family: str):
     """(tokenizer, special-token ids) built with vlmflow.tiny's helpers."""
     from vlmflow import tiny
 
-    if family in ("qwen2_vl", "qwen3_vl", "qwen3_5"):
+    if family in ("qwen2_vl", "qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe"):
         tok = tiny._qwen_tokenizer()
         return tok, tiny._ids(tok, tiny.QWEN_SPECIALS)
     if family == "gemma4":
@@ -288,8 +292,9 @@ def build_processor(family: str):
             video_processor=tr.Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
             chat_template=tiny.QWEN_CHAT_TEMPLATE,
         )
-    elif family == "qwen3_5":
-        # Qwen3.5 uses Qwen3-VL's processor and image settings (16 px patches, 2x2 merge)
+    elif family in ("qwen3_5", "qwen3_vl_moe", "qwen3_5_moe"):
+        # Qwen3.5 and the MoE models use Qwen3-VL's processor and image settings (16 px patches,
+        # 2x2 merge)
         image = tr.Qwen2VLImageProcessor(
             patch_size=16,
             merge_size=2,
@@ -586,10 +591,13 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             tie_word_embeddings=False,
         )
 
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
         # Qwen/Qwen3-VL-8B-Instruct. Qwen3VLVisionConfig's defaults are its tower (27 blocks
         # 1152 wide, MLP 4304, 16 heads, 16 px patches, 2x2 merge, 2304 position embeddings,
         # DeepStack at 8/16/24) except out_hidden_size; the text defaults are not the 8B's.
+        # Qwen/Qwen3-VL-30B-A3B-Instruct: the same tower; text 2048 wide, 32 / 4 KV heads of
+        # 128, every layer a sparse MoE block of 128 experts (8 active) with MoE MLP 768.
+        moe = family == "qwen3_vl_moe"
         text = dict(
             hidden_size=4096,
             intermediate_size=12288,
@@ -609,16 +617,27 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
         )
+        if moe:
+            text.update(
+                hidden_size=2048,
+                intermediate_size=6144,
+                num_key_value_heads=4,
+                num_experts=128,
+                num_experts_per_tok=8,
+                moe_intermediate_size=768,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+            )
         vision = dict(
             depth=nv,
-            out_hidden_size=4096,  # checkpoint (default 3584)
+            out_hidden_size=text["hidden_size"],  # checkpoint (default 3584)
             deepstack_visual_indexes=spread([8, 16, 24], 27, nv),
         )
         if tiny:
-            text.update(vocab_size=vocab, **TINY_TEXT)
+            text.update(vocab_size=vocab, **TINY_TEXT, **(TINY_MOE if moe else {}))
             text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[2, 3, 3])
             vision.update(hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
-        return tr.Qwen3VLConfig(
+        return (tr.Qwen3VLMoeConfig if moe else tr.Qwen3VLConfig)(
             text_config=text,
             vision_config=vision,
             tie_word_embeddings=False,
@@ -628,7 +647,11 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             vision_end_token_id=ids["<|vision_end|>"],
         )
 
-    if family == "qwen3_5":
+    if family in ("qwen3_5", "qwen3_5_moe"):
+        # Qwen3.5-MoE (Qwen/Qwen3.5-35B-A3B): Qwen3_5MoeTextConfig's defaults are its widths
+        # (40 layers 2048 wide as 10 x (3 + 1), DeltaNet and attention heads as below, 256
+        # experts, 8 active, MoE MLP 512, a shared expert of 512); vision the same tower with
+        # out_hidden_size 2048. The rest as for the dense one:
         # Qwen/Qwen3.5-9B, from its model card: 32 layers 4096 wide as 8 x (3 Gated DeltaNet + 1
         # gated attention), DeltaNet 16 QK / 32 V heads of 128, attention 16 / 4 KV heads of 256
         # with a 64-dim rotary part (partial_rotary_factor 0.25), MLP 12288, vocab 248320: all
@@ -650,7 +673,8 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
         )
-        vision = dict(depth=nv, out_hidden_size=4096)
+        moe = family == "qwen3_5_moe"
+        vision = dict(depth=nv, out_hidden_size=2048 if moe else 4096)
         if tiny:
             text.update(
                 vocab_size=vocab,
@@ -659,12 +683,13 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
                 linear_num_key_heads=2,
                 linear_num_value_heads=4,
                 **TINY_TEXT,
+                **(dict(TINY_MOE, shared_expert_intermediate_size=32) if moe else {}),
             )
             text["rope_parameters"] = dict(
                 text["rope_parameters"], partial_rotary_factor=0.5, mrope_section=[2, 1, 1]
             )
             vision.update(hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
-        return tr.Qwen3_5Config(
+        return (tr.Qwen3_5MoeConfig if moe else tr.Qwen3_5Config)(
             text_config=text,
             vision_config=vision,
             tie_word_embeddings=False,
@@ -834,6 +859,8 @@ MODEL_CLASSES = {
     "qwen3_5": "Qwen3_5ForConditionalGeneration",
     "gemma4": "Gemma4ForConditionalGeneration",
     "mistral3": "Mistral3ForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
 }
 
 
@@ -849,6 +876,8 @@ EOS_PAD_BOS = {  # generation_config tokens, as vlmflow.tiny sets them
     "qwen3_5": ("<|im_end|>", "<|endoftext|>", None),
     "gemma4": ("<turn|>", "<pad>", "<bos>"),
     "mistral3": ("</s>", "<pad>", "<s>"),
+    "qwen3_vl_moe": ("<|im_end|>", "<|endoftext|>", None),
+    "qwen3_5_moe": ("<|im_end|>", "<|endoftext|>", None),
 }
 
 
@@ -966,10 +995,10 @@ def count(families: list[str], text_layers, vision_layers) -> None:
                     f" cross-attn {tc.cross_attention_layers}, global {vc.num_global_layers},"
                     f" intermediate {vc.intermediate_layers_indices}"
                 )
-            elif family in ("gemma3", "gemma4", "qwen3_5"):
+            elif family in ("gemma3", "gemma4", "qwen3_5", "qwen3_5_moe"):
                 lt = cfg.text_config.layer_types
                 extra = f" full-attention layers {[i for i, t in enumerate(lt) if t == 'full_attention']}"
-            elif family == "qwen3_vl":
+            elif family in ("qwen3_vl", "qwen3_vl_moe"):
                 extra = f" deepstack {cfg.vision_config.deepstack_visual_indexes}"
             print(
                 f"  {label:8s} text {nt:2d} vision {nv:2d}: {p['total'] / 1e9:7.3f}B "

@@ -92,6 +92,14 @@ HF_TARGETS["qwen3_5"] = (
         rf"|linear_attn\.(?:in_proj_qkv|in_proj_z|in_proj_b|in_proj_a|out_proj)|{_MLP})"
     ),
 )
+# MoE: attention (and Qwen3.5-MoE's shared expert) as target_modules; the fused experts are
+# 3-D parameters, adapted through target_parameters (HF_EXPERTS), as vlmflow does
+HF_TARGETS["qwen3_vl_moe"] = HF_TARGETS["qwen3_vl"]
+HF_TARGETS["qwen3_5_moe"] = (
+    HF_TARGETS["qwen3_vl"][0],
+    HF_TARGETS["qwen3_5"][1].replace(_MLP, r"mlp\.shared_expert\.(?:gate_proj|up_proj|down_proj)"),
+)
+HF_EXPERTS = r"model\.language_model\.layers\.\d+\.mlp\.experts\.(?:gate_up_proj|down_proj)"
 # Gemma 4: the vision linears sit inside Gemma4ClippableLinear (`.linear`)
 HF_TARGETS["gemma4"] = (
     (
@@ -173,6 +181,8 @@ def fixed_rows(bench_train, n: int, side: int, prompt_words: int, answer_words: 
 
 
 def build_hf(model_dir: str, quant: str, gc: bool, targets: str):
+    import re
+
     """The baseline as bench_train.build_hf (and the anchor harness) builds it: sdpa, bf16,
     bitsandbytes NF4 + double quantization for 4-bit with prepare_model_for_kbit_training,
     non-reentrant checkpointing, LoRA through get_peft_model."""
@@ -202,6 +212,7 @@ def build_hf(model_dir: str, quant: str, gc: bool, targets: str):
     elif gc:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.enable_input_require_grads()
+    experts = [n for n, _ in m.named_parameters() if re.fullmatch(HF_EXPERTS, n)]
     return get_peft_model(
         m,
         LoraConfig(
@@ -210,6 +221,7 @@ def build_hf(model_dir: str, quant: str, gc: bool, targets: str):
             lora_dropout=0.0,
             bias="none",
             target_modules=targets,
+            target_parameters=experts or None,
             task_type="CAUSAL_LM",
         ),
     )
