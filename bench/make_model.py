@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from vlmflow.tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS
+from vlmflow.models.qwen_vl import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS
 
 
 def anchor_tokenizer():

@@ -4,12 +4,13 @@
 import argparse
 
 from vlmflow.cli import run, setup_logging
-from vlmflow.tiny import BUILDERS, build_tiny
+from vlmflow.families import FAMILIES
+from vlmflow.tiny import build_tiny
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--family", required=True, choices=sorted(BUILDERS))
+    p.add_argument("--family", required=True, choices=sorted(FAMILIES))
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()

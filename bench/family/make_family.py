@@ -27,7 +27,8 @@ This copy (the project's bench/family/) adds qwen3_5 and gemma4 to shared/family
 harness; where their values come from is commented in build_config.
 
 Processors: the tokenizers (byte-level BPE trained with `tokenizers`), special-token lists and
-chat templates are imported from vlmflow.tiny. Its per-family builders cannot be reused as a
+chat templates are imported from the family modules (vlmflow.models.*) and vlmflow.tiny. Their
+tiny builders cannot be reused as a
 whole: they hard-code tiny image geometry (28-64 px images, 8-px patches, 2 tiles) and tiny
 models, so the image processors and processor objects are built here with the checkpoints'
 values. The tokenizer vocabulary stays small (ids < 512): only the model's vocab_size (the
@@ -134,63 +135,27 @@ def gemma3_layer_types(n: int) -> list[str]:
 
 # ------------------------------------------------------------------------------- processors
 def _tokenizer(family: str):
-    """(tokenizer, special-token ids) built with vlmflow.tiny's helpers."""
-    from vlmflow import tiny
+    """(tokenizer, special-token ids): those of the family's tiny model (vlmflow.models)."""
+    from vlmflow.models import gemma3, gemma4, idefics3, llava, mistral, mllama, qwen_vl
 
-    if family in ("qwen2_vl", "qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe"):
-        tok = tiny._qwen_tokenizer()
-        return tok, tiny._ids(tok, tiny.QWEN_SPECIALS)
-    if family == "gemma4":
-        tok = tiny._gemma4_tokenizer()
-        return tok, tiny._ids(tok, tiny.GEMMA4_SPECIALS)
-    if family == "mllama":
-        specials = tiny.LLAMA3_SPECIALS
-        kw = dict(
-            bos_token="<|begin_of_text|>",
-            eos_token="<|eot_id|>",
-            pad_token="<|finetune_right_pad_id|>",
-        )
-    elif family == "gemma3":
-        specials = tiny.GEMMA3_SPECIALS
-        kw = dict(
-            bos_token="<bos>",
-            eos_token="<end_of_turn>",
-            pad_token="<pad>",
-            unk_token="<unk>",
-            extra_special_tokens={
-                "boi_token": "<start_of_image>",
-                "eoi_token": "<end_of_image>",
-                "image_token": "<image_soft_token>",
-            },
-        )
-    elif family in ("pixtral", "mistral3"):
-        specials = [*tiny.MISTRAL_SPECIALS, "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
-        kw = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    elif family == "llava":  # the list is inline in tiny.build_tiny_llava
-        specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-        kw = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    elif family == "llava_next":
-        specials = [*tiny.MISTRAL_SPECIALS, "<image>"]
-        kw = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    elif family == "idefics3":  # the list is inline in tiny._build_idefics3_like
-        specials = [
-            "<|begin_of_text|>",
-            "<end_of_utterance>",
-            "<fake_token_around_image>",
-            "<image>",
-            "<global-img>",
-            # row/column markers of up to 6x6 crops (1456 px / 364 px = 4x4 here)
-            *[f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)],
-        ]
-        kw = dict(
-            bos_token="<|begin_of_text|>",
-            eos_token="<end_of_utterance>",
-            pad_token="<end_of_utterance>",
-        )
-    else:
+    tokenizers = {
+        "qwen2_vl": qwen_vl.qwen_tokenizer,
+        "qwen3_vl": qwen_vl.qwen_tokenizer,
+        "qwen3_5": qwen_vl.qwen_tokenizer,
+        "qwen3_vl_moe": qwen_vl.qwen_tokenizer,
+        "qwen3_5_moe": qwen_vl.qwen_tokenizer,
+        "gemma4": gemma4.gemma4_tokenizer,
+        "mllama": mllama.llama3_tokenizer,
+        "gemma3": gemma3.gemma3_tokenizer,
+        "pixtral": mistral.pixtral_tokenizer,
+        "mistral3": mistral.pixtral_tokenizer,
+        "llava": llava.llava_tokenizer,
+        "llava_next": lambda: llava.llava_tokenizer(next_=True),
+        "idefics3": idefics3.idefics3_tokenizer,
+    }
+    if family not in tokenizers:
         raise KeyError(family)
-    tok = tiny._fast_tokenizer(specials, **kw)
-    return tok, tiny._ids(tok, specials)
+    return tokenizers[family]()
 
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -202,7 +167,7 @@ def build_processor(family: str):
     Returns (processor, tokenizer, special-token ids)."""
     import transformers as tr
 
-    from vlmflow import tiny
+    from vlmflow.models import gemma3, gemma4, idefics3, llava, mistral, mllama, qwen_vl
 
     tok, ids = _tokenizer(family)
     if family == "mllama":
@@ -215,7 +180,7 @@ def build_processor(family: str):
             image_std=CLIP_STD,
         )
         proc = tr.MllamaProcessor(
-            image_processor=image, tokenizer=tok, chat_template=tiny.LLAMA3_CHAT_TEMPLATE
+            image_processor=image, tokenizer=tok, chat_template=mllama.LLAMA3_CHAT_TEMPLATE
         )
     elif family == "gemma3":
         # gemma-3-4b-it: 896x896, mean/std 0.5, 256 soft tokens per image, no pan-and-scan
@@ -224,7 +189,7 @@ def build_processor(family: str):
             image_processor=image,
             tokenizer=tok,
             image_seq_length=256,
-            chat_template=tiny.GEMMA3_CHAT_TEMPLATE,
+            chat_template=gemma3.GEMMA3_CHAT_TEMPLATE,
         )
     elif family == "pixtral":
         # pixtral-12b: longest edge 1024, 16 px patches, no spatial merge; transformers' defaults
@@ -234,7 +199,7 @@ def build_processor(family: str):
             tokenizer=tok,
             patch_size=16,
             spatial_merge_size=1,
-            chat_template=tiny.MISTRAL_CHAT_TEMPLATE,
+            chat_template=mistral.MISTRAL_CHAT_TEMPLATE,
         )
     elif family == "mistral3":
         # Mistral-Small-3.1-24B-Instruct-2503: longest edge 1540, 14 px patches, 2x2 merge
@@ -244,11 +209,11 @@ def build_processor(family: str):
             tokenizer=tok,
             patch_size=14,
             spatial_merge_size=2,
-            chat_template=tiny.MISTRAL_CHAT_TEMPLATE,
+            chat_template=mistral.MISTRAL_CHAT_TEMPLATE,
         )
     elif family == "llava":
         # llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (resize + center crop) -> 576 image tokens;
-        # the template llava-hf ships (vlmflow replaces it, see families.LLAVA_CHAT_TEMPLATE)
+        # the template llava-hf ships (vlmflow replaces it, see models.llava.LLAVA_CHAT_TEMPLATE)
         image = tr.CLIPImageProcessor(
             size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
         )
@@ -258,7 +223,7 @@ def build_processor(family: str):
             patch_size=14,
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,
-            chat_template=tiny.LLAVA_HF_CHAT_TEMPLATE,
+            chat_template=llava.LLAVA_HF_CHAT_TEMPLATE,
         )
     elif family == "llava_next":
         # llava-v1.6-mistral-7b-hf: 336 px base view + any-res tiles on these pinpoints
@@ -274,7 +239,7 @@ def build_processor(family: str):
             patch_size=14,
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,
-            chat_template=tiny.LLAVA_NEXT_CHAT_TEMPLATE,
+            chat_template=llava.LLAVA_NEXT_TINY_CHAT_TEMPLATE,
         )
     elif family == "qwen3_vl":
         # Qwen3-VL-8B-Instruct: 16 px patches, 2x2 merge, mean/std 0.5, pixels in [65536, 16777216]
@@ -290,7 +255,7 @@ def build_processor(family: str):
             image_processor=image,
             tokenizer=tok,
             video_processor=tr.Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
-            chat_template=tiny.QWEN_CHAT_TEMPLATE,
+            chat_template=qwen_vl.QWEN_CHAT_TEMPLATE,
         )
     elif family in ("qwen3_5", "qwen3_vl_moe", "qwen3_5_moe"):
         # Qwen3.5 and the MoE models use Qwen3-VL's processor and image settings (16 px patches,
@@ -307,7 +272,7 @@ def build_processor(family: str):
             image_processor=image,
             tokenizer=tok,
             video_processor=tr.Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
-            chat_template=tiny.QWEN_CHAT_TEMPLATE,
+            chat_template=qwen_vl.QWEN_CHAT_TEMPLATE,
         )
     elif family == "gemma4":
         # Gemma 4: Gemma4ImageProcessor's defaults (16 px patches, 3x3 pooling, up to 280 soft
@@ -319,7 +284,7 @@ def build_processor(family: str):
             tokenizer=tok,
             video_processor=tr.Gemma4VideoProcessor(),
             image_seq_length=280,
-            chat_template=tiny.GEMMA4_CHAT_TEMPLATE,
+            chat_template=gemma4.GEMMA4_CHAT_TEMPLATE,
         )
     elif family == "qwen2_vl":
         # Qwen2-VL-7B-Instruct: 14 px patches, 2x2 merge, min_pixels 3136, max_pixels 12845056
@@ -328,7 +293,7 @@ def build_processor(family: str):
             image_processor=image,
             tokenizer=tok,
             video_processor=tr.Qwen2VLVideoProcessor(),
-            chat_template=tiny.QWEN_CHAT_TEMPLATE,
+            chat_template=qwen_vl.QWEN_CHAT_TEMPLATE,
         )
     elif family == "idefics3":
         # Idefics3-8B-Llama3: images rescaled to a 1456 px longest edge and split into 364 px
@@ -342,7 +307,7 @@ def build_processor(family: str):
             image_processor=image,
             tokenizer=tok,
             image_seq_len=169,
-            chat_template=tiny.IDEFICS3_CHAT_TEMPLATE,
+            chat_template=idefics3.IDEFICS3_CHAT_TEMPLATE,
         )
     else:
         raise KeyError(family)
@@ -354,6 +319,8 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
     """The transformers config. Values are the class defaults where those equal the checkpoint's;
     every other value is set here, commented with the checkpoint it comes from."""
     import transformers as tr
+
+    from vlmflow.models import gemma4
 
     tiny = scale == "tiny"
     vocab = len(tok)
@@ -749,12 +716,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
         return tr.Gemma4Config(
             text_config=text,
             vision_config=vision,
-            boi_token_id=ids["<|image>"],
-            eoi_token_id=ids["<image|>"],
-            image_token_id=ids["<|image|>"],
-            boa_token_id=ids["<|audio>"],
-            eoa_token_index=ids["<audio|>"],
-            audio_token_id=ids["<|audio|>"],
+            **gemma4.gemma4_special_ids(ids),
             tie_word_embeddings=True,
         )
 
@@ -1016,7 +978,7 @@ def count(families: list[str], text_layers, vision_layers) -> None:
 def build(family: str, out: str, scale: str, nt: int, nv: int, device: str, seed: int) -> dict:
     from vlmflow.families import family_for_config
     from vlmflow.io import atomic_dir
-    from vlmflow.tiny import _finish
+    from vlmflow.tiny import finish
 
     proc, tok, ids = build_processor(family)
     cfg = build_config(family, scale, nt, nv, tok, ids)
@@ -1024,7 +986,7 @@ def build(family: str, out: str, scale: str, nt: int, nv: int, device: str, seed
     model = make_model(family, cfg, device)
     changed = random_init_zero_parameters(model)
     eos, pad, bos = (None if t is None else ids[t] for t in EOS_PAD_BOS[family])
-    _finish(model, eos, pad, bos)
+    finish(model, eos, pad, bos)
     fam = family_for_config(cfg).name
     info = dict(
         family=fam,

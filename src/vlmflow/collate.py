@@ -12,18 +12,20 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .families import Family
+from .families import FAMILIES
 from .images import load_rgb
+from .models.base import Family
 
 IGNORE_INDEX = -100
-# Keys with one entry per token (dim 0 of a sample's tensor), and their padding value.
+# Keys with one entry per token (dim 0 of a sample's tensor), and their padding value: the ones
+# transformers' tokenizers and processors return, and those a family adds (Family.token_keys).
 TOKEN_KEYS = {
     "input_ids": None,  # the tokenizer's pad id
     "labels": IGNORE_INDEX,
     "attention_mask": 0,
     "mm_token_type_ids": 0,
     "token_type_ids": 0,
-    "cross_attention_mask": 0,
+    **{k: v for f in FAMILIES.values() for k, v in f.token_keys.items()},
 }
 
 

@@ -35,14 +35,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
-_VISION_ATTENTION_CLASSES = {
-    "Qwen2_5_VLVisionAttention",
-    "VisionAttention",
-    "Qwen3VLVisionAttention",
-    "Qwen3_5VisionAttention",  # the same forward as Qwen3-VL's
-    "Qwen3VLMoeVisionAttention",  # and the MoE models' towers: the same code again
-    "Qwen3_5MoeVisionAttention",
-}
+
+
+def declared_classes(model, patch: str) -> tuple[str, ...]:
+    """The transformers class names the model's registry family declares for `patch`
+    (`Family.patches`); () when the family does not take it."""
+    from .families import family_for_config
+
+    return family_for_config(model.config).patches.get(patch, ())
 
 
 # ---------------------------------------------------------------- batched window attention
@@ -154,15 +154,19 @@ def _qwen_vision_attention_forward(
     return self.proj(out.reshape(seq_length, -1))
 
 
-def batched_vision_attention(model) -> int:
-    """Route the vision attention of Qwen-VL towers through `windowed_sdpa` (per instance).
+def batched_vision_attention(model, classes: tuple[str, ...] | None = None) -> int:
+    """Route the vision attention of Qwen-VL towers through `windowed_sdpa` (per instance):
+    modules of the `classes` (default: those the model's family declares for
+    `vision_attention`).
 
     Only for SDPA/eager attention (flash-attention's varlen path is already one call).
     Returns the number of patched modules.
     """
+    if classes is None:
+        classes = declared_classes(model, "vision_attention")
     n = 0
     for module in model.modules():
-        if type(module).__name__ not in _VISION_ATTENTION_CLASSES:
+        if type(module).__name__ not in classes:
             continue
         impl = getattr(getattr(module, "config", None), "_attn_implementation", "sdpa")
         if impl not in ("sdpa", "eager", None):
@@ -429,14 +433,15 @@ def _linear_patch_embed_forward(self, hidden_states):
     return F.linear(flat, w.reshape(w.shape[0], -1), self.proj.bias)
 
 
-def linear_patch_embed(model) -> int:
-    """Run Qwen-VL patch embeddings (Conv3d, kernel == stride == one patch) as one GEMM."""
+def linear_patch_embed(model, classes: tuple[str, ...] | None = None) -> int:
+    """Run Qwen-VL patch embeddings (Conv3d, kernel == stride == one patch) as one GEMM: modules
+    of the `classes` (default: those the model's family declares for `patch_embed`)."""
+    if classes is None:
+        classes = declared_classes(model, "patch_embed")
     n = 0
     for module in model.modules():
         proj = getattr(module, "proj", None)
-        if not type(module).__name__.endswith("PatchEmbed") or not isinstance(
-            proj, torch.nn.Conv3d
-        ):
+        if type(module).__name__ not in classes or not isinstance(proj, torch.nn.Conv3d):
             continue
         if tuple(proj.kernel_size) != tuple(proj.stride) or proj.padding != (0, 0, 0):
             continue

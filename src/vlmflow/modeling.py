@@ -12,7 +12,7 @@ import weakref
 
 import torch
 
-from .families import Family, family_for_config, lora_target_names, parameter_names
+from .families import family_for_config, lora_target_names, parameter_names
 from .fast import (
     batched_vision_attention,
     compile_layers,
@@ -23,6 +23,7 @@ from .fast import (
     slow_linear_attention,
     use_torch_gated_delta_rule,
 )
+from .models.base import Family
 
 log = logging.getLogger(__name__)
 
@@ -531,15 +532,12 @@ def build_training_model(cfg: dict, device: torch.device | None = None):
     return model, processor, family
 
 
-# Families whose compiled training step was measured faster on a GPU with the same loss
-# (BENCHMARKS.md: Qwen-VL in issue 7; Gemma 4 1.45x and Mistral 3 1.09x in 16-bit, 2026-12-01).
-COMPILE_MEASURED_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma4", "mistral3")
-
-
 def use_compile(setting, family: Family, device: torch.device) -> bool:
-    """train.compile: true / false, or `auto` = a CUDA device and a family measured with it."""
+    """train.compile: true / false, or `auto` = a CUDA device and a family measured with it
+    (`Family.compile_measured`: BENCHMARKS.md, Qwen-VL in issue 7; Gemma 4 1.45x and Mistral 3
+    1.09x in 16-bit, 2026-12-01)."""
     if setting == "auto":
-        return device.type == "cuda" and family.name in COMPILE_MEASURED_FAMILIES
+        return device.type == "cuda" and family.compile_measured
     return bool(setting)
 
 

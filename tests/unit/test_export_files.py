@@ -254,32 +254,33 @@ def test_transformers_4_57_generates_what_transformers_5_does(tmp_path):
     `rope_scaling` is gone, the tokenizer class has a v5-only name, ...)."""
     from transformers import AutoProcessor
 
-    from vlmflow.tiny import BUILDERS, build_tiny
+    from vlmflow.families import FAMILIES
+    from vlmflow.tiny import build_tiny
 
     old = _oldest_transformers()
     clean, raw = [], []
-    for family in BUILDERS:
+    for family in FAMILIES:
         folder = build_tiny(family, tmp_path / f"tiny-{family}")
         raw.append(folder)
         c = tmp_path / f"clean-{family}"
         shutil.copytree(folder, c)
         clean_export(c, processor=AutoProcessor.from_pretrained(c))
         clean.append(c)
-    v4 = _probe([*clean, raw[list(BUILDERS).index("qwen2_5_vl")]], str(old))
+    v4 = _probe([*clean, raw[list(FAMILIES).index("qwen2_5_vl")]], str(old))
     v5 = _probe(clean, None)
     assert v4["version"] == OLDEST_TRANSFORMERS and v5["version"].startswith("5.")
     failed = {p: r["error"] for p, r in v4["out"].items() if "error" in r}
-    raw_qwen = str(raw[list(BUILDERS).index("qwen2_5_vl")])
+    raw_qwen = str(raw[list(FAMILIES).index("qwen2_5_vl")])
     # the uncleaned folder does not run: v4 reads rope_scaling["mrope_section"], gone in v5 form
     assert "NoneType" in failed.pop(raw_qwen, "")
     # families transformers 4.57 does not have: their exports need transformers 5
     for family in NEWER_THAN_OLDEST:
         assert "does not recognize this architecture" in failed.pop(
-            str(clean[list(BUILDERS).index(family)]), ""
+            str(clean[list(FAMILIES).index(family)]), ""
         ), family
     assert not failed, failed
     differ = []
-    for family, path in zip(BUILDERS, map(str, clean)):
+    for family, path in zip(FAMILIES, map(str, clean)):
         if family in NEWER_THAN_OLDEST:
             continue
         a, b = v4["out"][path], v5["out"][path]
@@ -293,7 +294,7 @@ def test_transformers_4_57_generates_what_transformers_5_does(tmp_path):
     # which for hub checkpoints are v4's. Idefics3/SmolVLM differ by ~0.03 in the logits
     # (v4's image processing; not investigated). All of them load and generate in 4.57.
     assert set(differ) <= {"llava", "llava_next", "gemma3", "idefics3", "smolvlm"}, differ
-    assert {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mllama", "pixtral"} <= set(BUILDERS) - set(
+    assert {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "mllama", "pixtral"} <= set(FAMILIES) - set(
         differ
     )
 

@@ -25,14 +25,27 @@ def blocks(prefix, n, attn, mlp):
     return [(f"{prefix}.{i}", attn, mlp) for i in range(n)]
 
 
-LANG = blocks(
-    "model.language_model.layers", 2, [f"self_attn.{x}" for x in QKVO], [f"mlp.{x}" for x in GUD]
-)
+def decoder(*attn):
+    """Language layers 0, 1, ... with these attention linears each and a gate/up/down MLP."""
+    return [
+        (f"model.language_model.layers.{i}", a, [f"mlp.{x}" for x in GUD])
+        for i, a in enumerate(attn)
+    ]
+
+
+SELF_QKVO = [f"self_attn.{x}" for x in QKVO]
+LANG = decoder(SELF_QKVO, SELF_QKVO)
 CLIP = blocks(
     "model.vision_tower.encoder.layers",
     2,
     [f"self_attn.{x}" for x in CLIP_QKVO],
     ["mlp.fc1", "mlp.fc2"],
+)
+PIXTRAL = blocks(
+    "model.vision_tower.transformer.layers",
+    2,
+    [f"attention.{x}" for x in QKVO],
+    [f"feed_forward.{x}" for x in GUD],
 )
 QWEN_ATTN = ["attn.qkv", "attn.proj"]
 GDN = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
@@ -50,29 +63,18 @@ SPEC = {
     # layer 0 a Gated DeltaNet (linear attention), layer 1 full attention
     "qwen3_5": (
         blocks("model.visual.blocks", 2, QWEN_ATTN, ["mlp.linear_fc1", "mlp.linear_fc2"]),
-        [
-            (
-                "model.language_model.layers.0",
-                [f"linear_attn.{x}" for x in GDN],
-                [f"mlp.{x}" for x in GUD],
-            ),
-            (
-                "model.language_model.layers.1",
-                [f"self_attn.{x}" for x in QKVO],
-                [f"mlp.{x}" for x in GUD],
-            ),
-        ],
+        decoder([f"linear_attn.{x}" for x in GDN], SELF_QKVO),
     ),
     # MoE: the fused experts are two parameters (PEFT target_parameters), the routers nothing
     "qwen3_vl_moe": (
         blocks("model.visual.blocks", 2, QWEN_ATTN, ["mlp.linear_fc1", "mlp.linear_fc2"]),
-        blocks("model.language_model.layers", 2, [f"self_attn.{x}" for x in QKVO], EXPERTS),
+        blocks("model.language_model.layers", 2, SELF_QKVO, EXPERTS),
     ),
     "qwen3_5_moe": (
         blocks("model.visual.blocks", 2, QWEN_ATTN, ["mlp.linear_fc1", "mlp.linear_fc2"]),
         [
             ("model.language_model.layers.0", [f"linear_attn.{x}" for x in GDN], SHARED + EXPERTS),
-            ("model.language_model.layers.1", [f"self_attn.{x}" for x in QKVO], SHARED + EXPERTS),
+            ("model.language_model.layers.1", SELF_QKVO, SHARED + EXPERTS),
         ],
     ),
     "mllama": (
@@ -88,42 +90,10 @@ SPEC = {
             [f"self_attn.{x}" for x in QKVO],
             ["mlp.fc1", "mlp.fc2"],
         ),
-        [
-            (
-                "model.language_model.layers.0",
-                [f"self_attn.{x}" for x in QKVO],
-                [f"mlp.{x}" for x in GUD],
-            ),
-            (
-                "model.language_model.layers.1",
-                [f"cross_attn.{x}" for x in QKVO],
-                [f"mlp.{x}" for x in GUD],
-            ),
-            (
-                "model.language_model.layers.2",
-                [f"self_attn.{x}" for x in QKVO],
-                [f"mlp.{x}" for x in GUD],
-            ),
-        ],
+        decoder(SELF_QKVO, [f"cross_attn.{x}" for x in QKVO], SELF_QKVO),
     ),
-    "pixtral": (
-        blocks(
-            "model.vision_tower.transformer.layers",
-            2,
-            [f"attention.{x}" for x in QKVO],
-            [f"feed_forward.{x}" for x in GUD],
-        ),
-        LANG,
-    ),
-    "mistral3": (
-        blocks(
-            "model.vision_tower.transformer.layers",
-            2,
-            [f"attention.{x}" for x in QKVO],
-            [f"feed_forward.{x}" for x in GUD],
-        ),
-        LANG,
-    ),
+    "pixtral": (PIXTRAL, LANG),
+    "mistral3": (PIXTRAL, LANG),
     "llava": (CLIP, LANG),
     "llava_next": (CLIP, LANG),
     "gemma3": (CLIP, LANG),
@@ -136,18 +106,7 @@ SPEC = {
             [f"self_attn.{x}.linear" for x in QKVO],
             [f"mlp.{x}.linear" for x in GUD],
         ),
-        [
-            (
-                "model.language_model.layers.0",
-                [f"self_attn.{x}" for x in QKVO],
-                [f"mlp.{x}" for x in GUD],
-            ),
-            (
-                "model.language_model.layers.1",
-                ["self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj"],
-                [f"mlp.{x}" for x in GUD],
-            ),
-        ],
+        decoder(SELF_QKVO, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj"]),
     ),
     "idefics3": (
         blocks(
@@ -165,24 +124,7 @@ SPEC = {
     ),
 }
 SPEC["smolvlm"] = SPEC["idefics3"]
-# What closes an assistant turn, and what the template puts between the marker and the answer.
-END_OF_TURN = {
-    "qwen2_vl": "<|im_end|>",
-    "qwen2_5_vl": "<|im_end|>",
-    "qwen3_vl": "<|im_end|>",
-    "qwen3_5": "<|im_end|>",
-    "qwen3_vl_moe": "<|im_end|>",
-    "qwen3_5_moe": "<|im_end|>",
-    "mllama": "<|eot_id|>",
-    "pixtral": "</s>",
-    "mistral3": "</s>",
-    "llava": "</s>",
-    "llava_next": "</s>",
-    "gemma3": "<end_of_turn>",
-    "gemma4": "<turn|>",
-    "idefics3": "<end_of_utterance>",
-    "smolvlm": "<end_of_utterance>",
-}
+# What the template puts between the assistant marker and the answer.
 ANSWER_PREFIX = {"llava": " ", "llava_next": " ", "idefics3": " ", "smolvlm": " "}
 
 
@@ -196,6 +138,18 @@ def expected(family, vision, language, attention, mlp):
                     f"{layer}.{n}" for n in (attn if attention else []) + (ffn if mlp else [])
                 ]
     return sorted(names)
+
+
+def end_of_turn(family, tiny_model) -> str:
+    """What closes an assistant turn: the token the built tiny model stops generating at, which
+    must be the registry's `end_of_turn`."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    path = tiny_model(family)
+    eos = GenerationConfig.from_pretrained(path).eos_token_id
+    token = AutoTokenizer.from_pretrained(path).convert_ids_to_tokens(eos)
+    assert token == FAMILIES[family].end_of_turn, (family, token)
+    return token
 
 
 def lora_cfg(**kw):
@@ -302,7 +256,7 @@ def kept_runs(labels):
 def test_label_masks_are_exact(family, tiny_model, chat_rows):
     enc = encoder_for(family, tiny_model)
     tok = enc.tokenizer
-    eot, sp = END_OF_TURN[family], ANSWER_PREFIX.get(family, "")
+    eot, sp = end_of_turn(family, tiny_model), ANSWER_PREFIX.get(family, "")
     answers = [["7"], ["a red circle", "yes"], ["2"]]
     samples = [enc(r) for r in chat_rows]
     image_ids = {tok.convert_tokens_to_ids(t) for t in FAMILIES[family].image_tokens}
@@ -403,7 +357,7 @@ def test_lora_trains_reloads_identically_and_generation_stops(
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
     # greedy generation answers and stops at the end-of-turn token
-    eot = enc.tokenizer.convert_tokens_to_ids(END_OF_TURN[family])
+    eot = enc.tokenizer.convert_tokens_to_ids(end_of_turn(family, tiny_model))
     text, images = enc.prompt(chat_rows[0])
     inputs = proc(text=[text], images=[images], return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
