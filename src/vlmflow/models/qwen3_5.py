@@ -29,6 +29,15 @@ LINEAR_ATTENTION_PACKING = (
     "wired in)"
 )
 
+# What Qwen3.5 and Qwen3.5-MoE share: the Qwen-VL entry with the hybrid decoder's attention,
+# packing refused.
+QWEN3_5 = {
+    **QWEN_VL,
+    "language_attention": QWEN3_5_ATTN,
+    "supports_packing": False,
+    "packing_refusal": LINEAR_ATTENTION_PACKING,
+}
+
 
 def qwen3_5_text(tok, ids, **extra) -> dict:
     """Text config of the Qwen3.5 tiny hybrid decoders: layer 0 a Gated DeltaNet (linear
@@ -72,11 +81,6 @@ FAMILIES = [
         vision_mlp=r"mlp\.(?:linear_fc1|linear_fc2)",
         patches=qwen_vl_patches("Qwen3_5"),
         build_tiny=build_tiny_qwen3_5,
-        **{
-            **QWEN_VL,
-            "language_attention": QWEN3_5_ATTN,
-            "supports_packing": False,
-            "packing_refusal": LINEAR_ATTENTION_PACKING,
-        },
+        **QWEN3_5,
     ),
 ]

@@ -11,24 +11,33 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import qwen_vl
 from .base import Family
-from .qwen3_5 import LINEAR_ATTENTION_PACKING, QWEN3_5_ATTN, qwen3_5_text
-from .qwen_vl import (
-    QWEN_VL,
-    qwen3_text,
-    qwen3_vision,
-    qwen_tokenizer,
-    qwen_tokens,
-    qwen_vl_patches,
-    save_qwen,
-)
+from .qwen3_5 import QWEN3_5, qwen3_5_text
 
-# Both parameters of the fused experts (relative to a decoder layer).
-EXPERTS = r"mlp\.experts\.(?:gate_up_proj|down_proj)"
+# Both parameters of the fused experts (relative to a decoder layer), and the Qwen3-VL tower's MLP.
+_MOE = dict(
+    expert_parameters=r"mlp\.experts\.(?:gate_up_proj|down_proj)",
+    vision_mlp=r"mlp\.(?:linear_fc1|linear_fc2)",
+)
 
 # Tiny MoE blocks: 4 experts, 2 active. moe_intermediate 16 (2 x 16 != hidden 64), so that the
 # (experts, out, in) and (experts, in, out) layouts of a fused expert weight differ.
 _TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+
+
+def _build(out_dir, seed: int, config_class, model_class, text, vision: dict) -> Path:
+    """Save a tiny MoE model: `text(tok, ids)` its text config, Qwen3VLProcessor."""
+    from transformers import Qwen3VLProcessor
+
+    tok, ids = qwen_vl.qwen_tokenizer()
+    cfg = config_class(
+        text_config=text(tok, ids),
+        vision_config=vision,
+        tie_word_embeddings=False,
+        **qwen_vl.qwen_tokens(ids),
+    )
+    return qwen_vl.save_qwen(out_dir, seed, model_class, cfg, ids, Qwen3VLProcessor, tok, 16)
 
 
 def build_tiny_qwen3_vl_moe(out_dir: str | os.PathLike, seed: int = 0) -> Path:
@@ -36,25 +45,17 @@ def build_tiny_qwen3_vl_moe(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     experts, no shared expert), as in Qwen3-VL-30B-A3B. transformers 5 saves the experts in the
     model's (experts, out, in) layout; the hub checkpoints have (experts, in, out), which it
     transposes on load (tests/unit/test_moe.py merges into both)."""
-    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
-    tok, ids = qwen_tokenizer()
-    text = qwen3_text(
-        tok,
-        ids,
-        rope_parameters={"mrope_section": [2, 3, 3]},
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        **_TINY_MOE,
-    )
-    cfg = Qwen3VLMoeConfig(
-        text_config=text,
-        vision_config=qwen3_vision(deepstack_visual_indexes=[0]),
-        tie_word_embeddings=False,
-        **qwen_tokens(ids),
-    )
-    return save_qwen(
-        out_dir, seed, Qwen3VLMoeForConditionalGeneration, cfg, ids, Qwen3VLProcessor, tok, 16
+    rope = {"mrope_section": [2, 3, 3]}
+    moe = dict(_TINY_MOE, decoder_sparse_step=1, mlp_only_layers=[])
+    return _build(
+        out_dir,
+        seed,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+        lambda tok, ids: qwen_vl.qwen3_text(tok, ids, rope_parameters=rope, **moe),
+        qwen_vl.qwen3_vision(deepstack_visual_indexes=[0]),
     )
 
 
@@ -62,18 +63,15 @@ def build_tiny_qwen3_5_moe(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Qwen3.5-MoE: the Qwen3.5 hybrid decoder with a sparse MoE block (router, fused experts,
     a gated shared expert) in both layers, as in Qwen3.5-35B-A3B. Saved, like the hub
     checkpoints, with one tensor per expert and projection, which transformers fuses on load."""
-    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration, Qwen3VLProcessor
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
 
-    tok, ids = qwen_tokenizer()
-    text = qwen3_5_text(tok, ids, shared_expert_intermediate_size=32, **_TINY_MOE)
-    cfg = Qwen3_5MoeConfig(
-        text_config=text,
-        vision_config=qwen3_vision(),
-        tie_word_embeddings=False,
-        **qwen_tokens(ids),
-    )
-    return save_qwen(
-        out_dir, seed, Qwen3_5MoeForConditionalGeneration, cfg, ids, Qwen3VLProcessor, tok, 16
+    return _build(
+        out_dir,
+        seed,
+        Qwen3_5MoeConfig,
+        Qwen3_5MoeForConditionalGeneration,
+        lambda tok, ids: qwen3_5_text(tok, ids, shared_expert_intermediate_size=32, **_TINY_MOE),
+        qwen_vl.qwen3_vision(),
     )
 
 
@@ -84,12 +82,14 @@ FAMILIES = [
         # dense MLP, caught by the MLP regex: none in the released checkpoints).
         name="qwen3_vl_moe",
         model_types=("qwen3_vl_moe",),
-        vision_mlp=r"mlp\.(?:linear_fc1|linear_fc2)",
-        patches=qwen_vl_patches("Qwen3VLMoe"),
-        expert_parameters=EXPERTS,
+        patches=qwen_vl.qwen_vl_patches("Qwen3VLMoe"),
         router_modules=("mlp.gate",),
+        **_MOE,
         build_tiny=build_tiny_qwen3_vl_moe,
-        **{**QWEN_VL, "projector": ("model.visual.merger", "model.visual.deepstack_merger_list")},
+        **{
+            **qwen_vl.QWEN_VL,
+            "projector": ("model.visual.merger", "model.visual.deepstack_merger_list"),
+        },
     ),
     Family(
         # Qwen3.5-MoE (35B-A3B, 122B-A10B, 397B-A17B): the Qwen3.5 hybrid decoder (Gated
@@ -98,17 +98,10 @@ FAMILIES = [
         # scaled by a sigmoid gate `mlp.shared_expert_gate` (a router: frozen, 16-bit).
         name="qwen3_5_moe",
         model_types=("qwen3_5_moe",),
-        vision_mlp=r"mlp\.(?:linear_fc1|linear_fc2)",
-        patches=qwen_vl_patches("Qwen3_5Moe"),
-        expert_parameters=EXPERTS,
+        patches=qwen_vl.qwen_vl_patches("Qwen3_5Moe"),
         router_modules=("mlp.gate", "mlp.shared_expert_gate"),
+        **_MOE,
         build_tiny=build_tiny_qwen3_5_moe,
-        **{
-            **QWEN_VL,
-            "language_attention": QWEN3_5_ATTN,
-            "language_mlp": r"mlp\.shared_expert\.(?:gate_proj|up_proj|down_proj)",
-            "supports_packing": False,
-            "packing_refusal": LINEAR_ATTENTION_PACKING,
-        },
+        **{**QWEN3_5, "language_mlp": r"mlp\.shared_expert\.(?:gate_proj|up_proj|down_proj)"},
     ),
 ]
