@@ -331,7 +331,7 @@ def collate_packed(
       0..pad-1 on the padding), rows 1-3 = `rope_index(sample)` (the model's own (3, n_k) M-RoPE
       ids of the sample alone; the padding repeats its text positions). Row 0 confines
       attention to each sample (the padding attends only to itself): transformers builds a
-      block-diagonal causal mask from it for sdpa/eager attention, and `fast.packed_attention`
+      block-diagonal causal mask from it for sdpa/eager attention, and `patches.packed_attention`
       (what `train.packing` installs for sdpa) cuts the rows at it into one causal call per
       sample. No `attention_mask` is returned: a 2-D one would switch that off.
     - other per-token keys (mm_token_type_ids, ...) (R, T), padded as in `collate`.

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import re
-import weakref
 
 import torch
 
 from .families import family_for_config, lora_target_names, parameter_names
-from .fast import (
+from .loss import model_loss
+from .models.base import Family
+from .offload import offload_checkpointed_layers, offload_input_embeddings
+from .patches import (
     batched_vision_attention,
     compile_layers,
     fast_lora,
@@ -22,8 +24,9 @@ from .fast import (
     packed_attention,
     slow_linear_attention,
     use_torch_gated_delta_rule,
+    warn_unpatched,
+    warn_untested_versions,
 )
-from .models.base import Family
 
 log = logging.getLogger(__name__)
 
@@ -176,48 +179,6 @@ def warn_slow_linear_attention(model) -> list[str]:
     return missing
 
 
-class HostEmbedding(torch.nn.Module):
-    """A frozen input-embedding module kept in host memory (`model.offload_embeddings`).
-
-    Token ids are looked up on the CPU by the original module (so scaled embeddings keep their
-    scale) and the (B, T, d) result is copied to `device`. Only used when the table is frozen
-    and not tied to the output head."""
-
-    def __init__(self, embedding: torch.nn.Module, device: torch.device):
-        super().__init__()
-        self.inner = embedding.to("cpu")
-        self.inner.requires_grad_(False)
-        self.device = device
-
-    @property
-    def weight(self):
-        return self.inner.weight
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.inner(input_ids.to("cpu"))
-        if self.device.type == "cuda":
-            out = out.pin_memory()
-        return out.to(self.device, non_blocking=True)
-
-
-def offload_input_embeddings(model, device: torch.device, lora_cfg: dict) -> bool:
-    """Replace the input embeddings by a HostEmbedding when that is safe. Returns whether it
-    did (tied to lm_head, or trained through modules_to_save: left alone)."""
-    embedding = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    if isinstance(embedding, HostEmbedding):
-        return True
-    tied = head is not None and head.weight.data_ptr() == embedding.weight.data_ptr()
-    trained = any("embed" in m for m in lora_cfg["modules_to_save"])
-    if tied or trained:
-        log.info(
-            "model.offload_embeddings: not applied (%s)", "tied to lm_head" if tied else "trained"
-        )
-        return False
-    model.set_input_embeddings(HostEmbedding(embedding, device))
-    return True
-
-
 def _cpu_4bit_workaround(model) -> None:
     """bitsandbytes 0.50 on CPU repacks 4-bit weights for AVX512-BF16 after an eval-mode forward,
     and a later training step then fails; keep the portable layout."""
@@ -321,130 +282,9 @@ def lora_config(family: Family, lora_cfg: dict, target_modules: list[str], save=
     )
 
 
-class _Offloaded:
-    """One saved tensor living in host memory (and, once prefetched, again on the GPU)."""
-
-    __slots__ = ("__weakref__", "device", "host", "ready", "gpu", "gpu_ready", "call")
-
-    def __init__(self, device, host, ready, call):
-        self.device, self.host, self.ready, self.call = device, host, ready, call
-        self.gpu = self.gpu_ready = None
-
-
-class OffloadedCheckpoint:
-    """Gradient checkpointing whose saved layer inputs live on the CPU (Unsloth's "unsloth"
-    mode, `use_gradient_checkpointing: offload`).
-
-    Non-reentrant `torch.utils.checkpoint` keeps only a layer's inputs for the backward pass and
-    saves them through autograd's saved-tensor mechanism; under this object's
-    `saved_tensors_hooks` they are copied to host memory and back when the backward pass
-    recomputes the layer. Activations inside the layer are recomputed as usual, so the numerics
-    equal plain checkpointing's.
-
-    On CUDA the copies run on a side stream: the device-to-host copy overlaps the next layers'
-    forward, and when the backward pass restores layer i's inputs it starts copying layer
-    i-1's back (double buffering), so the compute stream rarely waits for the PCIe link.
-    Tensors saved by several layers (rotary tables, masks) are copied once; tensors under
-    `min_bytes` stay where they are.
-    """
-
-    def __init__(self, min_bytes: int = 0):
-        self.min_bytes = min_bytes
-        self.offloaded_bytes = 0
-        self.restored = 0
-        self.prefetched = 0
-        self._call = 0
-        self._entries: list[weakref.ref] = []  # in pack order
-        # id(tensor) -> (weakref(tensor), version, weakref(entry)): autograd alone owns entries
-        self._seen: dict[int, tuple] = {}
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
-
-    def _copy_stream(self, device):
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device)
-        return self._streams[device]
-
-    def _pack(self, t: torch.Tensor):
-        if t.numel() * t.element_size() < self.min_bytes:
-            return t
-        seen = self._seen.get(id(t))
-        if seen is not None and seen[0]() is t and seen[1] == t._version:
-            entry = seen[2]()
-            if entry is not None:
-                return entry
-        if t.device.type == "cuda":
-            compute = torch.cuda.current_stream(t.device)
-            stream = self._copy_stream(t.device)
-            stream.wait_stream(compute)
-            host = torch.empty(t.size(), dtype=t.dtype, pin_memory=True)
-            with torch.cuda.stream(stream):
-                host.copy_(t, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record(stream)
-            t.record_stream(stream)  # its memory is not reused before the copy is done
-        else:
-            host, ready = t.detach().clone(), None
-        entry = _Offloaded(t.device, host, ready, self._call)
-        self.offloaded_bytes += t.numel() * t.element_size()
-        self._seen[id(t)] = (weakref.ref(t), t._version, weakref.ref(entry))
-        self._entries.append(weakref.ref(entry))
-        return entry
-
-    def _fetch(self, entry: _Offloaded) -> None:
-        """Start copying `entry` back to its GPU on the side stream."""
-        compute = torch.cuda.current_stream(entry.device)
-        stream = self._copy_stream(entry.device)
-        gpu = torch.empty(entry.host.size(), dtype=entry.host.dtype, device=entry.device)
-        stream.wait_stream(compute)
-        with torch.cuda.stream(stream):
-            stream.wait_event(entry.ready)
-            gpu.copy_(entry.host, non_blocking=True)
-            entry.gpu_ready = torch.cuda.Event()
-            entry.gpu_ready.record(stream)
-        gpu.record_stream(stream)
-        entry.gpu = gpu
-
-    def _unpack(self, packed) -> torch.Tensor:
-        if isinstance(packed, torch.Tensor):
-            return packed
-        entry = packed
-        self.restored += 1
-        if entry.device.type != "cuda":
-            return entry.host.to(entry.device)
-        if entry.gpu is None:
-            self._fetch(entry)
-        else:
-            self.prefetched += 1
-        torch.cuda.current_stream(entry.device).wait_event(entry.gpu_ready)
-        gpu = entry.gpu
-        self._prefetch_before(entry.call)
-        return gpu
-
-    def _prefetch_before(self, call: int) -> None:
-        """Start restoring the inputs of the checkpointed call before `call` (the layer the
-        backward pass reaches next)."""
-        alive = []
-        for ref in self._entries:
-            e = ref()
-            if e is None:
-                continue
-            alive.append(ref)
-            if e.call == call - 1 and e.gpu is None:
-                self._fetch(e)
-        self._entries = alive
-
-    def __call__(self, function, *args, **kwargs):
-        from torch.utils.checkpoint import checkpoint
-
-        self._call += 1
-        if len(self._seen) > 4096:
-            self._seen = {k: v for k, v in self._seen.items() if v[2]() is not None}
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-            return checkpoint(function, *args, use_reentrant=False, **kwargs)
-
-
-def enable_gradient_checkpointing(model, mode) -> OffloadedCheckpoint | None:
-    """`mode` False / True / "offload" ("unsloth" is an alias). Returns the offloader."""
+def enable_gradient_checkpointing(model, mode):
+    """`mode` False / True / "offload" ("unsloth" is an alias). Returns the offloader
+    (`vlmflow.offload.OffloadedCheckpoint`) for "offload", else None."""
     if mode not in GRADIENT_CHECKPOINTING_MODES:
         raise ValueError(
             f"use_gradient_checkpointing must be one of {GRADIENT_CHECKPOINTING_MODES}"
@@ -455,19 +295,7 @@ def enable_gradient_checkpointing(model, mode) -> OffloadedCheckpoint | None:
     model.enable_input_require_grads()
     if mode is True:
         return None
-    # on a GPU, tensors under 1 MiB are not worth a copy's latency; on the CPU (tests) move all
-    on_gpu = next(model.parameters()).device.type == "cuda"
-    offloader = OffloadedCheckpoint(min_bytes=(1 << 20) if on_gpu else 0)
-    n = 0
-    for module in model.modules():
-        if getattr(module, "gradient_checkpointing", False) and hasattr(
-            module, "_gradient_checkpointing_func"
-        ):
-            module._gradient_checkpointing_func = offloader
-            n += 1
-    if n == 0:
-        raise ValueError(f"{type(model).__name__} has no checkpointed layers to offload")
-    return offloader
+    return offload_checkpointed_layers(model)
 
 
 def apply_lora(model, family: Family, lora_cfg: dict, *, gradient_checkpointing=False):
@@ -505,31 +333,56 @@ def build_training_model(cfg: dict, device: torch.device | None = None):
     model, family = load_model(model_cfg, device)
     processor = load_processor(model_cfg, family)
     model.config.use_cache = False
-    broken = fla_backward_broken(device)  # training needs the backward; generation does not
-    if broken and use_torch_gated_delta_rule(model):
-        log.warning(
-            "SLOW PATH: %s; the Gated DeltaNet layers train with the PyTorch reference instead "
-            "(install tilelang, or Triton >= 3.7.1, for the kernels)",
-            broken,
-        )
-    patched = batched_vision_attention(model)
-    if patched:
-        log.info("batched window attention in %d vision attention modules", patched)
-    if linear_patch_embed(model):
-        log.info("patch embedding as one GEMM")
-    if train_cfg["packing"] and model_cfg["attn_implementation"] == "sdpa":
-        log.info(
-            "packed rows: one causal SDPA call per sample in %d modules", packed_attention(model)
-        )
+    model = apply_fast_paths(model, family, cfg, device, lora=False)
     if model_cfg["offload_embeddings"] and offload_input_embeddings(model, device, lora_cfg):
         log.info("input embeddings kept in host memory")
     model = apply_lora(
         model, family, lora_cfg, gradient_checkpointing=train_cfg["use_gradient_checkpointing"]
     )
-    log.info("LoRA branches in the compute dtype: %d modules", fast_lora(model))
-    if use_compile(train_cfg["compile"], family, device):
-        log.info("torch.compile on %d layers", compile_layers(model))
+    model_loss(model)  # the training loss (vlmflow.loss), set up once on the model
+    model = apply_fast_paths(model, family, cfg, device, lora=True)
     return model, processor, family
+
+
+def apply_fast_paths(model, family: Family, cfg: dict, device: torch.device, *, lora: bool):
+    """The monkeypatches of `vlmflow.patches` that `train.fast_paths` leaves on: before LoRA
+    (`lora=False`) those of the base model, after it (`lora=True`) the LoRA branches and
+    compilation. A patch the family takes that patches nothing is a WARNING. Returns `model`."""
+    model_cfg, train_cfg = cfg["model"], cfg["train"]
+    fast = train_cfg["fast_paths"]
+    if lora:
+        if fast["lora"]:
+            n = fast_lora(model)
+            log.info("LoRA branches in the compute dtype: %d modules", n)
+            warn_unpatched(model, family, "lora", n)
+        if fast["compile"] and use_compile(train_cfg["compile"], family, device):
+            n = compile_layers(model)
+            log.info("torch.compile on %d layers", n)
+            warn_unpatched(model, family, "compile", n)
+        return model
+    warn_untested_versions()
+    broken = fla_backward_broken(device)  # training needs the backward; generation does not
+    if broken and fast["torch_gated_delta_rule"] and use_torch_gated_delta_rule(model):
+        log.warning(
+            "SLOW PATH: %s; the Gated DeltaNet layers train with the PyTorch reference instead "
+            "(install tilelang, or Triton >= 3.7.1, for the kernels)",
+            broken,
+        )
+    for patch, function, what in (
+        ("vision_attention", batched_vision_attention, "batched window attention in %d modules"),
+        ("patch_embed", linear_patch_embed, "patch embedding as one GEMM in %d modules"),
+    ):
+        if fast[patch] and patch in family.patches:
+            n = function(model, family.patches[patch])
+            if n:
+                log.info(what, n)
+            warn_unpatched(model, family, patch, n, family.patches[patch])
+    sdpa = model_cfg["attn_implementation"] == "sdpa"
+    if fast["packed_attention"] and train_cfg["packing"] and sdpa:
+        n = packed_attention(model)
+        log.info("packed rows: one causal SDPA call per sample in %d modules", n)
+        warn_unpatched(model, family, "packed_attention", n)
+    return model
 
 
 def use_compile(setting, family: Family, device: torch.device) -> bool:

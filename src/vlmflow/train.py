@@ -42,8 +42,8 @@ from .collate import (
     rope_index_fn,
 )
 from .distributed import DistContext
-from .fast import label_only_loss, label_positions
 from .io import atomic_dir, atomic_file, write_json
+from .loss import label_positions, model_loss
 from .modeling import build_training_model, count_parameters, pick_device, resolve_dtype
 from .preempt import Preempted
 
@@ -270,6 +270,7 @@ RESUME_IGNORES = {
         "dataloader_workers",
         "cache_encoded",
         "compile",
+        "fast_paths",
         "use_gradient_checkpointing",
         "gpus",  # the number of ranks (gpus x nodes) is part of the identity instead
         "nodes",
@@ -692,10 +693,11 @@ def train_step(
         # from pageable memory may wait for the GPU to finish its queued work
         return (t.pin_memory() if pin else t).to(device, non_blocking=True)
 
+    loss_fn = model_loss(model)  # label-only cross-entropy, set up once per model
     for batch, (index, targets) in zip(micro_batches, positions):  # padded or packed batches
         index, targets = to_device(index), to_device(targets)
         batch = {k: to_device(v) for k, v in model_inputs(batch).items()}
-        loss = label_only_loss(model, batch, num_items_in_batch=n_items, positions=(index, targets))
+        loss = loss_fn(batch, num_items_in_batch=n_items, positions=(index, targets))
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
     ctx.all_reduce_grads(params)

@@ -6,13 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmflow.fast import (
+from vlmflow.loss import chunked_head_loss, label_only_loss
+from vlmflow.patches import (
     _segments,
     _window_groups,
     batched_vision_attention,
-    chunked_head_loss,
     fast_lora,
-    label_only_loss,
     linear_patch_embed,
     windowed_sdpa,
 )

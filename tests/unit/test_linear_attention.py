@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from vlmflow import fast
+from vlmflow import patches
 from vlmflow.modeling import warn_slow_linear_attention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -22,9 +22,9 @@ def test_kernel_detection_reads_what_transformers_resolved():
     found = use_kernel_func_from_hub_with_fallback("dumps", "json")(reference)
     missing = use_kernel_func_from_hub_with_fallback("no_such_kernel", "json")(reference)
     absent = use_kernel_func_from_hub_with_fallback("dumps", "vlmflow_no_such_package")(reference)
-    assert fast._uses_fast_kernel(found, "json") is True
-    assert fast._uses_fast_kernel(missing, "json") is False
-    assert fast._uses_fast_kernel(absent, "vlmflow_no_such_package") is False
+    assert patches._uses_fast_kernel(found, "json") is True
+    assert patches._uses_fast_kernel(missing, "json") is False
+    assert patches._uses_fast_kernel(absent, "vlmflow_no_such_package") is False
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
@@ -45,7 +45,7 @@ def test_slow_fallback_is_one_loud_warning_naming_the_packages(
 
     # flash-linear-attention there, causal-conv1d not (it often does not build): INFO only
     caplog.clear()
-    monkeypatch.setattr(fast, "_uses_fast_kernel", lambda fn, name: name == "fla")
+    monkeypatch.setattr(patches, "_uses_fast_kernel", lambda fn, name: name == "fla")
     with caplog.at_level(logging.INFO, logger="vlmflow.modeling"):
         assert warn_slow_linear_attention(model) == ["causal-conv1d"]
     lines = [r for r in caplog.records if r.name == "vlmflow.modeling"]
@@ -54,7 +54,7 @@ def test_slow_fallback_is_one_loud_warning_naming_the_packages(
 
     # with both kernels resolved: silent
     caplog.clear()
-    monkeypatch.setattr(fast, "_uses_fast_kernel", lambda fn, name: True)
+    monkeypatch.setattr(patches, "_uses_fast_kernel", lambda fn, name: True)
     with caplog.at_level(logging.INFO, logger="vlmflow.modeling"):
         assert warn_slow_linear_attention(model) == []
     assert not [r for r in caplog.records if r.name == "vlmflow.modeling"]
@@ -77,7 +77,7 @@ def test_qwen3_5_vision_tower_takes_the_batched_window_attention(family, tiny_mo
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vlmflow.fast import batched_vision_attention
+    from vlmflow.patches import batched_vision_attention
 
     path = tiny_model(family)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float64)
@@ -127,18 +127,18 @@ def test_fla_with_a_broken_triton_on_hopper_trains_with_the_reference(tiny_model
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability["cc"])
     cuda = torch.device("cuda", 0)
 
-    assert "Triton 3.6.0" in fast.fla_backward_broken(cuda)
-    assert fast.fla_backward_broken(torch.device("cpu")) is None
+    assert "Triton 3.6.0" in patches.fla_backward_broken(cuda)
+    assert patches.fla_backward_broken(torch.device("cpu")) is None
     for v in ("3.3.1", "3.7.1", "3.8.0"):
         triton["v"] = v
-        assert fast.fla_backward_broken(cuda) is None, v
+        assert patches.fla_backward_broken(cuda) is None, v
     triton["v"] = "3.4.0"
-    assert fast.fla_backward_broken(cuda) is not None
+    assert patches.fla_backward_broken(cuda) is not None
     capability["cc"] = (8, 0)  # an A100: fine
-    assert fast.fla_backward_broken(cuda) is None
+    assert patches.fla_backward_broken(cuda) is None
     capability["cc"] = (9, 0)
     installed.add("tilelang")  # fla's own workaround
-    assert fast.fla_backward_broken(cuda) is None
+    assert patches.fla_backward_broken(cuda) is None
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model("qwen3_5"))
     code = sys.modules[
@@ -148,6 +148,6 @@ def test_fla_with_a_broken_triton_on_hopper_trains_with_the_reference(tiny_model
     reference = inspect.unwrap(decorated)
     assert reference is not decorated
     monkeypatch.setattr(code, "torch_chunk_gated_delta_rule", decorated)  # restored after
-    assert fast.use_torch_gated_delta_rule(model) == 1
+    assert patches.use_torch_gated_delta_rule(model) == 1
     assert code.torch_chunk_gated_delta_rule is reference
-    assert fast.use_torch_gated_delta_rule(model) == 0  # already the reference
+    assert patches.use_torch_gated_delta_rule(model) == 0  # already the reference

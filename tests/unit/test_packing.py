@@ -16,10 +16,10 @@ from vlmflow.collate import (
 )
 from vlmflow.config import resolve_sections
 from vlmflow.families import FAMILIES
-from vlmflow.fast import (
+from vlmflow.loss import label_only_loss
+from vlmflow.patches import (
     PACKED_ATTENTION,
     _row_segments,
-    label_only_loss,
     packed_attention,
     packed_sdpa_attention,
 )

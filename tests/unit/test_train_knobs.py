@@ -317,8 +317,9 @@ def test_host_embeddings_and_compiled_layers_keep_the_numerics(tiny_qwen, chat_r
     """model.offload_embeddings (lookup on the CPU) and regionally compiled layers (checked with
     the aot_eager backend: same graphs as inductor, without its C++ build) give the plain
     model's loss and gradients."""
-    from vlmflow.fast import compile_layers
-    from vlmflow.modeling import HostEmbedding, build_training_model
+    from vlmflow.modeling import build_training_model
+    from vlmflow.offload import HostEmbedding
+    from vlmflow.patches import compile_layers
 
     results = []
     for offload, compiled in ((False, False), (True, False), (False, True)):
@@ -342,7 +343,8 @@ def test_host_embeddings_and_compiled_layers_keep_the_numerics(tiny_qwen, chat_r
 
 
 def test_host_embeddings_are_not_used_for_trained_embeddings(tiny_qwen):
-    from vlmflow.modeling import HostEmbedding, build_training_model
+    from vlmflow.modeling import build_training_model
+    from vlmflow.offload import HostEmbedding
 
     cfg = sections(tiny_qwen, lora={"modules_to_save": ["embed_tokens"]}, offload_embeddings=True)
     model, _, _ = build_training_model(cfg, torch.device("cpu"))

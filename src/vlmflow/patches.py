@@ -1,5 +1,6 @@
-"""Fast paths of the training step. Each computes the same function as the transformers code it
-replaces (tests compare them on random inputs); they change how, not what.
+"""Monkeypatches of transformers / PEFT for the training step (the fast paths). Each computes
+the same function as the transformers code it replaces (tests compare them on random inputs);
+they change how, not what. Each can be switched off (`train.fast_paths`).
 
 - `batched_vision_attention`: Qwen2/2.5/3-VL vision towers run attention window by window
   (Qwen2.5-VL: 256 windows x 28 windowed blocks per pass for four 896x896 images, thousands of
@@ -16,25 +17,24 @@ replaces (tests compare them on random inputs); they change how, not what.
   of every packed row (rows of several thousand tokens), which rules out the flash kernel and
   computes every cross-sample block only to mask it. Here each sample of a row is one causal
   SDPA call over its own tokens (flash on a GPU): the same attention, without the masked work.
-- `label_only_loss`: the causal-LM loss needs logits only where a label is set (the answer:
-  about a fifth of the tokens in a typical VQA batch). The head runs on those positions only, in
-  chunks under checkpointing, with the cross-entropy in fp32: the (tokens x vocab) logits tensor
-  (3.4 GB in fp32 for 5.5k tokens and Qwen's 152k vocabulary) is never materialised. A final
-  logit softcap (Gemma 4) is applied to those chunks, the model's own one is off meanwhile.
+- `compile_layers`: regional torch.compile of decoder layers and vision blocks.
+- `use_torch_gated_delta_rule`: the PyTorch reference of the gated delta rule where
+  flash-linear-attention's kernel cannot train.
+
+The training loss is in `vlmflow.loss`, activation offloading in `vlmflow.offload`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import types
 import weakref
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 
 
 def declared_classes(model, patch: str) -> tuple[str, ...]:
@@ -456,131 +456,115 @@ def linear_patch_embed(model, classes: tuple[str, ...] | None = None) -> int:
 _COMPILED_LAYER_CLASSES = ("DecoderLayer", "VisionBlock", "VisionEncoderLayer", "EncoderLayer")
 
 
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What torch.compile raises when it cannot compile a graph (not errors of the code)."""
+    import torch._dynamo.exc
+
+    errors: list[type[BaseException]] = [torch._dynamo.exc.TorchDynamoException]
+    try:
+        from torch._inductor.exc import InductorError
+
+        errors.append(InductorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _compiled_or_eager(name: str, module, backend: str):
+    """`module.forward` compiled; if compiling fails, a WARNING naming the layer and the eager
+    forward from then on (for that layer only)."""
+    eager = module.forward
+    compiled = torch.compile(eager, backend=backend, dynamic=None)
+    errors = _compile_errors()
+
+    def forward(*args, **kwargs):
+        if module._vlmflow_compiled == "failed":
+            return eager(*args, **kwargs)
+        try:
+            return compiled(*args, **kwargs)
+        except errors as exc:
+            log.warning(
+                "torch.compile failed on layer %s (%s); it runs eagerly: %s",
+                name,
+                type(module).__name__,
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
+            module._vlmflow_compiled = "failed"
+            return eager(*args, **kwargs)
+
+    return forward
+
+
 def compile_layers(model, backend: str = "inductor") -> int:
     """torch.compile the forward of every decoder layer and vision block (per instance; the
     layers of one class share one compiled graph). Gradient checkpointing still wraps the
     compiled call, so recomputation runs the compiled code too. The block-diagonal vision
-    attention stays eager (its layout changes with every image size). A graph that fails to
-    compile runs eagerly (with a warning) instead of stopping the run. Returns the number of
-    layers."""
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True
+    attention stays eager (its layout changes with every image size). A layer whose graph fails
+    to compile runs eagerly, with a WARNING naming it, instead of stopping the run (dynamo's
+    process-wide `suppress_errors` is left alone). Returns the number of layers."""
     n = 0
-    for module in model.modules():
-        name = type(module).__name__
-        if not name.endswith(_COMPILED_LAYER_CLASSES) or hasattr(module, "_vlmflow_compiled"):
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if not cls.endswith(_COMPILED_LAYER_CLASSES) or hasattr(module, "_vlmflow_compiled"):
             continue
         module._vlmflow_compiled = True
-        module.forward = torch.compile(module.forward, backend=backend, dynamic=None)
+        module.forward = _compiled_or_eager(name, module, backend)
         n += 1
     return n
 
 
-# ------------------------------------------------------------------------ label-only loss
-def _find_lm_head_owner(model):
-    """(owner, attribute) of the output head: the module whose `.lm_head` the forward calls."""
-    for module in model.modules():
-        if "lm_head" in module._modules:
-            return module
-    raise ValueError("no lm_head found on the model")
+# -------------------------------------------------------------------- switches and warnings
+# The transformers and PEFT releases the patches are tested with (requirements.in pins them):
+# the patches replace forwards matched by class name, which another release may rename.
+TESTED_VERSIONS = {"transformers": ("5.17", "5.18"), "peft": ("0.21", "0.22")}
+_VERSIONS_CHECKED: list[str] = []
 
 
-def _softcap_configs(model) -> list:
-    """The model's configs (top level and text) that set a final logit softcap."""
-    cfg = getattr(model, "config", None)
-    return [
-        c
-        for c in (cfg, getattr(cfg, "text_config", None))
-        if c is not None and getattr(c, "final_logit_softcapping", None)
-    ]
+def untested_versions(versions: dict[str, str] | None = None) -> list[str]:
+    """'name version' of each of transformers / PEFT outside `TESTED_VERSIONS` ([] if none);
+    `versions` ({name: version}) defaults to the installed ones."""
+    import importlib.metadata
+
+    out = []
+    for name, (lo, hi) in TESTED_VERSIONS.items():
+        version = versions[name] if versions is not None else importlib.metadata.version(name)
+        if not _version_tuple(lo) <= _version_tuple(version) < _version_tuple(hi):
+            out.append(f"{name} {version}")
+    return out
 
 
-@contextlib.contextmanager
-def _softcap_bypassed(model):
-    """Turn the model's final logit softcap off for one forward (its head is bypassed too, so
-    it would squash the hidden states); yields the cap (None when the model has none)."""
-    configs = _softcap_configs(model)
-    caps = [c.final_logit_softcapping for c in configs]
-    for c in configs:
-        c.final_logit_softcapping = None
-    try:
-        yield caps[0] if caps else None
-    finally:
-        for c, cap in zip(configs, caps):
-            c.final_logit_softcapping = cap
+def warn_untested_versions() -> list[str]:
+    """One WARNING per process when transformers or PEFT is outside the tested range (the
+    patches may then patch nothing, or the wrong thing). Returns the untested packages."""
+    untested = untested_versions()
+    if untested and not _VERSIONS_CHECKED:
+        ranges = ", ".join(f"{n} >={lo},<{hi}" for n, (lo, hi) in TESTED_VERSIONS.items())
+        log.warning(
+            "%s: outside the range vlmflow's fast paths are tested with (%s); if training "
+            "misbehaves, switch them off one by one (train.fast_paths)",
+            ", ".join(untested),
+            ranges,
+        )
+    _VERSIONS_CHECKED.append("done")
+    return untested
 
 
-@contextlib.contextmanager
-def _head_bypassed(owner):
-    head = owner.lm_head
-    owner.lm_head = torch.nn.Identity()
-    try:
-        yield head
-    finally:
-        owner.lm_head = head
-
-
-def chunked_head_loss(
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    head: torch.nn.Module,
-    chunk_size: int = 2048,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """Sum of token cross-entropies of `head(hidden)` against `targets`, chunk by chunk.
-
-    hidden: (N, d); targets: (N,) int64 (no ignore index). Each chunk's logits (chunk, V) are
-    recomputed in the backward pass instead of being kept. `softcap`: the logits are
-    `softcap * tanh(logits / softcap)` first (Gemma's final_logit_softcapping).
-    """
-    acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 in tests
-
-    def piece(h, t):
-        logits = head(h).to(acc)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return F.cross_entropy(logits, t, reduction="sum")
-
-    total = hidden.new_zeros((), dtype=acc)
-    for i in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[i : i + chunk_size], targets[i : i + chunk_size]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(piece, h, t, use_reentrant=False)
-        else:
-            total = total + piece(h, t)
-    return total
-
-
-def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where the shifted labels are set: (flat indices into the (B * (T - 1)) predicting
-    positions, their target ids). Computed on the labels' device; on the CPU, before the batch
-    goes to the GPU, it costs the GPU no synchronisation (a boolean index on the GPU does)."""
-    shift = labels[:, 1:].reshape(-1)
-    index = (shift != IGNORE_INDEX).nonzero().squeeze(1)
-    return index, shift.index_select(0, index)
-
-
-def label_only_loss(
-    model,
-    batch: dict,
-    num_items_in_batch: int | None = None,
-    chunk_size: int = 2048,
-    positions: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Causal-LM loss (mean over labelled tokens, or sum / num_items_in_batch) computed with the
-    head on labelled positions only. Same value as transformers' ForCausalLMLoss.
-
-    batch: the collator's dict (input_ids (B, T), labels (B, T), attention_mask, image tensors).
-    positions: `label_positions(labels)` on the model's device, if already known.
-    """
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    owner = _find_lm_head_owner(model)
-    with _head_bypassed(owner) as head, _softcap_bypassed(model) as softcap:
-        hidden = model(**inputs, use_cache=False).logits  # (B, T, d): the head is bypassed
-    index, targets = positions if positions is not None else label_positions(labels)
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, index)
-    total = chunked_head_loss(h, targets, head, chunk_size, softcap=softcap)
-    denom = num_items_in_batch if num_items_in_batch is not None else int(index.numel())
-    return total / max(denom, 1)
+def warn_unpatched(model, family, patch: str, n: int, classes: tuple[str, ...] = ()) -> bool:
+    """A WARNING naming the family and the patch when a patch the family takes patched nothing:
+    `classes` (the family's declared class names) are then usually missing from the model (a
+    renamed transformers class). Returns whether it warned."""
+    if n:
+        return False
+    present = {type(m).__name__ for m in model.modules()}
+    if classes and present.intersection(classes):
+        return False  # the modules are there but not eligible (e.g. flash attention)
+    what = f" (no module of class {', '.join(classes)} in this model)" if classes else ""
+    log.warning(
+        "fast path %s of family %s patched 0 modules%s: it does nothing; check the "
+        "transformers / PEFT version (train.fast_paths.%s: false silences this)",
+        patch,
+        family.name,
+        what,
+        patch,
+    )
+    return True

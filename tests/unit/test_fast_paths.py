@@ -1,0 +1,157 @@
+"""train.fast_paths: every monkeypatch can be switched off; a patch a family takes that patches
+nothing, transformers / PEFT outside the tested range and a failed compile are logged."""
+
+import logging
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import torch
+
+from vlmflow import modeling, patches
+from vlmflow.config import resolve_sections
+from vlmflow.families import FAMILIES
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def sections(model, fast_paths=None, **train):
+    return resolve_sections(
+        {
+            "model": {"name": model, "max_seq_length": 512},
+            "lora": {"r": 4, "lora_alpha": 8},
+            "train": {
+                "use_gradient_checkpointing": False,
+                "fast_paths": fast_paths or {},
+                **train,
+            },
+        },
+        ["model", "lora", "train"],
+    )
+
+
+def patched_modules(model) -> Counter:
+    """How many modules each patch changed, read off the model itself."""
+    declared = FAMILIES["qwen2_5_vl"].patches
+    kinds = Counter()
+    for m in model.modules():
+        name, cfg = type(m).__name__, getattr(m, "config", None)
+        for patch in ("vision_attention", "patch_embed"):
+            kinds[patch] += name in declared[patch] and "forward" in vars(m)
+        kinds["lora"] += hasattr(m, "_vlmflow_peft_forward")
+        kinds["compile"] += bool(getattr(m, "_vlmflow_compiled", False))
+        kinds["packed_attention"] += getattr(m, "is_causal", False) and (
+            getattr(cfg, "_attn_implementation", None) == patches.PACKED_ATTENTION
+        )
+    return +kinds  # the patches that changed something
+
+
+def compile_with_aot_eager(mp):
+    """train.compile with the aot_eager backend: no C++ build on the CPU (nothing runs here)."""
+    orig = patches.compile_layers
+    mp.setattr(modeling, "compile_layers", lambda model: orig(model, backend="aot_eager"))
+
+
+@pytest.fixture(scope="module")
+def all_on(tiny_qwen):
+    with pytest.MonkeyPatch.context() as mp:
+        compile_with_aot_eager(mp)
+        cfg = sections(tiny_qwen, compile=True, packing=True)
+        model, _, _ = modeling.build_training_model(cfg, torch.device("cpu"))
+    return patched_modules(model)
+
+
+@pytest.mark.parametrize(
+    "patch", ["vision_attention", "patch_embed", "lora", "packed_attention", "compile"]
+)
+def test_each_fast_path_can_be_switched_off(patch, tiny_qwen, all_on, monkeypatch):
+    compile_with_aot_eager(monkeypatch)
+    cfg = sections(tiny_qwen, {patch: False}, compile=True, packing=True)
+    assert cfg["train"]["fast_paths"] == {
+        **{k: True for k in cfg["train"]["fast_paths"]},
+        patch: False,
+    }  # schema defaults: all on
+    model, _, _ = modeling.build_training_model(cfg, torch.device("cpu"))
+    got = patched_modules(model)
+    assert all_on[patch] > 0
+    assert patch not in got
+    assert {k: v for k, v in all_on.items() if k != patch} == got  # the others stay on
+
+
+def test_the_gated_delta_fallback_can_be_switched_off(tiny_model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(modeling, "fla_backward_broken", lambda device: "broken here")
+    monkeypatch.setattr(modeling, "use_torch_gated_delta_rule", lambda m: calls.append(m) or 1)
+    for on in (True, False):
+        cfg = sections(tiny_model("qwen3_5"), {"torch_gated_delta_rule": on})
+        modeling.build_training_model(cfg, torch.device("cpu"))
+    assert len(calls) == 1  # only with the switch on
+
+
+def test_a_declared_patch_that_patches_nothing_is_a_warning(tiny_qwen, caplog, monkeypatch):
+    fam = FAMILIES["qwen2_5_vl"]
+    renamed = {**fam.patches, "vision_attention": ("Qwen2_5_VLRenamedAttention",)}
+    monkeypatch.setitem(FAMILIES, "qwen2_5_vl", replace(fam, patches=renamed))
+    with caplog.at_level(logging.WARNING, logger="vlmflow.patches"):
+        modeling.build_training_model(sections(tiny_qwen), torch.device("cpu"))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, warned
+    assert "vision_attention" in warned[0] and "qwen2_5_vl" in warned[0]
+    assert "Qwen2_5_VLRenamedAttention" in warned[0]
+    caplog.clear()
+    # the real class names: silent
+    monkeypatch.setitem(FAMILIES, "qwen2_5_vl", fam)
+    with caplog.at_level(logging.WARNING, logger="vlmflow.patches"):
+        modeling.build_training_model(sections(tiny_qwen), torch.device("cpu"))
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_untested_transformers_or_peft_is_one_warning_with_the_range(caplog, monkeypatch):
+    assert patches.untested_versions({"transformers": "5.17.0", "peft": "0.21.2"}) == []
+    assert patches.untested_versions({"transformers": "5.18.0", "peft": "0.20.9"}) == [
+        "transformers 5.18.0",
+        "peft 0.20.9",
+    ]
+    assert patches.untested_versions() == []  # the pinned versions are the tested ones
+    monkeypatch.setattr(patches, "_VERSIONS_CHECKED", [])
+    monkeypatch.setattr(patches, "untested_versions", lambda: ["transformers 6.0.0"])
+    with caplog.at_level(logging.WARNING, logger="vlmflow.patches"):
+        patches.warn_untested_versions()
+        patches.warn_untested_versions()
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1, warned
+    assert "transformers 6.0.0" in warned[0] and "transformers >=5.17,<5.18" in warned[0]
+    assert "peft >=0.21,<0.22" in warned[0]
+
+
+class ToyDecoderLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.relu(self.linear(x))
+
+
+def test_a_failed_compile_names_the_layer_and_runs_it_eagerly(caplog, monkeypatch):
+    import torch._dynamo
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("no kernel for you")
+
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    torch._dynamo.reset()
+    net = torch.nn.Sequential(ToyDecoderLayer(), ToyDecoderLayer())
+    x = torch.randn(3, 4)
+    want = net(x)
+    assert patches.compile_layers(net, backend=failing_backend) == 2
+    assert torch._dynamo.config.suppress_errors is False  # not switched on process-wide
+    with caplog.at_level(logging.WARNING, logger="vlmflow.patches"):
+        got = net(x)
+        again = net(x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(again, want)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2, warned  # once per layer, not once per call
+    assert "layer 0 (ToyDecoderLayer)" in warned[0] and "layer 1 (ToyDecoderLayer)" in warned[1]
+    torch._dynamo.reset()
