@@ -136,12 +136,13 @@ def cfg_for(model: str, quant: str, gc: str, overrides: list[str] = ()) -> dict:
     return resolve_sections(apply_overrides(raw, list(overrides)), ["model", "lora", "train"])
 
 
-def lora_targets(model, family, lora_cfg: dict) -> str:
-    """PEFT target_modules that wrap exactly the linears vlmflow wraps: the registry's regex
-    for the lora.finetune_* flags, resolved to module names and matched whole."""
+def lora_targets(model, family, lora_cfg: dict) -> tuple[str, list[str] | None]:
+    """PEFT target_modules that wrap exactly the linears vlmflow wraps (the registry's regex for
+    the lora.finetune_* flags, resolved to module names and matched whole), and the fused MoE
+    expert parameters it wraps through target_parameters (None for a dense family)."""
     import re
 
-    from vlmflow.families import lora_target_names
+    from vlmflow.families import lora_target_names, parameter_names
 
     regex = family.lora_target_regex(
         vision=lora_cfg["finetune_vision_layers"],
@@ -152,7 +153,10 @@ def lora_targets(model, family, lora_cfg: dict) -> str:
     names = lora_target_names(model.named_modules(), regex)
     if not names:
         raise SystemExit(f"the {family.name} registry entry selects no linear of this model")
-    return "|".join(re.escape(n) for n in names)
+    experts = []
+    if lora_cfg["finetune_language_layers"] and lora_cfg["finetune_mlp_modules"]:
+        experts = parameter_names(model.named_modules(), family.expert_regex())
+    return "|".join(re.escape(n) for n in names), experts or None
 
 
 def build_hf(model: str, quant: str, gc: bool, family, lora_cfg: dict):
@@ -184,12 +188,14 @@ def build_hf(model: str, quant: str, gc: bool, family, lora_cfg: dict):
     elif gc:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.enable_input_require_grads()
+    modules, experts = lora_targets(m, family, lora_cfg)
     config = LoraConfig(
         r=16,
         lora_alpha=16,
         lora_dropout=0.0,
         bias="none",
-        target_modules=lora_targets(m, family, lora_cfg),
+        target_modules=modules,
+        target_parameters=experts,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(m, config)
@@ -205,7 +211,7 @@ def build_unsloth(model_dir: str, quant: str, family, lora_cfg: dict, own_target
         max_seq_length=8192,
         use_gradient_checkpointing="unsloth",
     )
-    kw = {} if own_targets else {"target_modules": lora_targets(model, family, lora_cfg)}
+    kw = {} if own_targets else {"target_modules": lora_targets(model, family, lora_cfg)[0]}
     model = FastVisionModel.get_peft_model(
         model,
         r=16,

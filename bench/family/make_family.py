@@ -11,8 +11,8 @@ image tokens / vision patches the processor makes, which all follow the real che
     python make_family.py all --count                             # parameter counts, nothing saved
 
 FAMILY is one of mllama, gemma3, pixtral, llava, llava_next, qwen3_vl, qwen2_vl, idefics3,
-qwen3_5, gemma4, mistral3, internvl, llava_onevision (the checkpoint each copies is in
-CHECKPOINTS). `--scale tiny` keeps the real processor geometry (image size, patch size, tiles,
+qwen3_5, gemma4, mistral3, internvl, llava_onevision, qwen3_vl_moe, qwen3_5_moe (the checkpoint each
+copies is in CHECKPOINTS). `--scale tiny` keeps the real processor geometry (image size, patch size, tiles,
 image tokens) with tiny widths and a ~500-token vocabulary, so that the CPU exercises the same
 processor/model pairing as the real build.
 
@@ -60,6 +60,9 @@ CHECKPOINTS = {
     "qwen2_vl": ("Qwen/Qwen2-VL-7B-Instruct", (28, 32), (7, 8)),
     "idefics3": ("HuggingFaceM4/Idefics3-8B-Llama3", (32, 27), (8, 7)),
     "qwen3_5": ("Qwen/Qwen3.5-9B", (32, 27), (8, 8)),
+    # MoE: ~0.6B (30B-A3B) / ~0.8B (35B-A3B) expert parameters per decoder layer
+    "qwen3_vl_moe": ("Qwen/Qwen3-VL-30B-A3B-Instruct", (48, 27), (6, 8)),
+    "qwen3_5_moe": ("Qwen/Qwen3.5-35B-A3B", (40, 27), (4, 8)),
     "gemma4": ("google/gemma-4-31B-it", (60, 27), (6, 7)),
     "mistral3": ("mistralai/Mistral-Small-3.1-24B-Instruct-2503", (40, 24), (8, 6)),
     "internvl": ("OpenGVLab/InternVL3_5-8B-HF", (36, 24), (9, 6)),
@@ -72,6 +75,7 @@ TINY_TEXT = dict(
     hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16
 )
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2)
+TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 
 
 def ensure_vlmflow() -> Path:
@@ -151,6 +155,8 @@ def _tokenizer(family: str):
         "qwen2_vl": qwen_vl.qwen_tokenizer,
         "qwen3_vl": qwen_vl.qwen_tokenizer,
         "qwen3_5": qwen_vl.qwen_tokenizer,
+        "qwen3_vl_moe": qwen_vl.qwen_tokenizer,
+        "qwen3_5_moe": qwen_vl.qwen_tokenizer,
         "gemma4": gemma4.gemma4_tokenizer,
         "mllama": mllama.llama3_tokenizer,
         "gemma3": gemma3.gemma3_tokenizer,
@@ -262,9 +268,9 @@ def build_processor(family: str):
             num_additional_image_tokens=1,
             chat_template=llava.LLAVA_NEXT_TINY_CHAT_TEMPLATE,
         )
-    elif family in ("qwen3_vl", "qwen3_5"):
+    elif family in ("qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe"):
         # Qwen3-VL-8B-Instruct: 16 px patches, 2x2 merge, mean/std 0.5, pixels in [65536, 16777216];
-        # Qwen3.5 uses Qwen3-VL's processor and image settings
+        # Qwen3.5 and the MoE models use Qwen3-VL's processor and image settings
         image = tr.Qwen2VLImageProcessor(
             patch_size=16,
             merge_size=2,
@@ -591,10 +597,13 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             tie_word_embeddings=False,
         )
 
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
         # Qwen/Qwen3-VL-8B-Instruct. Qwen3VLVisionConfig's defaults are its tower (27 blocks
         # 1152 wide, MLP 4304, 16 heads, 16 px patches, 2x2 merge, 2304 position embeddings,
         # DeepStack at 8/16/24) except out_hidden_size; the text defaults are not the 8B's.
+        # Qwen/Qwen3-VL-30B-A3B-Instruct: the same tower; text 2048 wide, 32 / 4 KV heads of
+        # 128, every layer a sparse MoE block of 128 experts (8 active) with MoE MLP 768.
+        moe = family == "qwen3_vl_moe"
         text = dict(
             hidden_size=4096,
             intermediate_size=12288,
@@ -614,23 +623,38 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
         )
+        if moe:
+            text.update(
+                hidden_size=2048,
+                intermediate_size=6144,
+                num_key_value_heads=4,
+                num_experts=128,
+                num_experts_per_tok=8,
+                moe_intermediate_size=768,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+            )
         vision = dict(
             depth=nv,
-            out_hidden_size=4096,  # checkpoint (default 3584)
+            out_hidden_size=text["hidden_size"],  # checkpoint (default 3584)
             deepstack_visual_indexes=spread([8, 16, 24], 27, nv),
         )
         if tiny:
-            text.update(vocab_size=vocab, **TINY_TEXT)
+            text.update(vocab_size=vocab, **TINY_TEXT, **(TINY_MOE if moe else {}))
             text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[2, 3, 3])
             vision.update(hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
-        return tr.Qwen3VLConfig(
+        return (tr.Qwen3VLMoeConfig if moe else tr.Qwen3VLConfig)(
             text_config=text,
             vision_config=vision,
             tie_word_embeddings=False,
             **{key: ids[token] for key, token in QWEN_TOKENS.items()},
         )
 
-    if family == "qwen3_5":
+    if family in ("qwen3_5", "qwen3_5_moe"):
+        # Qwen3.5-MoE (Qwen/Qwen3.5-35B-A3B): Qwen3_5MoeTextConfig's defaults are its widths
+        # (40 layers 2048 wide as 10 x (3 + 1), DeltaNet and attention heads as below, 256
+        # experts, 8 active, MoE MLP 512, a shared expert of 512); vision the same tower with
+        # out_hidden_size 2048. The rest as for the dense one:
         # Qwen/Qwen3.5-9B, from its model card: 32 layers 4096 wide as 8 x (3 Gated DeltaNet + 1
         # gated attention), DeltaNet 16 QK / 32 V heads of 128, attention 16 / 4 KV heads of 256
         # with a 64-dim rotary part (partial_rotary_factor 0.25), MLP 12288, vocab 248320: all
@@ -652,7 +676,8 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
         )
-        vision = dict(depth=nv, out_hidden_size=4096)
+        moe = family == "qwen3_5_moe"
+        vision = dict(depth=nv, out_hidden_size=2048 if moe else 4096)
         if tiny:
             text.update(
                 vocab_size=vocab,
@@ -661,12 +686,13 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
                 linear_num_key_heads=2,
                 linear_num_value_heads=4,
                 **TINY_TEXT,
+                **(dict(TINY_MOE, shared_expert_intermediate_size=32) if moe else {}),
             )
             text["rope_parameters"] = dict(
                 text["rope_parameters"], partial_rotary_factor=0.5, mrope_section=[2, 1, 1]
             )
             vision.update(hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
-        return tr.Qwen3_5Config(
+        return (tr.Qwen3_5MoeConfig if moe else tr.Qwen3_5Config)(
             text_config=text,
             vision_config=vision,
             tie_word_embeddings=False,
@@ -905,6 +931,8 @@ MODEL_CLASSES = {
     "mistral3": "Mistral3ForConditionalGeneration",
     "internvl": "InternVLForConditionalGeneration",
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
 }
 
 
@@ -922,6 +950,8 @@ EOS_PAD_BOS = {  # generation_config tokens, as vlmflow.tiny sets them
     "mistral3": ("</s>", "<pad>", "<s>"),
     "internvl": ("<|im_end|>", "<|endoftext|>", None),
     "llava_onevision": ("<|im_end|>", "<|endoftext|>", None),
+    "qwen3_vl_moe": ("<|im_end|>", "<|endoftext|>", None),
+    "qwen3_5_moe": ("<|im_end|>", "<|endoftext|>", None),
 }
 
 
@@ -1039,10 +1069,10 @@ def count(families: list[str], text_layers, vision_layers) -> None:
                     f" cross-attn {tc.cross_attention_layers}, global {vc.num_global_layers},"
                     f" intermediate {vc.intermediate_layers_indices}"
                 )
-            elif family in ("gemma3", "gemma4", "qwen3_5"):
+            elif family in ("gemma3", "gemma4", "qwen3_5", "qwen3_5_moe"):
                 lt = cfg.text_config.layer_types
                 extra = f" full-attention layers {[i for i, t in enumerate(lt) if t == 'full_attention']}"
-            elif family == "qwen3_vl":
+            elif family in ("qwen3_vl", "qwen3_vl_moe"):
                 extra = f" deepstack {cfg.vision_config.deepstack_visual_indexes}"
             print(
                 f"  {label:8s} text {nt:2d} vision {nv:2d}: {p['total'] / 1e9:7.3f}B "

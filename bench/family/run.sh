@@ -5,7 +5,7 @@
 #
 #   bash run.sh SPEC...        SPEC = FAMILY:IMPL:QUANT[:EXTRA], or a bare FAMILY
 #     FAMILY  mllama gemma3 pixtral llava llava_next qwen3_vl qwen2_vl idefics3 qwen3_5 gemma4 mistral3
-#             internvl llava_onevision
+#             internvl llava_onevision qwen3_vl_moe qwen3_5_moe
 #     IMPL    vlmflow | hf | unsloth          QUANT  16bit | 4bit
 #     EXTRA   comma-separated arguments of bench_train.py (commas become spaces), and/or
 #             timeout=N (this spec's limit in seconds), e.g.

@@ -28,6 +28,7 @@ from .models import (
     mistral,
     mllama,
     qwen3_5,
+    qwen_moe,
     qwen_vl,
 )
 from .models.base import Family
@@ -36,6 +37,7 @@ from .models.base import Family
 FAMILY_MODULES = (
     qwen_vl,
     qwen3_5,
+    qwen_moe,
     mllama,
     mistral,
     llava,
@@ -82,6 +84,21 @@ def lora_target_names(module_names_and_types: Iterable, regex: str | None) -> li
         return []
     pattern = re.compile(regex)
     return [n for n, m in module_names_and_types if pattern.fullmatch(n) and _is_linear(m)]
+
+
+def parameter_names(module_names_and_types: Iterable, regex: str | None) -> list[str]:
+    """Full names (`module.parameter`) of the parameters a regex selects, e.g. the fused MoE
+    experts that PEFT's `target_parameters` wraps (read off the modules, so that the same
+    `named_modules()` iterable serves both)."""
+    if regex is None:
+        return []
+    pattern = re.compile(regex)
+    return [
+        f"{n}.{p}"
+        for n, m in module_names_and_types
+        for p, _ in m.named_parameters(recurse=False)
+        if pattern.fullmatch(f"{n}.{p}")
+    ]
 
 
 def linear_names(module_names_and_types: Iterable) -> list[str]:

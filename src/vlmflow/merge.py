@@ -22,6 +22,15 @@ conversion mapping (the one `from_pretrained` applies), on a model built on the 
 output keeps the checkpoint's names, so that whatever loads the base loads the merged model.
 Every adapter tensor must land on exactly one base tensor, or the merge stops naming the key.
 
+Fused MoE experts (Qwen3-VL-MoE, Qwen3.5-MoE) get LoRA through PEFT's `target_parameters`
+(ParamWrapper: one low-rank pair per 3-D parameter, rank r per expert). Their checkpoint tensors
+are converted on load (Qwen3.5-MoE: one tensor per expert and projection, stacked and
+concatenated; Qwen3-VL-MoE hub checkpoints: (experts, in, out), transposed), so the update,
+computed in the model's layout, is converted back with transformers' own inverse of those
+conversions (what save_pretrained applies) and added to each checkpoint tensor in its layout.
+The fused update of a layer's experts (a few GB in float32 for a 30B-A3B model) is the largest
+tensor in memory then.
+
 The export pipeline that calls this merge, checks it and re-quantizes it for `merged_4bit`
 is `vlmflow.export`.
 """
@@ -165,10 +174,27 @@ class LoraDelta:
     scale: float
     embedding: bool = False
     fan_in_fan_out: bool = False
+    experts: int = 0
+    """> 0: a PEFT ParamWrapper update of a fused 3-D expert weight with this many experts
+    (A: (experts x r, in), B: (out, r x experts))."""
+    transposed: bool = False
+    """experts stored (experts, in, out) (the module's `is_transposed`), not (experts, out, in)."""
+
+    @property
+    def shape(self) -> list[int]:
+        out, inp = self.B.shape[0], self.A.shape[1]
+        if self.experts:
+            return [self.experts, inp, out] if self.transposed else [self.experts, out, inp]
+        return [inp, out] if self.embedding or self.fan_in_fan_out else [out, inp]
 
     def delta(self) -> torch.Tensor:
         """The weight update in float32: scale * B @ A (transposed for embeddings and
-        fan_in_fan_out layers, as PEFT's get_delta_weight)."""
+        fan_in_fan_out layers, per expert for fused experts, as PEFT's get_delta_weight)."""
+        if self.experts:
+            a = self.A.float().reshape(self.experts, -1, self.A.shape[-1])  # (e, r, in)
+            b = self.B.float().reshape(self.B.shape[0], -1, self.experts)  # (out, r, e)
+            eq = "o r e, e r i -> e i o" if self.transposed else "o r e, e r i -> e o i"
+            return torch.einsum(eq, b, a) * self.scale
         d = self.B.float() @ self.A.float()
         if self.embedding or self.fan_in_fan_out:
             d = d.T
@@ -182,6 +208,9 @@ class Adapter:
     """model parameter name (e.g. model.language_model.layers.0.mlp.up_proj.weight) -> delta."""
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)
     """model parameter name -> trained tensor (modules_to_save, trained biases)."""
+    param_deltas: dict[str, tuple[list[str], LoraDelta]] = field(default_factory=dict)
+    """PEFT ParamWrapper (target_parameters) module -> (the parameters it may adapt, delta):
+    which one it is follows from the shapes (`resolve_param_deltas`)."""
 
 
 _UNSUPPORTED = {
@@ -189,7 +218,6 @@ _UNSUPPORTED = {
     "lora_bias": "lora_bias",
     "layer_replication": "layer_replication",
     "trainable_token_indices": "trainable_token_indices",
-    "target_parameters": "target_parameters",
 }
 
 
@@ -239,9 +267,16 @@ def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
             raise MergeError(f"{weights}: '{module}' has only one of {a_key}/{b_key}")
         r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), cfg["r"])
         alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), cfg["lora_alpha"])
+        scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+        params = _wrapped_parameters(module, cfg.get("target_parameters") or ())
+        if params:
+            if p[a_key].shape[0] % r:
+                raise MergeError(f"{weights}: '{module}' has {p[a_key].shape[0]} rows, not r x n")
+            delta = LoraDelta(A=p[a_key], B=p[b_key], scale=scale, experts=p[a_key].shape[0] // r)
+            out.param_deltas[module] = (params, delta)
+            continue
         if p[a_key].shape[0] != r:
             raise MergeError(f"{weights}: '{module}' has rank {p[a_key].shape[0]}, config says {r}")
-        scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
         out.deltas[f"{module}.weight"] = LoraDelta(
             A=p[a_key],
             B=p[b_key],
@@ -250,6 +285,44 @@ def read_adapter(adapter_dir: str | os.PathLike) -> Adapter:
             fan_in_fan_out=bool(cfg.get("fan_in_fan_out")),
         )
     return out
+
+
+def _wrapped_parameters(module: str, target_parameters) -> list[str]:
+    """The full parameter names a ParamWrapper saved under `module` may adapt: PEFT nests one
+    wrapper per targeted parameter of a module (`experts.lora_A`, `experts.base_layer.lora_A`),
+    and a target names `module.parameter` in full or by suffix."""
+    owner = module.replace(".base_layer", "")
+    out = []
+    for target in target_parameters:
+        mod, _, param = target.rpartition(".")
+        if owner == mod or owner.endswith(f".{mod}"):
+            out.append(f"{owner}.{param}")
+    return out
+
+
+def resolve_param_deltas(adapter: Adapter, keymap: KeyMap) -> None:
+    """Turn the ParamWrapper updates into per-parameter deltas: each is the one of its module's
+    targeted parameters whose shape it has (gate_up_proj (E, 2I, H) vs down_proj (E, H, I))."""
+    for module, (params, delta) in sorted(adapter.param_deltas.items()):
+        matches = []
+        for name in params:
+            shape = keymap.shapes.get(name)
+            if shape is None:
+                continue
+            if len(shape) == 2:
+                candidate = LoraDelta(A=delta.A, B=delta.B, scale=delta.scale)
+            else:
+                transposed = name.rpartition(".")[0] in keymap.transposed
+                candidate = LoraDelta(**{**vars(delta), "transposed": transposed})
+            if candidate.shape == shape and name not in adapter.deltas:
+                matches.append((name, candidate))
+        if len(matches) != 1:
+            raise MergeError(
+                f"adapter module '{module}' (target_parameters, update shape "
+                f"{delta.shape}) matches {len(matches)} of the parameters {params}"
+            )
+        adapter.deltas[matches[0][0]] = matches[0][1]
+    adapter.param_deltas.clear()
 
 
 # ---------------------------------------------------------------------------------- key mapping
@@ -264,6 +337,32 @@ class KeyMap:
     """model parameter -> the parameter it is tied to, when the config ties them."""
     keep_fp32: set[str]
     to_checkpoint: callable = None
+    converted_to: dict[str, str] = field(default_factory=dict)
+    """converted checkpoint key -> the model parameter it becomes (part of)."""
+    maybe_transposed: set[str] = field(default_factory=set)
+    """converted checkpoint keys that transformers transposes (dims 1, 2) on load when their
+    shape is not the model's (Qwen3-VL-MoE's hub experts are (experts, in, out)); saving does
+    not transpose back, so `revert` gives the model's layout for those."""
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    """model parameter name -> shape."""
+    transposed: set[str] = field(default_factory=set)
+    """modules whose fused expert weights are stored (experts, in, out) (`is_transposed`)."""
+    revert: callable = None
+    """revert({model key: tensor}) -> {checkpoint key: tensor}: transformers' inverse of the
+    load-time conversions (what save_pretrained applies), for updates of converted tensors."""
+
+
+def _transposes_if_needed(converters, pattern: str) -> bool:
+    from transformers.core_model_loading import Transpose
+
+    return any(
+        pattern in c.source_patterns
+        and any(
+            isinstance(op, Transpose) and op.check_dims and {op.dim0, op.dim1} == {1, 2}
+            for op in c.operations
+        )
+        for c in converters
+    )
 
 
 def build_key_map(config, ckpt_keys, *, trust_remote_code: bool, export_dtype) -> KeyMap:
@@ -284,7 +383,7 @@ def build_key_map(config, ckpt_keys, *, trust_remote_code: bool, export_dtype) -
         conversions = get_model_conversion_mapping(model)
     except ImportError:  # older transformers: checkpoint names are the model's names
         conversions = None
-    to_model, converted = {}, set()
+    to_model, converted, converted_to, maybe_transposed = {}, set(), {}, set()
     if conversions:
         renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
         converters = [c for c in conversions if isinstance(c, WeightConverter)]
@@ -297,6 +396,9 @@ def build_key_map(config, ckpt_keys, *, trust_remote_code: bool, export_dtype) -
             )
             if pattern is not None:
                 converted.add(k)
+                converted_to[k] = new
+                if _transposes_if_needed(converters, pattern):
+                    maybe_transposed.add(k)
             else:
                 to_model[k] = new
 
@@ -318,6 +420,12 @@ def build_key_map(config, ckpt_keys, *, trust_remote_code: bool, export_dtype) -
     keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
     if export_dtype == torch.float16:
         keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+
+    def revert(tensors: dict) -> dict:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return revert_weight_conversion(model, tensors)
+
     return KeyMap(
         to_model=to_model,
         converted=converted,
@@ -325,6 +433,11 @@ def build_key_map(config, ckpt_keys, *, trust_remote_code: bool, export_dtype) -
         tied=tied,
         keep_fp32=keep,
         to_checkpoint=to_checkpoint,
+        converted_to=converted_to,
+        maybe_transposed=maybe_transposed,
+        shapes={k: list(v.shape) for k, v in meta_sd.items()},
+        transposed={n for n, m in model.named_modules() if getattr(m, "is_transposed", False)},
+        revert=revert,
     )
 
 
@@ -340,6 +453,9 @@ class OutTensor:
     src_key: str | None = None
     delta: LoraDelta | None = None
     replacement: torch.Tensor | None = None
+    converted_from: str | None = None
+    """the model parameter the delta is of, when transformers converts this checkpoint tensor
+    into (part of) it on load (fused experts): the delta is reverted to this tensor's layout."""
 
     @property
     def nbytes(self) -> int:
@@ -401,6 +517,7 @@ def plan_merge(
     from safetensors import safe_open
 
     out_tag = ST_NAMES[export_dtype]
+    resolve_param_deltas(adapter, keymap)
     by_model = {m: c for c, m in keymap.to_model.items()}
     used: set[str] = set()
     tensors: list[OutTensor] = []
@@ -419,6 +536,8 @@ def plan_merge(
                 if tag in FLOAT_TAGS:
                     keep = tag == "F32" and model_key and _matches_any(model_key, keymap.keep_fp32)
                     t.out_tag = "F32" if keep else out_tag
+                if model_key is None and keymap.converted_to.get(key) in adapter.deltas:
+                    model_key = t.converted_from = keymap.converted_to[key]
                 if model_key in adapter.deltas:
                     t.delta = adapter.deltas[model_key]
                     used.add(model_key)
@@ -462,10 +581,15 @@ def plan_merge(
         )
     for t in tensors:
         if t.delta is not None:
-            want = list(t.delta.B.shape[:1]) + list(t.delta.A.shape[1:])
-            if t.delta.embedding or t.delta.fan_in_fan_out:
-                want = want[::-1]
-            if want != t.shape:
+            want = t.delta.shape
+            if t.converted_from is not None:  # checked against the reverted update when written
+                want = keymap.shapes.get(t.converted_from)
+                if want != t.delta.shape:
+                    raise MergeError(
+                        f"LoRA update of '{t.converted_from}' has shape {t.delta.shape}, the "
+                        f"model's parameter {want}"
+                    )
+            elif want != t.shape:
                 raise MergeError(f"LoRA update of '{t.key}' has shape {want}, the weight {t.shape}")
         if t.replacement is not None and list(t.replacement.shape) != t.shape:
             raise MergeError(
@@ -494,8 +618,29 @@ def _matches_any(key: str, modules: set[str]) -> bool:
     return any(re.search(rf"(^|\.){re.escape(m)}(\.|$)", key) for m in modules)
 
 
-def _produce(base: BaseCheckpoint):
+def _produce(base: BaseCheckpoint, keymap: KeyMap | None = None):
     from safetensors import safe_open
+
+    # The updates of converted parameters in checkpoint layout, for the last two parameters
+    # (a layer's gate_up_proj and down_proj, whose per-expert tensors alternate in the shards):
+    # one fused update serves all the checkpoint tensors it is split into.
+    reverted: dict[str, dict[str, torch.Tensor]] = {}
+
+    def converted_delta(t: OutTensor) -> torch.Tensor:
+        if t.converted_from not in reverted:
+            if len(reverted) >= 2:
+                reverted.pop(next(iter(reverted)))
+            reverted[t.converted_from] = keymap.revert({t.converted_from: t.delta.delta()})
+        d = reverted[t.converted_from].get(t.key)
+        if d is not None and list(d.shape) != t.shape and t.key in keymap.maybe_transposed:
+            d = d.transpose(1, 2)  # the checkpoint's (experts, in, out), transposed on load
+        if d is None or list(d.shape) != t.shape:
+            raise MergeError(
+                f"the LoRA update of '{t.converted_from}' does not convert back to the "
+                f"checkpoint tensor '{t.key}' {t.shape} (got "
+                f"{sorted(reverted[t.converted_from])[:4]})"
+            )
+        return d
 
     def produce(t: OutTensor) -> torch.Tensor:
         out_dtype = ST_DTYPES[t.out_tag]
@@ -506,7 +651,7 @@ def _produce(base: BaseCheckpoint):
             w = f.get_tensor(t.src_key)
         if t.delta is not None:
             w = w.float()
-            w += t.delta.delta()
+            w += converted_delta(t) if t.converted_from is not None else t.delta.delta()
         return w.to(out_dtype)
 
     return produce
@@ -544,7 +689,7 @@ def merge_weights(
         plan.stats["shards"],
     )
     names = _shard_names(len(plan.shards))
-    produce = _produce(base)
+    produce = _produce(base, keymap)
     weight_map = {}
     for name, shard in zip(names, plan.shards):
         write_shard(out_dir / name, shard, produce)

@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from .families import family_for_config, lora_target_names
+from .families import family_for_config, lora_target_names, parameter_names
 from .loss import model_loss
 from .models.base import Family
 from .offload import offload_checkpointed_layers, offload_input_embeddings
@@ -183,21 +183,27 @@ def _cpu_4bit_workaround(model) -> None:
 
 # ----------------------------------------------------------------------------------------- LoRA
 def lora_target_modules(named_modules, family: Family, lora_cfg: dict) -> list[str]:
-    """Names of the linear modules LoRA wraps, as FastVisionModel.get_peft_model selects them.
+    """Names of the linear modules LoRA wraps, as FastVisionModel.get_peft_model selects them,
+    and of the fused MoE expert parameters (`module.parameter`, see `Family.expert_parameters`)
+    it wraps through PEFT's `target_parameters`.
 
     `target_modules`:
     - "all-linear" (default): the attention and/or MLP linears (finetune_attention_modules,
       finetune_mlp_modules) of the vision blocks and/or decoder layers
       (finetune_vision_layers, finetune_language_layers), from the family registry. Never the
-      projector or lm_head (use modules_to_save for those).
-    - a list of names: linears whose name is, or ends with `.`+, one of them (PEFT's rule),
-      inside the layers the finetune_{vision,language}_layers flags select.
-    - any other string: a regex matched against full module names (re.fullmatch, PEFT's rule);
-      the finetune_* flags are not applied.
+      projector or lm_head (use modules_to_save for those). The MLP modules of an MoE
+      decoder layer are its fused experts (both parameters) and its shared expert's linears;
+      the routers never get LoRA.
+    - a list of names: linears (and expert parameters) whose name is, or ends with `.`+, one
+      of them (PEFT's rule), inside the layers the finetune_{vision,language}_layers flags
+      select.
+    - any other string: a regex matched against full module (and expert parameter) names
+      (re.fullmatch, PEFT's rule); the finetune_* flags are not applied.
     """
     named = list(named_modules)
     target = lora_cfg["target_modules"]
     vision, language = lora_cfg["finetune_vision_layers"], lora_cfg["finetune_language_layers"]
+    experts = parameter_names(named, family.expert_regex())
     if target == "all-linear":
         regex = family.lora_target_regex(
             vision=vision,
@@ -206,14 +212,15 @@ def lora_target_modules(named_modules, family: Family, lora_cfg: dict) -> list[s
             mlp=lora_cfg["finetune_mlp_modules"],
         )
         names = lora_target_names(named, regex)
+        names += experts if language and lora_cfg["finetune_mlp_modules"] else []
         what = "the lora.finetune_* flags select"
     elif isinstance(target, list):
         layers = family.layers_regex(vision=vision, language=language)
-        in_layers = lora_target_names(named, layers)
+        in_layers = lora_target_names(named, layers) + (experts if language else [])
         names = [n for n in in_layers if any(n == t or n.endswith("." + t) for t in target)]
         what = f"lora.target_modules {target} (in the layers finetune_*_layers select) selects"
     else:
-        names = lora_target_names(named, target)
+        names = lora_target_names(named, target) + [e for e in experts if re.fullmatch(target, e)]
         what = f"the lora.target_modules regex {target!r} selects"
     if not names:
         raise ValueError(
@@ -241,15 +248,28 @@ def modules_to_save(model, family: Family, names: list[str]) -> list[str] | None
 
 
 def lora_config(family: Family, lora_cfg: dict, target_modules: list[str], save=None):
+    """The PEFT LoraConfig for `target_modules` (as `lora_target_modules` returns them): linear
+    modules by name, fused MoE expert parameters as `target_parameters` (PEFT's ParamWrapper,
+    which refuses dropout: it cannot factor the input out of a fused expert's matmul)."""
     from peft import LoraConfig
 
+    experts = family.expert_regex()
+    params = [n for n in target_modules if experts and re.fullmatch(experts, n)]
+    modules = [n for n in target_modules if n not in params]
+    if params and lora_cfg["lora_dropout"]:
+        raise ValueError(
+            f"lora.lora_dropout is {lora_cfg['lora_dropout']}, but LoRA on the fused MoE experts "
+            f"of this {family.name} model (PEFT's target_parameters) takes no dropout: set "
+            "lora.lora_dropout: 0, or lora.finetune_mlp_modules: false to leave the experts out"
+        )
     return LoraConfig(
         r=lora_cfg["r"],
         lora_alpha=lora_cfg["lora_alpha"],
         lora_dropout=lora_cfg["lora_dropout"],
         bias=lora_cfg["bias"],
         # exact names, fully matched: PEFT's suffix rule could reach a same-named module elsewhere
-        target_modules="|".join(re.escape(n) for n in target_modules),
+        target_modules="|".join(re.escape(n) for n in modules) if modules else None,
+        target_parameters=params or None,
         use_rslora=lora_cfg["use_rslora"],
         modules_to_save=save,
         task_type="CAUSAL_LM",
@@ -279,7 +299,14 @@ def apply_lora(model, family: Family, lora_cfg: dict, *, gradient_checkpointing=
     targets = lora_target_modules(model.named_modules(), family, lora_cfg)
     save = modules_to_save(model, family, lora_cfg["modules_to_save"])
     config = lora_config(family, lora_cfg, targets, save)
-    log.info("LoRA on %d modules (r=%d, alpha=%s)", len(targets), config.r, config.lora_alpha)
+    n_params = len(config.target_parameters or ())
+    log.info(
+        "LoRA on %d modules and %d fused expert parameters (r=%d, alpha=%s)",
+        len(targets) - n_params,
+        n_params,
+        config.r,
+        config.lora_alpha,
+    )
     offloader = enable_gradient_checkpointing(model, gradient_checkpointing)
     torch.manual_seed(lora_cfg["random_state"])
     peft_model = get_peft_model(model, config)

@@ -49,6 +49,8 @@ PIXTRAL = blocks(
 )
 QWEN_ATTN = ["attn.qkv", "attn.proj"]
 GDN = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"]
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+SHARED = [f"mlp.shared_expert.{x}" for x in GUD]
 # (vision blocks, language layers), each a list of (layer name, attention linears, MLP linears),
 # read off the named_modules() of transformers 5.17's classes.
 SPEC = {
@@ -62,6 +64,18 @@ SPEC = {
     "qwen3_5": (
         blocks("model.visual.blocks", 2, QWEN_ATTN, ["mlp.linear_fc1", "mlp.linear_fc2"]),
         decoder([f"linear_attn.{x}" for x in GDN], SELF_QKVO),
+    ),
+    # MoE: the fused experts are two parameters (PEFT target_parameters), the routers nothing
+    "qwen3_vl_moe": (
+        blocks("model.visual.blocks", 2, QWEN_ATTN, ["mlp.linear_fc1", "mlp.linear_fc2"]),
+        blocks("model.language_model.layers", 2, SELF_QKVO, EXPERTS),
+    ),
+    "qwen3_5_moe": (
+        blocks("model.visual.blocks", 2, QWEN_ATTN, ["mlp.linear_fc1", "mlp.linear_fc2"]),
+        [
+            ("model.language_model.layers.0", [f"linear_attn.{x}" for x in GDN], SHARED + EXPERTS),
+            ("model.language_model.layers.1", SELF_QKVO, SHARED + EXPERTS),
+        ],
     ),
     "mllama": (
         blocks(
@@ -188,6 +202,13 @@ def test_lora_selection_is_exact_for_every_flag_combination(family, base_models)
         assert got == want, (family, kw)
 
 
+def lora_name(name, module):
+    """A LoRA layer's name; for a ParamWrapper (fused MoE experts, nested one per parameter) the
+    parameter it adapts."""
+    param = getattr(module, "parameter_name", None)
+    return f"{name.replace('.base_layer', '')}.{param}" if param else name
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_peft_wraps_exactly_the_selection_and_saves_the_projector(family, base_models):
     """Through PEFT itself: all four flags on, then each one off."""
@@ -211,7 +232,7 @@ def test_peft_wraps_exactly_the_selection_and_saves_the_projector(family, base_m
         save = modules_to_save(model, fam, cfg["modules_to_save"])
         peft_model = get_peft_model(model, lora_config(fam, cfg, targets, save))
         wrapped = sorted(
-            n.removeprefix("base_model.model.")
+            lora_name(n.removeprefix("base_model.model."), m)
             for n, m in peft_model.named_modules()
             if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)
         )

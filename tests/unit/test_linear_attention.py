@@ -27,10 +27,13 @@ def test_kernel_detection_reads_what_transformers_resolved():
     assert patches._uses_fast_kernel(absent, "vlmflow_no_such_package") is False
 
 
-def test_slow_fallback_is_one_loud_warning_naming_the_packages(tiny_model, caplog, monkeypatch):
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_slow_fallback_is_one_loud_warning_naming_the_packages(
+    family, tiny_model, caplog, monkeypatch
+):
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model("qwen3_5"))
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model(family))
     # this machine has neither package (the CPU cannot run their Triton kernels anyway)
     with caplog.at_level(logging.WARNING, logger="vlmflow.modeling"):
         missing = warn_slow_linear_attention(model)
@@ -66,7 +69,8 @@ def test_models_without_linear_attention_never_warn(tiny_model, caplog):
     assert not caplog.records
 
 
-def test_qwen3_5_vision_tower_takes_the_batched_window_attention(tiny_model):
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_vl_moe", "qwen3_5_moe"])
+def test_qwen3_5_vision_tower_takes_the_batched_window_attention(family, tiny_model):
     import copy
 
     import torch
@@ -75,7 +79,7 @@ def test_qwen3_5_vision_tower_takes_the_batched_window_attention(tiny_model):
 
     from vlmflow.patches import batched_vision_attention
 
-    path = tiny_model("qwen3_5")
+    path = tiny_model(family)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float64)
     proc = AutoProcessor.from_pretrained(path)
     g = torch.Generator().manual_seed(0)

@@ -180,7 +180,7 @@ def test_packed_sdpa_attention_equals_the_block_diagonal_mask():
         packed_sdpa_attention(module, q, k, v, None, position_ids=None)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "packed"])
 def test_packed_loss_equals_padded_loss(tiny_model, family, attn, chat_rows, digits_rows):
     model, proc = _load(tiny_model(family), "sdpa" if attn == "packed" else attn)
@@ -331,6 +331,9 @@ def test_packing_of_an_unsupported_family_is_a_clear_error(tiny_model, digits_ro
     # Qwen3.5's linear-attention layers: refused, and the message says why
     with pytest.raises(ValueError, match="'qwen3_5' family .*Gated DeltaNet.*recurrent state"):
         check_packing(FAMILIES["qwen3_5"], "sdpa")
+    with pytest.raises(ValueError, match="'qwen3_5_moe' family .*Gated DeltaNet.*recurrent state"):
+        check_packing(FAMILIES["qwen3_5_moe"], "sdpa")
+    check_packing(FAMILIES["qwen3_vl_moe"], "sdpa")
     cfg = resolve_sections(
         {"model": {"name": tiny_model("llava")}, "train": {"packing": True}},
         ["model", "lora", "train"],

@@ -497,7 +497,15 @@ def test_training_from_the_archived_config_repeats_the_losses_on_cpu(workflow_ru
 # Families added after the seed, each run through the workflow on a small copy of the .test
 # config: the tiny model is built by the workflow's own rule, trained, merged (with the merge
 # check), and evaluated base vs tuned.
-NEW_FAMILIES = ["qwen3_5", "gemma4", "mistral3", "internvl", "llava_onevision"]
+NEW_FAMILIES = [
+    "qwen3_5",
+    "gemma4",
+    "mistral3",
+    "internvl",
+    "llava_onevision",
+    "qwen3_vl_moe",
+    "qwen3_5_moe",
+]
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)

@@ -65,6 +65,12 @@ class Family:
     token_keys: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     """Processor outputs with one entry per token that only this family returns, and their
     padding value (`vlmflow.collate.TOKEN_KEYS` adds them to the common ones)."""
+    expert_parameters: str = ""
+    """Regex (relative to a decoder layer) of the fused MoE expert weights: 3-D nn.Parameters
+    (experts, out, in), not nn.Linear, which get LoRA through PEFT's `target_parameters`
+    (`lora.ParamWrapper`) when language layers and MLP modules are selected."""
+    router_modules: tuple[str, ...] = ()
+    """Name suffixes of the MoE routers: never LoRA'd, frozen, and kept in 16-bit in 4/8-bit."""
     build_tiny: Callable[..., Path] | None = field(default=None, compare=False, repr=False)
     """`build_tiny(out_dir, seed=0) -> out_dir`: saves a tiny random-weight model of the real
     architecture with its processor (`vlmflow.tiny`)."""
@@ -100,6 +106,12 @@ class Family:
             return None
         return "|".join(f"(?:{p})" for p in parts)
 
+    def expert_regex(self) -> str | None:
+        """Regex of the full names of the fused expert parameters (None: a dense family)."""
+        if not self.expert_parameters:
+            return None
+        return rf"{self.language_layers}\.(?:{self.expert_parameters})"
+
     def layers_regex(self, *, vision: bool, language: bool) -> str | None:
         """Regex of every module inside the selected vision blocks / decoder layers."""
         parts = [
@@ -116,9 +128,10 @@ class Family:
         return [name]
 
     def unquantized_modules(self, *, quantize_vision: bool) -> list[str]:
-        """Modules bitsandbytes leaves in 16-bit: the head always, the vision tower and the
-        projector unless `quantize_vision`."""
-        keep = [self.lm_head]
+        """Modules bitsandbytes leaves in 16-bit: the head and the MoE routers always, the vision
+        tower and the projector unless `quantize_vision`. (bitsandbytes quantizes nn.Linear
+        only: fused MoE experts, 3-D parameters, stay 16-bit anyway.)"""
+        keep = [self.lm_head, *self.router_modules]
         if not quantize_vision:
             keep = [*self.vision_tower, *self.projector, *keep]
         return keep

@@ -29,15 +29,20 @@ LINEAR_ATTENTION_PACKING = (
     "wired in)"
 )
 
+# What Qwen3.5 and Qwen3.5-MoE share: the Qwen-VL entry with the hybrid decoder's attention,
+# packing refused.
+QWEN3_5 = {
+    **QWEN_VL,
+    "language_attention": QWEN3_5_ATTN,
+    "supports_packing": False,
+    "packing_refusal": LINEAR_ATTENTION_PACKING,
+}
 
-def build_tiny_qwen3_5(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Qwen3.5 (dense): the Qwen3-VL vision tower and processor in front of a hybrid decoder whose
-    layer 0 is a Gated DeltaNet (linear attention) and layer 1 full (gated) attention, as the
-    released 3:1 pattern alternates them."""
-    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor
 
-    tok, ids = qwen_tokenizer()
-    text = qwen3_text(
+def qwen3_5_text(tok, ids, **extra) -> dict:
+    """Text config of the Qwen3.5 tiny hybrid decoders: layer 0 a Gated DeltaNet (linear
+    attention), layer 1 full (gated) attention with partial rotary."""
+    return qwen3_text(
         tok,
         ids,
         linear_key_head_dim=16,
@@ -46,7 +51,18 @@ def build_tiny_qwen3_5(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         linear_num_value_heads=4,
         layer_types=["linear_attention", "full_attention"],
         rope_parameters={"partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1]},
+        **extra,
     )
+
+
+def build_tiny_qwen3_5(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Qwen3.5 (dense): the Qwen3-VL vision tower and processor in front of a hybrid decoder whose
+    layer 0 is a Gated DeltaNet (linear attention) and layer 1 full (gated) attention, as the
+    released 3:1 pattern alternates them."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor
+
+    tok, ids = qwen_tokenizer()
+    text = qwen3_5_text(tok, ids)
     cfg = Qwen3_5Config(
         text_config=text,
         vision_config=qwen3_vision(),
@@ -65,11 +81,6 @@ FAMILIES = [
         vision_mlp=r"mlp\.(?:linear_fc1|linear_fc2)",
         patches=qwen_vl_patches("Qwen3_5"),
         build_tiny=build_tiny_qwen3_5,
-        **{
-            **QWEN_VL,
-            "language_attention": QWEN3_5_ATTN,
-            "supports_packing": False,
-            "packing_refusal": LINEAR_ATTENTION_PACKING,
-        },
+        **QWEN3_5,
     ),
 ]
