@@ -34,14 +34,14 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from .families import family_for_config
+
 log = logging.getLogger(__name__)
 
 
 def declared_classes(model, patch: str) -> tuple[str, ...]:
     """The transformers class names the model's registry family declares for `patch`
     (`Family.patches`); () when the family does not take it."""
-    from .families import family_for_config
-
     return family_for_config(model.config).patches.get(patch, ())
 
 

@@ -239,19 +239,39 @@ def test_linear_patch_embed_equals_the_conv3d(tiny_qwen):
     torch.testing.assert_close(embed(x), want, rtol=1e-12, atol=1e-12)
 
 
-def test_segment_plan_is_read_once_per_tensor_and_follows_in_place_changes():
+def calls_of(monkeypatch, owner, name: str) -> list:
+    """Replace `owner.name` by a wrapper that records each call; returns the record."""
+    calls, orig = [], getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_segment_plan_is_read_once_per_tensor_and_follows_in_place_changes(monkeypatch):
+    reads = calls_of(monkeypatch, torch.Tensor, "tolist")  # a read from the device
     cu = torch.tensor([0, 4, 8, 10])
     assert _segments(cu) == ([0, 4, 8, 10], [4, 4, 2])
-    assert _segments(cu)[0] is _segments(cu)[0]  # cached for the same tensor
+    assert _segments(cu) == ([0, 4, 8, 10], [4, 4, 2])
+    assert len(reads) == 1  # cached for the same tensor
     cu[3] = 12
     assert _segments(cu) == ([0, 4, 8, 12], [4, 4, 4])
+    assert len(reads) == 2  # an in-place change is read again
     assert _segments(torch.tensor([0, 3])) == ([0, 3], [3])
 
 
-def test_window_gather_indices_are_built_once_per_plan():
+def test_window_gather_indices_are_built_once_per_plan(monkeypatch):
     cu = torch.tensor([0, 4, 6, 10, 10, 12])
+    builds = calls_of(monkeypatch, torch, "arange")  # one per segment length of a plan
     groups = _window_groups(cu, torch.device("cpu"))
-    assert [g.tolist() for g in groups] == [[[0, 1, 2, 3], [6, 7, 8, 9]], [[4, 5], [10, 11]]]
-    assert _window_groups(cu, torch.device("cpu"))[0] is groups[0]  # the same tensors again
+    assert len(builds) == 2
+    want = [[[0, 1, 2, 3], [6, 7, 8, 9]], [[4, 5], [10, 11]]]
+    assert [g.tolist() for g in groups] == want
+    again = _window_groups(cu, torch.device("cpu"))
+    assert len(builds) == 2 and [g.tolist() for g in again] == want  # built once
     cu[5] = 13  # an in-place change is a new plan
     assert [g.tolist() for g in _window_groups(cu, torch.device("cpu"))][1] == [[4, 5]]
+    assert len(builds) > 2

@@ -136,12 +136,18 @@ def test_packed_batch_layout(tiny_qwen, chat_rows, digits_rows):
     assert torch.equal(mask[:, 0], causal & same)
 
 
-def test_row_segments_are_read_once_per_tensor():
+def test_row_segments_are_read_once_per_tensor(monkeypatch):
+    reads = []  # each plan reads its rows' boundaries to Python once
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or tolist(t))
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
     assert _row_segments(pos) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
-    assert _row_segments(pos) is _row_segments(pos)  # cached for the same tensor
+    n = len(reads)
+    assert _row_segments(pos) == [[(0, 3), (3, 5), (5, 6)], [(0, 6)]]
+    assert len(reads) == n > 0  # cached for the same tensor
     pos[1, 3:] = torch.arange(3)  # an in-place change is read again
     assert _row_segments(pos)[1] == [(0, 3), (3, 6)]
+    assert len(reads) == 2 * n
 
 
 def test_packed_sdpa_attention_equals_the_block_diagonal_mask():

@@ -90,7 +90,7 @@ def test_train_loss_decreases_and_adapter_reloads(tiny_qwen, digits_rows, tmp_pa
     assert nll(l1) < nll(base_logits)
 
 
-def test_resume_after_kill_gives_the_same_loss_curve(tiny_qwen, digits_rows, tmp_path):
+def test_resume_after_kill_gives_the_same_loss_curve(tiny_qwen, digits_rows, tmp_path, monkeypatch):
     """Tolerance: per-step losses equal to 1e-5 relative (same CPU, same thread count; in
     practice they are bit-identical)."""
     rows = [r for r in digits_rows if r["split"] == "train"][:48]
@@ -114,12 +114,10 @@ def test_resume_after_kill_gives_the_same_loss_curve(tiny_qwen, digits_rows, tmp
             raise Killed
         return out
 
-    T.save_checkpoint = save_then_maybe_die
-    try:
+    with monkeypatch.context() as mp:
+        mp.setattr(T, "save_checkpoint", save_then_maybe_die)
         with pytest.raises(Killed):
             train(full, rows, tmp_path / "b", tmp_path / "wb")
-    finally:
-        T.save_checkpoint = orig
     assert not (tmp_path / "b").exists()  # no partial output
     res = train(full, rows, tmp_path / "b", tmp_path / "wb")
     assert calls == [2, 4]
