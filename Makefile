@@ -1,6 +1,6 @@
 # vlmflow: the two commands a newcomer needs.
 #   make demo   set up .venv from the lock file, then run the embedded demo workflow
-#   make test   same set-up, then the whole test suite (what CI runs)
+#   make test   same set-up, then the whole test suite in stages (what CI runs)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -20,8 +20,15 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)
 	$(RUN) $(BIN)/snakemake --cores all
 
+# The suite in stages, fastest first, each stopping the run when it fails: lint (ruff, snakefmt,
+# snakemake --lint), the unit tests, the workflow runs and their report, the SLURM tests.
+# JOBS test processes share the unit and workflow stages (pytest-xdist).
+JOBS ?= 2
 test: $(STAMP)
-	$(RUN) $(BIN)/pytest
+	@echo "== test stage 1/4: lint" && $(RUN) $(BIN)/pytest -q tests/test_lint.py
+	@echo "== test stage 2/4: unit tests" && $(RUN) $(BIN)/pytest -n $(JOBS) tests/unit
+	@echo "== test stage 3/4: workflow runs and the report" && $(RUN) $(BIN)/pytest -n $(JOBS) tests/workflow
+	@echo "== test stage 4/4: SLURM" && $(RUN) $(BIN)/pytest tests/slurm
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
