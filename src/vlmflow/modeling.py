@@ -17,6 +17,7 @@ from .models.base import Family
 from .offload import offload_checkpointed_layers, offload_input_embeddings
 from .patches import (
     batched_vision_attention,
+    checkpoint_every_layer,
     compile_layers,
     fast_lora,
     fla_backward_broken,
@@ -276,8 +277,10 @@ def lora_config(family: Family, lora_cfg: dict, target_modules: list[str], save=
     )
 
 
-def enable_gradient_checkpointing(model, mode):
-    """`mode` False / True / "offload" ("unsloth" is an alias). Returns the offloader
+def enable_gradient_checkpointing(model, mode, family: Family | None = None):
+    """`mode` False / True / "offload" ("unsloth" is an alias). With `family`, its layers that
+    transformers leaves out of checkpointing are checkpointed too
+    (`patches.checkpoint_every_layer`). Returns the offloader
     (`vlmflow.offload.OffloadedCheckpoint`) for "offload", else None."""
     if mode not in GRADIENT_CHECKPOINTING_MODES:
         raise ValueError(
@@ -285,6 +288,10 @@ def enable_gradient_checkpointing(model, mode):
         )
     if not mode:
         return None
+    if family is not None:
+        n = checkpoint_every_layer(model, family)
+        if n:
+            log.info("gradient checkpointing extended to %d %s layers", n, family.name)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     if mode is True:
@@ -307,7 +314,7 @@ def apply_lora(model, family: Family, lora_cfg: dict, *, gradient_checkpointing=
         config.r,
         config.lora_alpha,
     )
-    offloader = enable_gradient_checkpointing(model, gradient_checkpointing)
+    offloader = enable_gradient_checkpointing(model, gradient_checkpointing, family)
     torch.manual_seed(lora_cfg["random_state"])
     peft_model = get_peft_model(model, config)
     peft_model.vlmflow_offloader = offloader

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmflow.loss import chunked_head_loss, label_only_loss
+from vlmflow.loss import chunked_head_loss, label_only_loss, loss_chunk_rows
 from vlmflow.patches import (
     _segments,
     _window_groups,
@@ -275,3 +275,45 @@ def test_window_gather_indices_are_built_once_per_plan(monkeypatch):
     cu[5] = 13  # an in-place change is a new plan
     assert [g.tolist() for g in _window_groups(cu, torch.device("cpu"))][1] == [[4, 5]]
     assert len(builds) > 2
+
+
+def test_loss_chunks_hold_a_fixed_number_of_logits_whatever_the_vocabulary():
+    """A 2048-row chunk of Gemma's 262k logits held ~4 GiB at the backward peak: rows per chunk
+    shrink with the vocabulary, within [64, 2048]."""
+    for vocab in (262_144, 151_936, 128_256, 32_064, 512):
+        rows = loss_chunk_rows(vocab)
+        assert 64 <= rows <= 2048
+        assert rows * vocab <= (1 << 26) or rows == 64
+        assert rows == 2048 or (rows + 1) * vocab > (1 << 26)  # as many rows as fit
+    assert loss_chunk_rows(262_144) < loss_chunk_rows(151_936) < loss_chunk_rows(32_064)
+    assert loss_chunk_rows(10**9) == 64
+
+
+def test_label_only_loss_default_chunks_follow_the_head_width(tiny_qwen, digits_rows, monkeypatch):
+    """Without a chunk_size the head runs on chunks of loss_chunk_rows(vocab) rows; the loss is
+    the same as in one chunk."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import vlmflow.loss as loss_module
+    from vlmflow.collate import Encoder, collate
+    from vlmflow.families import FAMILIES
+
+    proc = AutoProcessor.from_pretrained(tiny_qwen)
+    enc = Encoder(proc, FAMILIES["qwen2_5_vl"], max_seq_length=512)
+    batch = collate([enc(r) for r in digits_rows[:48]], enc.pad_id)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.float64)
+    batch["pixel_values"] = batch["pixel_values"].double()
+    n_labels = int((batch["labels"][:, 1:] != -100).sum())
+    vocab = model.lm_head.out_features
+    assert n_labels > 64
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK_ELEMENTS", 64 * vocab)  # -> 64 rows per chunk
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, a, out: rows.append(a[0].shape[0]))
+    with torch.no_grad():
+        ours = label_only_loss(model, batch)
+        whole = label_only_loss(model, batch, chunk_size=4096)
+    hook.remove()
+    chunks = [64] * (n_labels // 64) + ([n_labels % 64] if n_labels % 64 else [])
+    assert rows == [*chunks, n_labels]
+    assert torch.allclose(ours, whole, rtol=1e-12)

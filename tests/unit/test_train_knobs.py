@@ -407,3 +407,56 @@ def test_fp16_steps_use_loss_scaling_and_skip_an_overflowing_step(tiny_qwen, cha
     huge = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # fp16 gradients overflow
     res, changed = step(huge)
     assert changed == 0 and huge.get_scale() == 2.0**39
+
+
+def _saved_bytes_of_a_training_forward(model, batch) -> int:
+    """Bytes autograd keeps for the backward pass of one forward (checkpointed layers keep only
+    what their checkpoint needs)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch)
+    return sum(saved)
+
+
+def test_layers_transformers_does_not_checkpoint_are_checkpointed(tiny_model, chat_rows):
+    """Mllama's vision encoder layers are plain modules in transformers (not
+    GradientCheckpointingLayer): with checkpointing on they are checkpointed too (their class
+    name unchanged, for regional compile), and the forward keeps far fewer activations."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from vlmflow.modeling import build_training_model
+
+    saved = {}
+    for mode in (False, True):
+        cfg = sections(tiny_model("mllama"), train={"use_gradient_checkpointing": mode})
+        model, proc, fam = build_training_model(cfg, torch.device("cpu"))
+        vision = [
+            m
+            for n, m in model.named_modules()
+            if n.endswith(("transformer.layers.0", "global_transformer.layers.0"))
+        ]
+        assert len(vision) == 2
+        for m in vision:
+            assert type(m).__name__ == "MllamaVisionEncoderLayer"
+            assert isinstance(m, GradientCheckpointingLayer) == bool(mode)
+            assert getattr(m, "gradient_checkpointing", False) == bool(mode)
+        model.train()
+        saved[mode] = _saved_bytes_of_a_training_forward(
+            model, lora_b_drawn_and_batch(model, proc, fam, chat_rows)
+        )
+    assert saved[True] < 0.5 * saved[False]
+
+
+def test_checkpointing_leaves_layers_transformers_checkpoints_alone(tiny_model):
+    from vlmflow.modeling import load_model
+    from vlmflow.patches import checkpoint_every_layer
+
+    model, fam = load_model(sections(tiny_model("qwen2_5_vl"))["model"], torch.device("cpu"))
+    before = {n: type(m) for n, m in model.named_modules()}
+    assert checkpoint_every_layer(model, fam) == 0
+    assert {n: type(m) for n, m in model.named_modules()} == before

@@ -108,6 +108,7 @@ FAMILIES = [
     Family(
         name="gemma3",
         model_types=("gemma3",),
+        compile_measured=True,
         **CLIP_TOWER,
         response_part="<start_of_turn>model\n",
         instruction_part="<start_of_turn>user\n",

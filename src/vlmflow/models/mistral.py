@@ -123,6 +123,7 @@ FAMILIES = [
     Family(
         name="pixtral",
         model_types=("llava:pixtral",),
+        compile_measured=True,
         build_tiny=build_tiny_pixtral,
         **PIXTRAL_ENCODER,
     ),

@@ -98,6 +98,7 @@ FAMILIES = [
     Family(
         name="mllama",
         model_types=("mllama",),
+        compile_measured=True,
         vision_layers=r"model\.vision_model\.(?:transformer|global_transformer)\.layers\.\d+",
         language_layers=LANG,
         vision_attention=r"self_attn\.(?:q_proj|k_proj|v_proj|o_proj)",
