@@ -183,9 +183,15 @@ def _vision_dims(model_type: str, v: dict) -> tuple[int, int, bool, int]:
     return v["hidden_size"], v["intermediate_size"], gated, layers
 
 
+def patch_side(vision: dict) -> int:
+    """The vision config's patch side (InternViT gives [14, 14])."""
+    p = vision.get("patch_size", 14)
+    return int(p[0] if isinstance(p, (list, tuple)) else p)
+
+
 def vision_units(model_type: str, vision: dict, batches: list[dict]) -> list[int]:
     """Tokens of each unit the vision tower attends within (an image, tile or crop)."""
-    p = vision.get("patch_size", 14)
+    p = patch_side(vision)
     units: list[int] = []
     for b in batches:
         pv = b.get("pixel_values")
@@ -223,7 +229,7 @@ def cross_tokens(model_type: str, vision: dict, batches: list[dict]) -> list[int
 def tower_flops(model_type: str, vision: dict, units: list[int]) -> float:
     """Forward FLOPs of a vision tower with full attention within each unit."""
     d, ff, gated, layers = _vision_dims(model_type, vision)
-    patch_in = vision.get("num_channels", 3) * vision.get("patch_size", 14) ** 2
+    patch_in = vision.get("num_channels", 3) * patch_side(vision) ** 2
     patch_in *= vision.get("temporal_patch_size", 1)
     n = sum(units)
     per_patch = 2 * patch_in * d + 2 * layers * (4 * d * d + (3 if gated else 2) * d * ff)

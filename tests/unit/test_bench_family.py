@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "bench" / "family"))
 import suite  # noqa: E402
-from flops import floor_flops  # noqa: E402
+from flops import floor_flops, vision_units  # noqa: E402
 
 TEXT = dict(
     hidden_size=8,
@@ -194,3 +194,10 @@ def test_run_sh_expands_a_bare_family_and_keeps_to_the_deadline(tmp_path):
     skipped = [x.split(": skipped")[0][3:] for x in run.stdout.splitlines() if "skipped" in x]
     assert skipped == [*suite.standard_specs("gemma3"), "llava:hf:4bit"]
     assert not (tmp_path / "models" / "gemma3-real-recommended").exists()  # nothing built
+
+
+def test_a_patch_size_given_as_a_pair_counts_like_a_number():
+    """InternViT's config says patch_size [14, 14] (the floor failed on it on the GPU)."""
+    batch = {"pixel_values": torch.ones(5, 3, 448, 448)}  # 4 tiles + a thumbnail
+    pair = vision_units("internvl", {"patch_size": [14, 14]}, [batch])
+    assert pair == vision_units("internvl", {"patch_size": 14}, [batch]) == [32 * 32] * 5
