@@ -258,16 +258,28 @@ def threads_of(section, of=run_cfg):
     return lambda wildcards: of(wildcards)[section]["threads"]
 
 
+def gpu_slot(gpus):
+    """The prefix that gives a job on one machine its own `gpus` GPUs (vlmflow.gpu_slots), so
+    that `--resources gpu=N` jobs at once do not share a device; none without GPUs."""
+    return f"python -m vlmflow.gpu_slots --gpus {gpus} -- " if gpus > 0 else ""
+
+
 def train_launcher(wildcards):
     """python, torchrun (N GPUs) or srun + torchrun (M nodes): see vlmflow.cluster."""
     cfg = run_cfg(wildcards)
     t = cfg["train"]
-    return launch_prefix(
+    launch = launch_prefix(
         t["gpus"],
         t["nodes"],
         max(60, cfg["resources"]["time_limit_signal_s"]),
         t["threads"],
     )
+    return launch if t["nodes"] > 1 else gpu_slot(t["gpus"]) + launch
+
+
+def eval_launcher(of=run_cfg):
+    """Params function: python, on the job's own GPUs (gpu_slot)."""
+    return lambda wildcards: gpu_slot(of(wildcards)["eval"]["gpus"]) + "python"
 
 
 def merged(cfg):

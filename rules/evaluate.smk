@@ -23,8 +23,9 @@ rule evaluate_base:
     params:
         script=script("evaluate"),
         config=as_json("model", "eval", of=base_cfg),
+        launch=eval_launcher(base_cfg),
     shell:
-        "exec python {params.script:q} --config {params.config:q} --test {input.test:q} "
+        "exec {params.launch} {params.script:q} --config {params.config:q} --test {input.test:q} "
         "--base-answers {output.answers:q} --base-stats {output.stats:q} "
         "--threads {threads:q} > {log:q} 2>&1"
 
@@ -51,8 +52,9 @@ rule evaluate:
     params:
         script=script("evaluate"),
         config=as_json("model", "eval"),
+        launch=eval_launcher(),
     shell:
-        "exec python {params.script:q} --config {params.config:q} "
+        "exec {params.launch} {params.script:q} --config {params.config:q} "
         "--test {input.test:q} --tuned {input.tuned:q} --base-answers {input.base_answers:q} "
         "--base-stats {input.base_stats:q} --metrics {output.metrics:q} "
         "--predictions {output.predictions:q} --threads {threads:q} > {log:q} 2>&1"

@@ -49,7 +49,7 @@ if EXPERIMENT:
                 {s: config[s] for s in ("experiment", "report")}, sort_keys=True
             ),
             runs=experiment_runs_json(),
-            out_dir=EXPERIMENT_DIR,
+            out_dir=subpath(output.best, parent=True),
         shell:
             "python {params.script:q} compare --config {params.config:q} "
             "--runs {params.runs:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
