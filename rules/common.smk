@@ -121,7 +121,10 @@ def shared_cfg(jobs, key):
     """Resolved config of the run whose settings a shared job (budget, base eval) takes."""
 
     def cfg(wildcards):
-        return RUNS[jobs[(wildcards.dataset, getattr(wildcards, key))]]
+        job = (wildcards.dataset, getattr(wildcards, key))
+        if job not in jobs:
+            raise WorkflowError(f"no run of this config has {key} '{job[1]}' on '{job[0]}'")
+        return RUNS[jobs[job]]
 
     return cfg
 

@@ -4,7 +4,6 @@ tiny Qwen2.5-VL plus a comparison of two tiny families (.test/experiment.yaml on
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tarfile
@@ -13,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from test_workflow import planned_jobs  # the "Job stats" table of a run, as {rule: count}
 
 pytestmark = pytest.mark.workflow
 
@@ -38,14 +38,6 @@ def snakemake(work, *args, check=True):
     return res
 
 
-def job_stats(res) -> dict[str, int]:
-    text = res.stdout + res.stderr
-    if "Nothing to be done" in text:
-        return {}
-    table = text.split("Job stats:", 1)[1].split("total", 1)[0]
-    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
-
-
 @pytest.fixture(scope="module")
 def experiment(workflow_copy, tmp_path_factory):
     work = workflow_copy(tmp_path_factory.mktemp("experiment"))
@@ -55,7 +47,7 @@ def experiment(workflow_copy, tmp_path_factory):
 
 def test_the_runs_share_the_data_stage_and_the_base_evaluations(experiment):
     work, res = experiment
-    jobs = job_stats(res)
+    jobs = planned_jobs(res)
     assert {r: jobs[r] for r in ("validate_images", "format_conversations")} == {
         "validate_images": 1,
         "format_conversations": 1,
@@ -125,7 +117,7 @@ def test_editing_one_run_re_runs_that_run_only(experiment):
         res = snakemake(work, "-n", TARGET)
     finally:
         path.write_text(original)
-    jobs = job_stats(res)
+    jobs = planned_jobs(res)
     assert jobs == {
         "resolved_config": 1,
         "train": 1,
@@ -137,7 +129,7 @@ def test_editing_one_run_re_runs_that_run_only(experiment):
     text = res.stdout + res.stderr
     assert "wildcards: run=qwen2_vl" in text and "run=lr0.002" not in text
     # As it was: nothing to do.
-    assert job_stats(snakemake(work, "-n", TARGET)) == {}
+    assert planned_jobs(snakemake(work, "-n", TARGET)) == {}
     # A run the config does not have is an error, not a run with the shared settings.
     res = snakemake(work, "-n", "results/runs/nosuch/adapter", check=False)
     assert res.returncode != 0
