@@ -211,6 +211,14 @@ def resolve_runs(config: dict, schema: dict | None = None) -> dict[str, dict]:
             resolved[name] = resolve_run(config, name, spec, schema)
         except ConfigError as e:
             problems.append(str(e))
+    metric = ((config.get("experiment") or {}).get("select") or {}).get("metric")
+    if is_experiment(config) and metric is not None:
+        problems += [
+            f"  - run '{name}': 'experiment.select.metric' {metric} is not one of its "
+            f"eval.metrics ({', '.join(cfg['eval']['metrics'])})"
+            for name, cfg in resolved.items()
+            if metric not in cfg["eval"]["metrics"]
+        ]
     if problems:
         raise ConfigError("invalid experiment runs:\n" + "\n".join(problems))
     return resolved

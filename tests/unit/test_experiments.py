@@ -145,6 +145,18 @@ def test_every_problem_of_every_run_is_named_at_once():
     assert "run 'r0': 'lora.r': 0 is less than the minimum of 1" in text
 
 
+def test_the_selected_metric_must_be_one_every_run_computes():
+    cfg = base_config(
+        eval={"metrics": ["exact_match", "cer"]},
+        experiment={"select": {"metric": "cer"}},
+        runs={"a": {}, "b": {"eval": {"metrics": ["anls"]}}},
+    )
+    with pytest.raises(ConfigError) as e:
+        resolve_runs(cfg)
+    assert "run 'b': 'experiment.select.metric' cer is not one of its eval.metrics" in str(e.value)
+    assert "run 'a'" not in str(e.value)
+
+
 def test_sweep_keys_and_names_are_checked():
     cfg = base_config(
         runs={"lr0.0001": {}},

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from test_workflow import planned_jobs  # the "Job stats" table of a run, as {rule: count}
 
-pytestmark = pytest.mark.workflow
+# six trainings: more than the suite's 900 s per test on a loaded machine
+pytestmark = [pytest.mark.workflow, pytest.mark.timeout(1800)]
 
 BIN = Path(sys.executable).parent
 CONFIGS = [".test/config.yaml", ".test/experiment.yaml"]
