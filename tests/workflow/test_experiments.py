@@ -113,7 +113,7 @@ def test_editing_one_run_re_runs_that_run_only(experiment):
     original = path.read_text()
     cfg = yaml.safe_load(original)
     cfg["runs"]["qwen2_vl"]["train"] = {"learning_rate": 0.005}
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))  # the grid order names the runs
     try:
         res = snakemake(work, "-n", TARGET)
     finally:
