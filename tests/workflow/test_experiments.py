@@ -4,6 +4,7 @@ tiny Qwen2.5-VL plus a comparison of two tiny families (.test/experiment.yaml on
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -135,3 +136,17 @@ def test_editing_one_run_re_runs_that_run_only(experiment):
     res = snakemake(work, "-n", "results/runs/nosuch/adapter", check=False)
     assert res.returncode != 0
     assert "no run named 'nosuch' in this config" in res.stdout + res.stderr
+
+
+def test_the_report_has_an_experiment_category(experiment):
+    work, _ = experiment
+    snakemake(work, "-p", TARGET, "--report", "report.html")
+    page = (work / "report.html").read_text()
+    listed = json.loads(re.search(r"var categories = (\{.*?\});", page)[1])["Experiment"]["Other"]
+    assert sorted(Path(p).name for p in listed) == [
+        "best.json",
+        "gallery.html",
+        "loss.png",
+        "table.html",
+    ]
+    assert "vlmflow experiment <strong>test</strong>" in page  # an experiment's landing page
