@@ -150,7 +150,6 @@ def test_every_output_is_there_and_consistent(workflow_run):
     for step in (
         "validate_images/digits",
         "format_conversations/digits",
-        "token_budget/test",
         "train/test",
         "merge/test",
         "evaluate/test",
@@ -164,6 +163,9 @@ def test_every_output_is_there_and_consistent(workflow_run):
     ):
         assert (w / f"logs/{step}.log").exists(), step
         assert (w / f"benchmarks/{step}.tsv").exists(), step
+    for step in ("token_budget", "evaluate_base"):  # shared by runs: one folder per setting
+        assert len(list((w / "logs" / step / "digits").glob("*.log"))) == 1, step
+        assert len(list((w / "benchmarks" / step / "digits").glob("*.tsv"))) == 1, step
 
 
 def test_second_run_is_a_no_op(workflow_run):
@@ -361,6 +363,8 @@ def test_archive_holds_the_run_and_verify_archive_finds_tampering(workflow_run, 
         "report/gallery.html",
     ):
         assert f"test/{member}" in files, member
+    for step in ("token_budget", "evaluate_base"):  # the shared jobs this run used
+        assert any(n.startswith(f"test/logs/{step}/digits/") for n in names), step
     # The adapter, not the base weights: those are named by their file hashes.
     assert [n for n in names if n.endswith(".safetensors")] == [
         "test/adapter/adapter_model.safetensors"
