@@ -22,6 +22,11 @@ wildcard_constraints:
     dataset=r"[A-Za-z0-9._-]+",
     run=r"[A-Za-z0-9._-]+",
     family=r"[a-z0-9_]+",
+    budget=r"[A-Za-z0-9._-]+",
+    base=r"[A-Za-z0-9._-]+",
+    org=r"[A-Za-z0-9._-]+",
+    repo=r"[A-Za-z0-9._-]+",
+    revision=r"[A-Za-z0-9._-]+",
 
 
 include: "rules/config.smk"
@@ -34,6 +39,7 @@ include: "rules/evaluate.smk"
 include: "rules/publish.smk"
 include: "rules/report.smk"
 include: "rules/archive.smk"
+include: "rules/experiment.smk"
 
 
 rule all:

@@ -6,9 +6,9 @@
 rule archive:
     input:
         unpack(export_outputs),
-        images=f"results/data/{DATASET}/images.parquet",
+        images=run_file("results/data/{dataset}/images.parquet"),
         data=data_files,
-        summary=f"results/data/{DATASET}/summary.json",
+        summary=run_file("results/data/{dataset}/summary.json"),
         adapter="results/runs/{run}/adapter",
         metrics="results/runs/{run}/eval/metrics.json",
         predictions="results/runs/{run}/eval/predictions.parquet",
@@ -32,7 +32,7 @@ rule archive:
     threads: 1
     params:
         script=script("archive"),
-        config=json.dumps(config, sort_keys=True),
+        config=run_config_json,
         repo=os.path.relpath(workflow.basedir),
         # Lists: the shell command quotes each item (`:q`).
         export=lambda wildcards, input: (

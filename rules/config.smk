@@ -16,6 +16,6 @@ rule resolved_config:
         **cpu_resources(),
     params:
         script=script("write_config"),
-        config=json.dumps(config, sort_keys=True),
+        config=run_config_json,
     shell:
         "python {params.script:q} --config {params.config:q} --out {output.config:q} > {log:q} 2>&1"

@@ -1,6 +1,6 @@
 # Data stage. Per dataset (model-independent): validate every referenced image, then convert the
-# sources to canonical conversation Parquet. Per run: count tokens with the run's model and drop
-# (or fail on) samples over max_seq_length.
+# sources to canonical conversation Parquet. Per (dataset, model settings), shared by the runs with
+# those settings: count tokens with the model and drop (or fail on) samples over max_seq_length.
 
 
 rule validate_images:
@@ -63,33 +63,35 @@ rule format_conversations:
 
 rule token_budget:
     input:
-        train=f"results/data/{DATASET}/train.parquet",
-        val=f"results/data/{DATASET}/val.parquet",
-        test=f"results/data/{DATASET}/test.parquet",
-        images=f"results/data/{DATASET}/images.parquet",
-        model=model_input,
+        train="results/data/{dataset}/train.parquet",
+        val="results/data/{dataset}/val.parquet",
+        test="results/data/{dataset}/test.parquet",
+        images="results/data/{dataset}/images.parquet",
+        model=model_input_of(budget_cfg),
     output:
-        train="results/runs/{run}/data/train.parquet",
-        val="results/runs/{run}/data/val.parquet",
-        test="results/runs/{run}/data/test.parquet",
-        lengths="results/runs/{run}/data/token_lengths.parquet",
-        table="results/runs/{run}/data/token_lengths.tsv",
-        histogram="results/runs/{run}/data/token_lengths.png",
-        rejected="results/runs/{run}/data/rejected.parquet",
-        rejected_table="results/runs/{run}/data/rejected.tsv",
-        summary="results/runs/{run}/data/summary.json",
+        train="results/data/{dataset}/budget/{budget}/train.parquet",
+        val="results/data/{dataset}/budget/{budget}/val.parquet",
+        test="results/data/{dataset}/budget/{budget}/test.parquet",
+        lengths="results/data/{dataset}/budget/{budget}/token_lengths.parquet",
+        table="results/data/{dataset}/budget/{budget}/token_lengths.tsv",
+        histogram="results/data/{dataset}/budget/{budget}/token_lengths.png",
+        rejected="results/data/{dataset}/budget/{budget}/rejected.parquet",
+        rejected_table="results/data/{dataset}/budget/{budget}/rejected.tsv",
+        summary="results/data/{dataset}/budget/{budget}/summary.json",
     log:
-        log="logs/token_budget/{run}.log",
-        rejected="logs/token_budget/{run}.rejected.tsv",
+        log="logs/token_budget/{dataset}/{budget}.log",
+        rejected="logs/token_budget/{dataset}/{budget}.rejected.tsv",
     benchmark:
-        "benchmarks/token_budget/{run}.tsv"
+        "benchmarks/token_budget/{dataset}/{budget}.tsv"
     conda:
         "../envs/vlmflow.yaml"
     threads: 1
     params:
         script=script("token_budget"),
-        config=as_json("model"),
-        max_bad_fraction=config["datasets"][DATASET]["max_bad_fraction"],
+        config=as_json("model", of=budget_cfg),
+        max_bad_fraction=lambda wildcards: config["datasets"][wildcards.dataset][
+            "max_bad_fraction"
+        ],
         datadir=subpath(input.train, parent=True),
         outdir=subpath(output.summary, parent=True),
     shell:

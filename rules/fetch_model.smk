@@ -1,26 +1,27 @@
-# Base model from the Hugging Face Hub into the HF cache, on the machine running snakemake (the
-# login node: compute nodes often have no internet). Only in the DAG for a hub id; every other
-# job runs with HF_HUB_OFFLINE=1 (set in rules/common.smk) and reads the cache.
+# Base models from the Hugging Face Hub into the HF cache, on the machine running snakemake (the
+# login node: compute nodes often have no internet), once per (hub id, revision) of any run. Only
+# in the DAG for hub ids; every other job runs with HF_HUB_OFFLINE=1 (set in rules/common.smk)
+# and reads the cache.
 
 
-if is_hub_id(config["model"]["name"]):
+if HUB_MODELS:
 
     localrules:
         fetch_model,
 
     rule fetch_model:
         output:
-            marker=marker_path(config["model"]["name"], config["model"]["revision"]),
+            marker="resources/hub/{org}/{repo}/{revision}.json",
         log:
-            "logs/fetch_model/fetch_model.log",
+            "logs/fetch_model/{org}/{repo}/{revision}.log",
         benchmark:
-            "benchmarks/fetch_model/fetch_model.tsv"
+            "benchmarks/fetch_model/{org}/{repo}/{revision}.tsv"
         conda:
             "../envs/vlmflow.yaml"
         threads: 1
         params:
             script=script("fetch_model"),
-            model=model_source_json(),
+            model=model_source_json,
         shell:
             "HF_HUB_OFFLINE=0 python {params.script:q} --config {params.model:q} "
             "--out {output.marker:q} > {log:q} 2>&1"

@@ -6,8 +6,8 @@
 rule merge:
     input:
         adapter="results/runs/{run}/adapter",
-        train=f"results/data/{DATASET}/train.parquet",
-        summary=f"results/data/{DATASET}/summary.json",
+        train=run_file("results/data/{dataset}/train.parquet"),
+        summary=run_file("results/data/{dataset}/summary.json"),
         model=model_input,
     output:
         merged=directory("results/runs/{run}/merged"),

@@ -9,7 +9,7 @@ rule publish:
         unpack(export_outputs),
         adapter="results/runs/{run}/adapter",
         metrics="results/runs/{run}/eval/metrics.json",
-        summary=f"results/data/{DATASET}/summary.json",
+        summary=run_file("results/data/{dataset}/summary.json"),
         model=model_input,
     output:
         publish=directory("results/runs/{run}/publish"),

@@ -4,9 +4,9 @@
 
 rule report_data:
     input:
-        summary=f"results/data/{DATASET}/summary.json",
-        rejected=f"results/data/{DATASET}/rejected.parquet",
-        images=f"results/data/{DATASET}/images.parquet",
+        summary=run_file("results/data/{dataset}/summary.json"),
+        rejected=run_file("results/data/{dataset}/rejected.parquet"),
+        images=run_file("results/data/{dataset}/images.parquet"),
         extra=optional_figures,
     output:
         html=report(
@@ -106,8 +106,8 @@ rule report_evaluation:
 # base vs tuned, the run's facts and the training curves, without a click.
 rule report_summary:
     input:
-        data=f"results/data/{DATASET}/summary.json",
-        budget="results/runs/{run}/data/summary.json",
+        data=run_file("results/data/{dataset}/summary.json"),
+        budget=run_file("{budget}/summary.json"),
         adapter="results/runs/{run}/adapter",
         metrics="results/runs/{run}/eval/metrics.json",
         training="results/runs/{run}/report/training.png",
@@ -127,9 +127,12 @@ rule report_summary:
     params:
         script=script("report"),
         config=as_json("report"),
-        dataset=DATASET,
-        lora_only=[] if MERGED else ["--lora-only"],
+        dataset=lambda wildcards: run_cfg(wildcards)["run"]["dataset"],
+        lora_only=lambda wildcards: (
+            [] if merged(run_cfg(wildcards)) else ["--lora-only"]
+        ),
     shell:
         "python {params.script:q} summary --config {params.config:q} --run {wildcards.run:q} "
-        "--dataset {params.dataset:q} {params.lora_only:q} --png {input.training:q} "
+        "--dataset {params.dataset:q} {params.lora_only:q} --budget {input.budget:q} "
+        "--png {input.training:q} "
         "--html {output.html:q} > {log:q} 2>&1"

@@ -4,7 +4,7 @@
 
 rule train:
     input:
-        train="results/runs/{run}/data/train.parquet",
+        train=run_file("{budget}/train.parquet"),
         model=model_input,
     output:
         adapter=directory("results/runs/{run}/adapter"),
@@ -14,16 +14,14 @@ rule train:
         "benchmarks/train/{run}.tsv"
     conda:
         "../envs/vlmflow.yaml"
-    threads: config["train"]["threads"]
+    threads: threads_of("train")
     resources:
-        **gpu_resources(
-            config["train"]["gpus"], config["train"]["nodes"], time_limit_signal=True
-        ),
+        **gpu_resources("train", time_limit_signal=True),
     params:
         script=script("train"),
         config=as_json("model", "lora", "train"),
         work_dir="results/runs/{run}/work/train",
-        launch=train_launcher(),
+        launch=train_launcher,
     # `exec`: SLURM's SIGTERM (time limit, preemption) reaches the training process itself,
     # which checkpoints and exits 75; the retried job resumes. --stop-with-parent: the same
     # when Snakemake (its parent) is killed, so that no orphan trains on beside the next run.

@@ -5,9 +5,14 @@ Batched generation (greedy unless eval.do_sample) with left padding and the KV c
 bar and tokens/s in the log; scores from eval.metrics. Writes metrics.json (base, tuned, delta,
 n, settings) and predictions.parquet (one row per test sample: id, image, question, reference,
 both answers and per-sample scores).
+
+The base model's answers are shared by the runs of an experiment: without --tuned, only the
+base answers are generated (--base-answers, --base-stats are written); with --tuned and
+--base-answers / --base-stats given, they are read instead of generated again.
 """
 
 import gc
+import json
 import logging
 
 import pandas as pd
@@ -53,13 +58,34 @@ def answers_of(model_cfg: dict, eval_cfg: dict, rows: list[dict], tuned: str | N
     return answers, stats
 
 
+def read_base_answers(answers: str, stats: str, rows: list[dict]):
+    """The shared base answers, checked to be those of exactly these test rows, in order."""
+    df = pd.read_parquet(answers)
+    ids = [r["id"] for r in rows]
+    if df["id"].tolist() != ids:
+        raise SystemExit(
+            f"error: {answers} answers other test rows than this run's test split "
+            f"({len(df)} vs {len(ids)} rows); re-run its evaluate_base job"
+        )
+    with open(stats) as f:
+        return df["base_answer"].tolist(), json.load(f)
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--test", required=True, help="test.parquet")
-    p.add_argument("--tuned", required=True, help="merged model folder or adapter folder")
-    p.add_argument("--metrics", required=True, help="metrics.json to write")
-    p.add_argument("--predictions", required=True, help="predictions.parquet to write")
+    p.add_argument("--tuned", help="merged model folder or adapter folder (none: base only)")
+    p.add_argument("--base-answers", help="the base model's answers.parquet (read or written)")
+    p.add_argument("--base-stats", help="the base model's generation.json (read or written)")
+    p.add_argument("--metrics", help="metrics.json to write (with --tuned)")
+    p.add_argument("--predictions", help="predictions.parquet to write (with --tuned)")
     a = p.parse_args()
+    if a.tuned and not (a.metrics and a.predictions):
+        p.error("--tuned needs --metrics and --predictions")
+    if not a.tuned and not (a.base_answers and a.base_stats):
+        p.error("without --tuned, give --base-answers and --base-stats to write")
+    if bool(a.base_answers) != bool(a.base_stats):
+        p.error("--base-answers and --base-stats go together")
     setup_logging(a.verbose)
     cfg = resolve_sections(a.config, ["model", "eval"])
     check_model_source(cfg["model"])  # a missing or unusable local model: say so now
@@ -71,7 +97,15 @@ def main() -> None:
     if not rows:
         raise DataError("the test split is empty; raise datasets.<name>.split.test")
     refs = [reference_of(r) for r in rows]
-    base_answers, base_stats = answers_of(cfg["model"], eval_cfg, rows, None)
+    if a.tuned and a.base_answers:
+        base_answers, base_stats = read_base_answers(a.base_answers, a.base_stats, rows)
+    else:
+        base_answers, base_stats = answers_of(cfg["model"], eval_cfg, rows, None)
+    if not a.tuned:
+        ids = [r["id"] for r in rows]
+        write_parquet(a.base_answers, pd.DataFrame({"id": ids, "base_answer": base_answers}))
+        write_json(a.base_stats, base_stats)
+        return
     tuned_answers, tuned_stats = answers_of(cfg["model"], eval_cfg, rows, a.tuned)
     names = eval_cfg["metrics"]
     base, base_per = score(names, base_answers, refs)

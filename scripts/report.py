@@ -5,7 +5,7 @@ report.py data        --summary S --rejected R --images I --html OUT --figures D
 report.py training    --log train_log.jsonl --png OUT
 report.py evaluation  --metrics M --predictions P [--merge-check C] --html OUT --png OUT
                       --gallery OUT
-report.py summary     --run R --dataset D [--lora-only] --png TRAINING_PNG --html OUT
+report.py summary     --run R --dataset D [--lora-only] [--budget B] --png TRAINING_PNG --html OUT
                       (the landing page's fragment: metrics base vs tuned, facts, curves)
 """
 
@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--run", help="summary: run name")
     p.add_argument("--dataset", help="summary: the run's dataset")
     p.add_argument("--lora-only", action="store_true", help="summary: no merged model")
+    p.add_argument("--budget", help="summary: the run's token budget summary.json")
     p.add_argument("--summary")
     p.add_argument("--rejected")
     p.add_argument("--images")
@@ -53,7 +54,7 @@ def main() -> None:
         n = training_curves(a.log, a.png)
         log.info("training curves of %d steps: %s", n, a.png)
     elif a.what == "summary":
-        s = run_summary(a.run, a.dataset, merged=not a.lora_only)
+        s = run_summary(a.run, a.dataset, merged=not a.lora_only, budget=a.budget)
         with atomic_file(a.html) as tmp:
             tmp.write_text(summary_html(s, a.png) + "\n")
         log.info("run summary: %s", a.html)

@@ -479,16 +479,17 @@ def reproduce_md(
 def run_logs(
     log_dirs: Iterable[str | os.PathLike], names: set[str], skip_steps: set[str] = frozenset()
 ) -> dict[str, Path]:
-    """Log and benchmark files of this run: `<dir>/<step>/<name>.<ext>` with name in `names`
-    (the archive's own, still being written, is left out)."""
+    """Log and benchmark files of this run: `<dir>/<step>/[<dataset>/]<name>.<ext>` with name
+    in `names` (the archive's own, still being written, is left out)."""
     out = {}
     for d in log_dirs:
         d = Path(d)
         if not d.is_dir():
             continue
-        for p in sorted(d.glob("*/*")):
-            if p.is_file() and p.stem in names and p.parent.name not in skip_steps:
-                out[f"{d.name}/{p.parent.name}/{p.name}"] = p
+        for p in sorted([*d.glob("*/*"), *d.glob("*/*/*")]):
+            step = p.relative_to(d).parts[0]
+            if p.is_file() and p.stem in names and step not in skip_steps:
+                out[f"{d.name}/{p.relative_to(d)}"] = p
     return out
 
 
@@ -554,7 +555,10 @@ def build_archive(
         for name in ("README.md", "vlmflow_export.json", "config.json"):
             if (Path(merged) / name).is_file():
                 members[f"{run}/export/{name}"] = Path(merged) / name
-    names = {run, config["run"]["dataset"]}
+    from .experiments import base_eval_key, budget_key
+
+    # the shared jobs' logs too: the token budget and the base evaluation this run used
+    names = {run, config["run"]["dataset"], budget_key(config), base_eval_key(config)}
     if config["model"]["name"].startswith("resources/models/tiny-"):
         names.add(config["model"]["name"].removeprefix("resources/models/tiny-"))
     names.add("demo_digits")

@@ -98,8 +98,10 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
 
 def _cross_checks(config: dict) -> list[str]:
     problems = []
-    run = config["run"]
-    if run["dataset"] not in config["datasets"]:
+    run = config.get("run")
+    if run is None and not (config.get("runs") or config.get("sweep")):
+        problems.append("'run': required (or define the runs with 'runs:' / 'sweep:')")
+    elif run is not None and run["dataset"] not in config["datasets"]:
         problems.append(
             f"'run.dataset': '{run['dataset']}' is not a key of 'datasets' "
             f"({', '.join(sorted(config['datasets']))})"

@@ -36,8 +36,10 @@ def run_summary(
     root: str | Path = ".",
     merged: bool = True,
     configfiles: list[str] | None = None,
+    budget: str | Path | None = None,
 ) -> dict:
-    """The facts of run `run` on `dataset` from the files under `root` (missing ones: None)."""
+    """The facts of run `run` on `dataset` from the files under `root` (missing ones: None);
+    `budget`: the summary.json of the run's token budget (shared by runs with its settings)."""
     root = Path(root)
     run_dir = Path("results/runs") / run
     data_dir = Path("results/data") / dataset
@@ -55,7 +57,7 @@ def run_summary(
         "dataset": dataset,
         "data": _json(root / data_dir / "summary.json"),
         "data_dir": str(data_dir),
-        "budget": _json(root / run_dir / "data/summary.json"),
+        "budget": _json(root / budget) if budget else None,
         "train": train,
         "metrics": _json(root / run_dir / "eval/metrics.json"),
         "adapter": where("adapter"),

@@ -87,7 +87,9 @@ def test_two_gpus_one_node(work):
     assert (res["gpu"], res["gpu_model"], res["slurm_partition"]) == (2, "h100", "gpu")
     assert res["mem_mb"] == 200000 and res["runtime"] == 1440  # attempt 1
     argv = shlex.split(shell)
-    assert argv[:5] == ["exec", "torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=2"]
+    # its own 2 GPUs on a workstation (vlmflow.gpu_slots: under SLURM, the job's), then torchrun
+    assert argv[:7] == ["exec", "python", "-m", "vlmflow.gpu_slots", "--gpus", "2", "--"]
+    assert argv[7:11] == ["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=2"]
     assert "scripts/train.py" in argv
     flags = sbatch_flags(res, 16)
     print("sbatch", flags)

@@ -31,6 +31,7 @@ RULES = [
     "token_budget",
     "train",
     "merge",
+    "evaluate_base",
     "evaluate",
     "report_data",
     "report_training",
@@ -40,7 +41,7 @@ RULES = [
     "publish",
     "archive",
 ]
-GPU_RULES = {"train", "evaluate"}
+GPU_RULES = {"train", "evaluate_base", "evaluate"}
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: .*/rule_(\w+)/")
 
 

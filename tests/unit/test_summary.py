@@ -4,6 +4,8 @@ import json
 
 from vlmflow.summary import format_summary, run_summary, summary_html
 
+BUDGET = "results/data/d/budget/m-1/summary.json"
+
 
 def write_run(root):
     data = root / "results/data/d"
@@ -18,12 +20,12 @@ def write_run(root):
             }
         )
     )
-    run = root / "results/runs/r"
-    (run / "data").mkdir(parents=True)
-    (run / "data/summary.json").write_text(
+    (data / "budget/m-1").mkdir(parents=True)  # the token budget, shared by runs
+    (data / "budget/m-1/summary.json").write_text(
         json.dumps({"dropped": 1, "rows_in": 97, "max_seq_length": 256})
     )
-    (run / "adapter").mkdir()
+    run = root / "results/runs/r"
+    (run / "adapter").mkdir(parents=True)
     (run / "adapter/train_log.jsonl").write_text(
         "\n".join(json.dumps({"step": i, "loss": 2.0 / i}) for i in range(1, 5)) + "\n"
     )
@@ -45,7 +47,7 @@ def write_run(root):
 
 def test_the_terminal_summary_says_what_the_run_did(tmp_path):
     write_run(tmp_path)
-    s = run_summary("r", "d", root=tmp_path, merged=True, configfiles=["my.yaml"])
+    s = run_summary("r", "d", root=tmp_path, merged=True, configfiles=["my.yaml"], budget=BUDGET)
     text = format_summary(s)
     assert text.splitlines() == [
         "vlmflow run 'r' (dataset 'd'):",
@@ -66,7 +68,7 @@ def test_the_landing_fragment_has_the_metrics_table_and_the_curves(tmp_path):
     write_run(tmp_path)
     png = tmp_path / "training.png"
     png.write_bytes(b"\x89PNG fake")
-    html = summary_html(run_summary("r", "d", root=tmp_path), png)
+    html = summary_html(run_summary("r", "d", root=tmp_path, budget=BUDGET), png)
     assert "<table" in html and "cer (lower is better)" in html and "<b>0.125</b>" in html
     assert "src='data:image/png;base64,iVBORyBmYWtl'" in html
     assert "<li><b>training</b> 4 steps, final loss 0.5</li>" in html

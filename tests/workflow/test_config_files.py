@@ -120,7 +120,25 @@ def test_the_resolved_config_is_written_next_to_the_run(local_test_run):
     resolved = yaml.safe_load((local_test_run / "results/runs/test/config.yaml").read_text())
     given = yaml.safe_load((local_test_run / ".test/config.yaml").read_text())
     assert resolved == validate_config(given)
-    assert set(resolved) == set(load_schema()["properties"])
+    # every section (runs / sweep: an experiment's, not a run's)
+    assert set(resolved) == set(load_schema()["properties"]) - {"runs", "sweep"}
+
+
+def test_the_model_comparison_example_plans_one_job_per_shared_setting(example_dir):
+    """config/examples/compare_three_models.yaml: three hub models on one dataset. Each is
+    fetched, budgeted, evaluated as a base and trained once; the data stage runs once."""
+    example = "config/examples/compare_three_models.yaml"
+    res = run(example_dir, "snakemake", "-n", "--configfile", example)
+    table = (res.stdout + res.stderr).split("Job stats:", 1)[1].split("total", 1)[0]
+    jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+    assert {r: jobs[r] for r in ("validate_images", "format_conversations")} == {
+        "validate_images": 1,
+        "format_conversations": 1,
+    }
+    for rule in ("fetch_model", "token_budget", "evaluate_base", "train", "merge", "evaluate"):
+        assert jobs[rule] == 3, (rule, jobs)
+    assert jobs["compare_runs"] == jobs["experiment_archive"] == 1
+    assert "vlmflow experiment: 3 runs: qwen2_5_vl_7b, qwen3_vl_8b, gemma3_4b" in res.stderr
 
 
 # -------------------------------------------------------------------------------- README

@@ -54,6 +54,12 @@ def planned_jobs(res) -> dict[str, int]:
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
 
 
+def budget_dir(work, dataset="digits") -> Path:
+    """The one token-budget folder of `dataset` (its name: the model and a settings hash)."""
+    (folder,) = (work / "results/data" / dataset / "budget").iterdir()
+    return folder
+
+
 @pytest.fixture(scope="module")
 def workflow_run(local_test_run):
     """The .test run (tests/conftest.py), shared with the SLURM test."""
@@ -85,7 +91,7 @@ def test_every_output_is_there_and_consistent(workflow_run):
     assert len(multi) == 1 and all("/cache/blobs/" in p for p in multi[0]["images"])
 
     # The run's token budget: the long ShareGPT sample is dropped, the rest kept.
-    run_data = w / "results/runs/test/data"
+    run_data = budget_dir(w)
     too_long = pq.read_table(run_data / "rejected.parquet").to_pandas()
     assert list(too_long["kind"]) == ["too_long"]
     run_splits = {
@@ -144,7 +150,6 @@ def test_every_output_is_there_and_consistent(workflow_run):
     for step in (
         "validate_images/digits",
         "format_conversations/digits",
-        "token_budget/test",
         "train/test",
         "merge/test",
         "evaluate/test",
@@ -158,6 +163,9 @@ def test_every_output_is_there_and_consistent(workflow_run):
     ):
         assert (w / f"logs/{step}.log").exists(), step
         assert (w / f"benchmarks/{step}.tsv").exists(), step
+    for step in ("token_budget", "evaluate_base"):  # shared by runs: one folder per setting
+        assert len(list((w / "logs" / step / "digits").glob("*.log"))) == 1, step
+        assert len(list((w / "benchmarks" / step / "digits").glob("*.tsv"))) == 1, step
 
 
 def test_second_run_is_a_no_op(workflow_run):
@@ -355,6 +363,8 @@ def test_archive_holds_the_run_and_verify_archive_finds_tampering(workflow_run, 
         "report/gallery.html",
     ):
         assert f"test/{member}" in files, member
+    for step in ("token_budget", "evaluate_base"):  # the shared jobs this run used
+        assert any(n.startswith(f"test/logs/{step}/digits/") for n in names), step
     # The adapter, not the base weights: those are named by their file hashes.
     assert [n for n in names if n.endswith(".safetensors")] == [
         "test/adapter/adapter_model.safetensors"
@@ -471,7 +481,7 @@ def test_training_from_the_archived_config_repeats_the_losses_on_cpu(workflow_ru
             "--config",
             sections,
             "--train",
-            "results/runs/test/data/train.parquet",  # what the train rule reads
+            str(budget_dir(workflow_run) / "train.parquet"),  # what the train rule reads
             "--out",
             str(tmp_path / "adapter"),
             "--work-dir",
@@ -539,7 +549,7 @@ def test_family_trains_merges_and_evaluates_through_the_workflow(family, workflo
     assert check["passed"] and check["max_abs_diff"] <= check["tolerance"]
     assert (run / "merged/config.json").exists()
     metrics = json.loads((run / "eval/metrics.json").read_text())
-    n_test = pq.read_table(run / "data/test.parquet").num_rows
+    n_test = pq.read_table(budget_dir(work) / "test.parquet").num_rows
     assert metrics["n"] == n_test > 0
     preds = pq.read_table(run / "eval/predictions.parquet").to_pandas()
     assert len(preds) == n_test
