@@ -23,6 +23,7 @@ from vlmflow.config import (  # noqa: E402
     typed_cli_config,
     validate_config,
 )
+from vlmflow.gguf import check_gguf_source  # noqa: E402
 from vlmflow.hub import check_model_source, is_hub_id, marker_path  # noqa: E402
 from vlmflow.paths import cache_dir_of, referenced_images  # noqa: E402
 
@@ -53,6 +54,9 @@ DEMO_DIGITS = config["demo"]["digits"]
 TINY_MODEL_PREFIX = "resources/models/tiny-"
 # A missing or unusable local base model fails here, before any job (hub ids: rule fetch_model).
 check_model_source(config["model"], built_by_rule=TINY_MODEL_PREFIX)
+# A GGUF export of a family llama.cpp's converter cannot write fails here too.
+if config["export"]["save_method"].startswith("gguf"):
+    check_gguf_source(config["model"], built_by_rule=TINY_MODEL_PREFIX)
 
 
 def all_cores():
@@ -150,6 +154,8 @@ def train_launcher():
 
 
 MERGED = config["export"]["save_method"] != "lora"
+GGUF = config["export"]["save_method"].startswith("gguf")
+SERVE_CHECK = GGUF and config["export"]["serve_check"]
 
 
 def tuned_model(wildcards):
@@ -161,13 +167,16 @@ def tuned_model(wildcards):
 
 
 def export_outputs(wildcards):
-    """The merged model and its merge check, when there is a merge."""
+    """The merged model and its merge check, when there is a merge (and the GGUF serve check)."""
     if not MERGED:
         return {}
-    return {
+    outputs = {
         "merged": f"results/runs/{wildcards.run}/merged",
         "merge_check": f"results/runs/{wildcards.run}/merge_check.json",
     }
+    if SERVE_CHECK:
+        outputs["serve_check"] = f"results/runs/{wildcards.run}/serve_check.json"
+    return outputs
 
 
 def optional_figures(wildcards):
@@ -209,8 +218,10 @@ def final_outputs():
     ]
     if MERGED:
         outputs += [f"{run_dir}/merged", f"{run_dir}/merge_check.json"]
-    if config["export"]["save_method"].startswith("gguf"):
+    if GGUF:
         outputs.append(f"{run_dir}/gguf")
+    if SERVE_CHECK:
+        outputs.append(f"{run_dir}/serve_check.json")
     return outputs
 
 

@@ -21,6 +21,7 @@ if is_hub_id(config["model"]["name"]):
         params:
             script=script("fetch_model"),
             model=model_source_json(),
+            gguf="--check-gguf" if GGUF else "",
         shell:
-            "HF_HUB_OFFLINE=0 python {params.script:q} --config {params.model:q} "
+            "HF_HUB_OFFLINE=0 python {params.script:q} --config {params.model:q} {params.gguf} "
             "--out {output.marker:q} > {log:q} 2>&1"
