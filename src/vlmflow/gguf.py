@@ -37,16 +37,18 @@ from .io import atomic_dir
 
 LLAMA_CPP_PYTHON = "0.3.36"
 GGUF_METHODS = {"gguf": "bf16", "gguf_q8_0": "q8_0", "gguf_q4_k_m": "q4_k_m"}
-# Registry families (vlmflow.families names) that llama.cpp's converter writes as a language
-# model + vision projector (mmproj), each converted from its tiny model in
-# tests/unit/test_gguf.py::test_each_family_converts; the others are refused before any job.
+# Registry families (vlmflow.families names) whose architecture llama.cpp's converter registers
+# both as a language model and as a vision projector (mmproj) (checked against the converter's
+# own tables in tests/unit/test_gguf.py); LLaVA-NeXT and Mllama are not among them and are
+# refused before any job.
 GGUF_FAMILIES = {
     "qwen2_vl",
     "qwen2_5_vl",
     "qwen3_vl",
+    "qwen3_5",
     "gemma3",
+    "gemma4",
     "llava",
-    "llava_next",
     "pixtral",
     "mistral3",
     "idefics3",

@@ -24,8 +24,6 @@ from pathlib import Path
 
 import torch
 
-from .gguf import GGUFError
-
 log = logging.getLogger(__name__)
 MARKER = "<<vlmflow-serve-check-answer>>"
 
@@ -56,7 +54,8 @@ def serve_prompts(rows: list[dict], n: int) -> list[dict]:
 
 @torch.no_grad()
 def transformers_answers(merged: Path, prompts: list[dict], max_new_tokens: int, images) -> list:
-    """Greedy answers of the merged folder in transformers: (token ids, text) per prompt."""
+    """Greedy answers of the merged folder in transformers: (token ids, text, image tokens per
+    image) per prompt."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from .collate import to_hf_messages
@@ -69,6 +68,7 @@ def transformers_answers(merged: Path, prompts: list[dict], max_new_tokens: int,
     eos = [tok.convert_tokens_to_ids(family.end_of_turn)]
     if tok.eos_token_id is not None and tok.eos_token_id not in eos:
         eos.append(tok.eos_token_id)
+    image_id = tok.convert_tokens_to_ids(family.image_token)
     out = []
     for p, imgs in zip(prompts, images, strict=True):
         msgs = to_hf_messages([{"role": "user", "content": p["parts"]}])
@@ -88,12 +88,26 @@ def transformers_answers(merged: Path, prompts: list[dict], max_new_tokens: int,
             if t in eos:
                 break
             ids.append(t)
-        out.append((ids, tok.decode(ids)))
+        n_image = int((batch["input_ids"] == image_id).sum())
+        out.append((ids, tok.decode(ids), n_image // max(1, len(imgs))))
     return out, tok
 
 
+# llama.cpp's Qwen-VL preprocessing resizes an image to at least 8 (and at most 4096) image tokens
+# whatever the checkpoint's processor says; the check gives it transformers' count, so that both
+# see the image at the same size.
+IMAGE_TOKEN_LIMITS = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
+
+
 def llama_cpp_answer(
-    tools: Path, gguf_dir: Path, summary: dict, prompt: dict, image_files, n: int, threads: int
+    tools: Path,
+    gguf_dir: Path,
+    summary: dict,
+    prompt: dict,
+    image_files,
+    n: int,
+    threads: int,
+    image_tokens: int | None = None,
 ) -> str:
     """llama.cpp's greedy answer to one prompt (a fresh `llama-mtmd-cli` process)."""
     marker = "<__media__>"  # mtmd's default media marker: where each image goes
@@ -119,6 +133,8 @@ def llama_cpp_answer(
         cmd += ["--mmproj", str(gguf_dir / summary["mmproj"])]
     for f in image_files:
         cmd += ["--image", str(f)]
+    if image_files and image_tokens and summary.get("family") in IMAGE_TOKEN_LIMITS:
+        cmd += ["--image-min-tokens", str(image_tokens), "--image-max-tokens", str(image_tokens)]
     env = dict(os.environ, MTMD_TEST_RESPONSE_MARKER=MARKER)
     res = subprocess.run(cmd, capture_output=True, env=env, timeout=900)
     stdout = res.stdout.decode("utf-8", errors="replace")
@@ -150,8 +166,9 @@ def serve_check_gguf(
 ) -> dict:
     """Run the serve check of a GGUF export; returns the result (the rule writes it as
     serve_check.json) and raises ServeCheckError, with the result attached, when it fails."""
+    from .collate import fit_pixels
     from .gguf import llama_cpp_tools
-    from .images import fit_pixels, load_rgb
+    from .images import load_rgb
 
     merged, gguf_dir = Path(merged_dir), Path(gguf_dir)
     summary = json.loads((gguf_dir / "gguf_export.json").read_text())
@@ -170,14 +187,14 @@ def serve_check_gguf(
     need = export_cfg["serve_check_min_agreement"] if quantized else 1.0
     samples = []
     with tempfile.TemporaryDirectory(prefix="serve-check-") as tmp:
-        for i, (p, imgs, (ids, ref_text)) in enumerate(
+        for i, (p, imgs, (ids, ref_text, n_img)) in enumerate(
             zip(prompts, fitted, reference, strict=True)
         ):
             files = []
             for j, im in enumerate(imgs):
                 files.append(Path(tmp) / f"{i}-{j}.png")
                 im.save(files[-1])
-            got = llama_cpp_answer(tools, gguf_dir, summary, p, files, n_tokens, threads)
+            got = llama_cpp_answer(tools, gguf_dir, summary, p, files, n_tokens, threads, n_img)
             k = agreement(ids, got, tok)
             samples.append(
                 {
@@ -187,6 +204,7 @@ def serve_check_gguf(
                     "reference_tokens": len(ids),
                     "agreeing_tokens": k,
                     "identical": k == len(ids) and got.rstrip() == ref_text.rstrip(),
+                    "image_tokens": n_img,
                 }
             )
     total = sum(s["reference_tokens"] for s in samples)
@@ -219,6 +237,3 @@ def serve_check_gguf(
         err.result = result
         raise err
     return result
-
-
-__all__ = ["GGUFError", "ServeCheckError", "serve_check_gguf", "serve_prompts"]
