@@ -39,8 +39,9 @@ LLAMA_CPP_PYTHON = "0.3.36"
 GGUF_METHODS = {"gguf": "bf16", "gguf_q8_0": "q8_0", "gguf_q4_k_m": "q4_k_m"}
 # Registry families (vlmflow.families names) whose architecture llama.cpp's converter registers
 # both as a language model and as a vision projector (mmproj) (checked against the converter's
-# own tables in tests/unit/test_gguf.py); LLaVA-NeXT and Mllama are not among them and are
-# refused before any job.
+# own tables in tests/unit/test_gguf.py). Not among them, so refused before any job: LLaVA-NeXT
+# and Mllama (neither table), Idefics3 / SmolVLM (an mmproj only: the converter has no text
+# model for them).
 GGUF_FAMILIES = {
     "qwen2_vl",
     "qwen2_5_vl",
@@ -51,8 +52,6 @@ GGUF_FAMILIES = {
     "llava",
     "pixtral",
     "mistral3",
-    "idefics3",
-    "smolvlm",
 }
 
 
