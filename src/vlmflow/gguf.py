@@ -41,7 +41,8 @@ GGUF_METHODS = {"gguf": "bf16", "gguf_q8_0": "q8_0", "gguf_q4_k_m": "q4_k_m"}
 # both as a language model and as a vision projector (mmproj) (checked against the converter's
 # own tables in tests/unit/test_gguf.py). Not among them, so refused before any job: LLaVA-NeXT
 # and Mllama (neither table), Idefics3 / SmolVLM (an mmproj only: the converter has no text
-# model for them).
+# model for them) and LLaVA 1.5 (its mmproj converter takes Pixtral towers only; a CLIP tower
+# stops it with "Unsupported model type: clip_vision_model").
 GGUF_FAMILIES = {
     "qwen2_vl",
     "qwen2_5_vl",
@@ -49,7 +50,6 @@ GGUF_FAMILIES = {
     "qwen3_5",
     "gemma3",
     "gemma4",
-    "llava",
     "pixtral",
     "mistral3",
 }

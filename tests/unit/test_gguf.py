@@ -175,8 +175,19 @@ def test_the_supported_families_are_the_converters(source):
         arch = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type]
         if arch in text and arch in mmproj:
             both.add(family)
-    assert both == GGUF_FAMILIES
-    assert {"llava_next", "mllama", "idefics3", "smolvlm"}.isdisjoint(both)
+    # LlavaForConditionalGeneration is registered for Pixtral towers only: the converter stops
+    # on LLaVA 1.5's CLIP tower ("Unsupported model type: clip_vision_model").
+    assert both - {"llava"} == GGUF_FAMILIES
+    assert {"llava", "llava_next", "mllama", "idefics3", "smolvlm"}.isdisjoint(GGUF_FAMILIES)
+
+
+# Families the converter registers whose TINY models it cannot convert (measured; the released
+# checkpoints differ in exactly these respects).
+TINY_CONVERTER_FAILURES = {
+    "gemma3": "Can not map tensor 'vision_tower.embeddings.patch_embedding.bias'",
+    "gemma4": "Cannot find Llama BPE tokenizer",  # the tiny tokenizer is not Gemma's
+    "qwen3_5": "opt_num_mtp_layers",  # the converter asserts MTP layers; the tiny model has none
+}
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
@@ -196,6 +207,11 @@ def test_each_family_converts_or_is_refused_at_config_time(family, tiny_model, t
         return
     check_gguf_source(cfg)
     deep = deepen(base, tmp_path / "deep")
+    if family in TINY_CONVERTER_FAILURES:  # the converter's own message, not a traceback of ours
+        with pytest.raises(GGUFError, match=TINY_CONVERTER_FAILURES[family]):
+            export_gguf(deep, tmp_path / "gguf", "gguf", pretokenizer="qwen2")
+        assert not (tmp_path / "gguf").exists()
+        return
     summary = export_gguf(deep, tmp_path / "gguf", "gguf", pretokenizer="qwen2")
     lm = read_gguf(tmp_path / "gguf" / summary["model"])
     assert lm["arch"] not in (None, "clip") and any(n.startswith("blk.1.") for n in lm["names"])
