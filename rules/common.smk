@@ -31,6 +31,7 @@ from vlmflow.experiments import (  # noqa: E402
     resolve_runs,
     shared_jobs,
 )
+from vlmflow.gguf import check_gguf_source  # noqa: E402
 from vlmflow.hub import check_model_source, is_hub_id, marker_path  # noqa: E402
 from vlmflow.paths import cache_dir_of, referenced_images  # noqa: E402
 
@@ -68,6 +69,16 @@ TINY_MODEL_PREFIX = "resources/models/tiny-"
 # A missing or unusable local base model fails here, before any job (hub ids: rule fetch_model).
 for _cfg in {c["model"]["name"]: c for c in RUNS.values()}.values():
     check_model_source(_cfg["model"], built_by_rule=TINY_MODEL_PREFIX)
+
+
+def is_gguf(cfg):
+    """Whether the run exports GGUF (export.save_method gguf, gguf_q8_0, gguf_q4_k_m)."""
+    return cfg["export"]["save_method"].startswith("gguf")
+
+
+# A GGUF export of a family llama.cpp's converter cannot write fails here too.
+for _cfg in {c["model"]["name"]: c for c in RUNS.values() if is_gguf(c)}.values():
+    check_gguf_source(_cfg["model"], built_by_rule=TINY_MODEL_PREFIX)
 # What runs share, each taking its settings from the first run with it: the token budget per
 # (dataset, model settings), the base model's evaluation per (base model, data, eval settings).
 BUDGETS = shared_jobs(RUNS, budget_key)
@@ -123,7 +134,9 @@ def shared_cfg(jobs, key):
     def cfg(wildcards):
         job = (wildcards.dataset, getattr(wildcards, key))
         if job not in jobs:
-            raise WorkflowError(f"no run of this config has {key} '{job[1]}' on '{job[0]}'")
+            raise WorkflowError(
+                f"no run of this config has {key} '{job[1]}' on '{job[0]}'"
+            )
         return RUNS[jobs[job]]
 
     return cfg
@@ -289,6 +302,24 @@ def merged(cfg):
     return cfg["export"]["save_method"] != "lora"
 
 
+def gguf_source_cfg(wildcards):
+    """Config of the llama.cpp source fetch (one per workflow): the first GGUF run's."""
+    return next((c for c in RUNS.values() if is_gguf(c)), next(iter(RUNS.values())))
+
+
+def fetch_gguf_flag(wildcards, output):
+    """fetch_model's --check-gguf when a run exports this model as GGUF."""
+    runs = [c for c in RUNS.values() if is_gguf(c)]
+    model = HUB_MODELS[output.marker]
+    same = [c for c in runs if c["model"]["name"] == model["name"]]
+    return "--check-gguf" if same else ""
+
+
+def serve_checked(cfg):
+    """Whether the run's GGUF export is served by llama.cpp and checked (export.serve_check)."""
+    return is_gguf(cfg) and cfg["export"]["serve_check"]
+
+
 def tuned_model(wildcards):
     """What evaluation calls the tuned model: the merged export, or the adapter (applied to the
     base) when export.save_method is lora."""
@@ -298,13 +329,16 @@ def tuned_model(wildcards):
 
 
 def export_outputs(wildcards):
-    """The merged model and its merge check, when there is a merge."""
+    """The merged model and its merge check, when there is a merge (and the GGUF serve check)."""
     if not merged(run_cfg(wildcards)):
         return {}
-    return {
+    outputs = {
         "merged": f"results/runs/{wildcards.run}/merged",
         "merge_check": f"results/runs/{wildcards.run}/merge_check.json",
     }
+    if serve_checked(run_cfg(wildcards)):
+        outputs["serve_check"] = f"results/runs/{wildcards.run}/serve_check.json"
+    return outputs
 
 
 def optional_figures(wildcards):
@@ -349,8 +383,10 @@ def run_outputs(run):
     ]
     if merged(cfg):
         outputs += [f"{run_dir}/merged", f"{run_dir}/merge_check.json"]
-    if cfg["export"]["save_method"].startswith("gguf"):
+    if is_gguf(cfg):
         outputs.append(f"{run_dir}/gguf")
+    if serve_checked(cfg):
+        outputs.append(f"{run_dir}/serve_check.json")
     return outputs
 
 

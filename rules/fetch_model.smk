@@ -22,6 +22,7 @@ if HUB_MODELS:
         params:
             script=script("fetch_model"),
             model=model_source_json,
+            gguf=fetch_gguf_flag,
         shell:
-            "HF_HUB_OFFLINE=0 python {params.script:q} --config {params.model:q} "
+            "HF_HUB_OFFLINE=0 python {params.script:q} --config {params.model:q} {params.gguf} "
             "--out {output.marker:q} > {log:q} 2>&1"

@@ -96,9 +96,15 @@ rule report_evaluation:
             if "merge_check" in input.keys()
             else []
         ),
+        serve_check=lambda wildcards, input: (
+            ["--serve-check", input.serve_check]
+            if "serve_check" in input.keys()
+            else []
+        ),
     shell:
         "python {params.script:q} evaluation --config {params.config:q} "
         "--metrics {input.metrics:q} --predictions {input.predictions:q} {params.merge_check:q} "
+        "{params.serve_check:q} "
         "--html {output.html:q} --png {output.png:q} --gallery {output.gallery:q} > {log:q} 2>&1"
 
 

@@ -34,7 +34,7 @@ from vlmflow.evaluate import (
     score,
 )
 from vlmflow.hub import check_model_source
-from vlmflow.io import write_parquet
+from vlmflow.io import write_json, write_parquet
 
 log = logging.getLogger("vlmflow.evaluate")
 

@@ -15,10 +15,17 @@ log = logging.getLogger("vlmflow.fetch_model")
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--out", required=True, help="marker JSON to write")
+    p.add_argument(
+        "--check-gguf", action="store_true", help="fail if llama.cpp cannot convert its family"
+    )
     a = p.parse_args()
     setup_logging(a.verbose)
     m = resolve_sections(a.config, ["model"])["model"]
     info = fetch(m["name"], m["revision"], trust_remote_code=m["trust_remote_code"])
+    if a.check_gguf:  # export.save_method gguf*: known once the config is downloaded
+        from vlmflow.gguf import check_gguf_family, family_of
+
+        check_gguf_family(family_of(info["snapshot"]), f"{m['name']} (config.json)")
     write_json(a.out, info)
     log.info(
         "%s @ %s: %d files, %.1f MB in %s",

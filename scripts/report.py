@@ -3,8 +3,8 @@
 
 report.py data        --summary S --rejected R --images I --html OUT --figures DIR [--extra PNG...]
 report.py training    --log train_log.jsonl --png OUT
-report.py evaluation  --metrics M --predictions P [--merge-check C] --html OUT --png OUT
-                      --gallery OUT
+report.py evaluation  --metrics M --predictions P [--merge-check C] [--serve-check S]
+                      --html OUT --png OUT --gallery OUT
 report.py summary     --run R --dataset D [--lora-only] [--budget B] --png TRAINING_PNG --html OUT
                       (the landing page's fragment: metrics base vs tuned, facts, curves)
 """
@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--metrics")
     p.add_argument("--predictions")
     p.add_argument("--merge-check")
+    p.add_argument("--serve-check")
     p.add_argument("--html")
     p.add_argument("--png")
     p.add_argument("--gallery")
@@ -59,7 +60,7 @@ def main() -> None:
             tmp.write_text(summary_html(s, a.png) + "\n")
         log.info("run summary: %s", a.html)
     else:
-        metrics_page(a.metrics, a.html, a.png, a.merge_check)
+        metrics_page(a.metrics, a.html, a.png, a.merge_check, a.serve_check)
         n = gallery_page(a.predictions, a.metrics, a.gallery, max_items=cfg["gallery_samples"])
         log.info("metrics: %s, %s; gallery of %d samples: %s", a.html, a.png, n, a.gallery)
 

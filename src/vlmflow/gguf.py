@@ -1,16 +1,18 @@
-"""GGUF export for llama.cpp / Ollama, with llama.cpp's own converter.
+"""GGUF export for llama.cpp / Ollama, with llama.cpp's own converter and tools.
 
 The converter is not re-implemented: `convert_hf_to_gguf.py` (with its `conversion/` package and
 the matching `gguf-py`) is taken from the llama.cpp source that llama-cpp-python's source
-distribution vendors (`pip download --no-binary :all: llama-cpp-python==VERSION`, once, into a
-cache folder), and run on the merged 16-bit folder twice: once for the language model
-(`model-<type>.gguf`) and once with `--mmproj` for the vision tower + projector
-(`mmproj-<type>.gguf`, kept in 16-bit: llama.cpp's own recommendation). An Ollama `Modelfile`
-names both.
+distribution vendors. `fetch_source` downloads that sdist (`pip download --no-binary :all:
+llama-cpp-python==VERSION`) into the cache once, in the local rule llama_cpp_source (the only
+step that goes online); the converter is unpacked from it and run on the merged 16-bit folder
+twice: once for the language model (`model-<type>.gguf`) and once with `--mmproj` for the vision
+tower + projector (`mmproj-bf16.gguf`, kept in 16-bit: llama.cpp's own recommendation). An
+Ollama `Modelfile` names both.
 
 `export.save_method`: `gguf` writes bf16, `gguf_q8_0` Q8_0 (both by the converter);
-`gguf_q4_k_m` needs llama.cpp's quantizer (`llama_model_quantize` of the llama-cpp-python
-wheel) on the bf16 file.
+`gguf_q4_k_m` quantizes the bf16 file with llama.cpp's `llama-quantize`, which
+`llama_cpp_tools` builds once from the same sdist with cmake (beside `llama-mtmd-cli`, which the
+serve check runs; see `vlmflow.serve_check`).
 
 Tokenizers: the converter identifies a BPE pre-tokenizer by hashing how it splits a test text
 and refuses unknown ones; `export.gguf_pretokenizer` names it for a tokenizer the table does not
@@ -19,12 +21,16 @@ know (the tiny test models, whose vocabulary is trained locally, use `qwen2`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
+import time
 from pathlib import Path
 
 from .errors import VlmflowError
@@ -32,18 +38,21 @@ from .io import atomic_dir
 
 LLAMA_CPP_PYTHON = "0.3.36"
 GGUF_METHODS = {"gguf": "bf16", "gguf_q8_0": "q8_0", "gguf_q4_k_m": "q4_k_m"}
-# model_type -> does llama.cpp's converter write a vision projector (mmproj) for it
-MMPROJ_FAMILIES = {
+# Registry families (vlmflow.families names) whose architecture llama.cpp's converter registers
+# both as a language model and as a vision projector (mmproj) (checked against the converter's
+# own tables in tests/unit/test_gguf.py). Not among them, so refused before any job: LLaVA-NeXT
+# and Mllama (neither table), Idefics3 / SmolVLM (an mmproj only: the converter has no text
+# model for them) and LLaVA 1.5 (its mmproj converter takes Pixtral towers only; a CLIP tower
+# stops it with "Unsupported model type: clip_vision_model").
+GGUF_FAMILIES = {
     "qwen2_vl",
     "qwen2_5_vl",
     "qwen3_vl",
+    "qwen3_5",
     "gemma3",
-    "llava",
-    "llava_next",
-    "idefics3",
-    "smolvlm",
+    "gemma4",
+    "pixtral",
     "mistral3",
-    "mllama",
 }
 
 
@@ -58,6 +67,7 @@ def cache_root() -> Path:
 
 # What the converter imports beyond torch/numpy/transformers (installed beside it, --target).
 CONVERTER_REQUIREMENTS = ("sentencepiece",)
+SDIST_PREFIX = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
 
 
 def _pip(*args: str) -> None:
@@ -68,46 +78,150 @@ def _pip(*args: str) -> None:
         raise GGUFError(f"pip {' '.join(args)} failed: {res.stderr[-800:]}")
 
 
-def converter_dir(root: Path | None = None) -> Path:
-    """llama.cpp's converter from llama-cpp-python's sdist (downloaded and unpacked once, with
-    the converter's own Python requirements in `<root>/site`)."""
+def fetch_source(root: Path | None = None) -> dict:
+    """The one step that goes online (rule llama_cpp_source, a local rule: compute nodes have no
+    internet): llama-cpp-python's source distribution (llama.cpp's converter, gguf-py and C++
+    source) and the converter's Python requirements, into the cache `root`. Returns what is
+    there (sdist path and sha256)."""
     root = root or cache_root()
-    out = root / "llama.cpp"
-    if (out / "convert_hf_to_gguf.py").is_file() and (root / "site").is_dir():
-        return out
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "site").is_dir():
         with atomic_dir(root / "site") as tmp:
             _pip("install", "-q", "--no-deps", "--target", str(tmp), *CONVERTER_REQUIREMENTS)
-    if (out / "convert_hf_to_gguf.py").is_file():
-        return out
     dl = root / "sdist"
     if not list(dl.glob("llama_cpp_python-*.tar.gz")):
-        _pip(
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "-d",
-            str(dl),
-            f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+        with atomic_dir(dl) as tmp:
+            _pip(
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                str(tmp),
+                f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+            )
+    sdist = _sdist(root)
+    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    return {"root": str(root), "sdist": str(sdist), "sha256": digest, "site": str(root / "site")}
+
+
+def _sdist(root: Path) -> Path:
+    found = sorted((root / "sdist").glob("llama_cpp_python-*.tar.gz"))
+    if not found or not (root / "site").is_dir():
+        raise GGUFError(
+            f"llama.cpp's source (llama-cpp-python {LLAMA_CPP_PYTHON}) is not in {root}: it is "
+            "fetched by the local rule llama_cpp_source (`snakemake --cores 1 llama_cpp_source` "
+            "on a machine with internet; VLMFLOW_CACHE must name a folder the compute nodes see)"
         )
-    (sdist,) = dl.glob("llama_cpp_python-*.tar.gz")
-    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
-    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
-    with atomic_dir(out) as tmp, tarfile.open(sdist) as tar:
+    return found[-1]
+
+
+def _unpack(sdist: Path, out: Path, wanted: tuple[str, ...] | None) -> None:
+    """Members of the sdist's vendored llama.cpp (those starting with one of `wanted`, or all)
+    into `out`, refusing any that would leave it."""
+    with tarfile.open(sdist) as tar:
         for m in tar.getmembers():
-            rel = m.name[len(prefix) :] if m.name.startswith(prefix) else None
-            if rel and rel.startswith(wanted) and (m.isfile() or m.isdir()):
-                if ".." in Path(rel).parts:
-                    raise GGUFError(f"{sdist}: unsafe member {m.name}")
-                target = tmp / rel
-                if m.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                else:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with tar.extractfile(m) as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+            rel = m.name[len(SDIST_PREFIX) :] if m.name.startswith(SDIST_PREFIX) else None
+            if not rel or not (m.isfile() or m.isdir()):
+                continue
+            if wanted is not None and not rel.startswith(wanted):
+                continue
+            if ".." in Path(rel).parts or Path(rel).is_absolute():
+                raise GGUFError(f"{sdist}: unsafe member {m.name}")
+            target = out / rel
+            if m.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(m) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            if m.mode & 0o111:
+                target.chmod(0o755)
+
+
+def converter_dir(root: Path | None = None) -> Path:
+    """llama.cpp's converter, unpacked (once) from the fetched sdist; no network."""
+    root = root or cache_root()
+    out = root / "llama.cpp"
+    if (out / "convert_hf_to_gguf.py").is_file() and (root / "site").is_dir():
+        return out
+    sdist = _sdist(root)
+    with atomic_dir(out) as tmp:
+        _unpack(sdist, tmp, ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE"))
+    return out
+
+
+# The C++ tools: llama-quantize (Q4_K_M) and llama-mtmd-cli (the serve check), nothing else.
+BUILD_TARGETS = ("llama-mtmd-cli", "llama-quantize")
+CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DGGML_NATIVE=ON",
+    "-DGGML_OPENMP=OFF",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_APP=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+)
+
+
+def cpu_key() -> str:
+    """GGML_NATIVE binaries use this CPU's instruction set: one build per machine type and CPU
+    flags (a cluster with several node types gets one each, all in the same cache)."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                break
+    except OSError:
+        pass
+    digest = hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+    return f"{platform.machine()}-{digest}"
+
+
+def llama_cpp_tools(root: Path | None = None, threads: int = 2) -> Path:
+    """The folder holding llama.cpp's `llama-mtmd-cli` and `llama-quantize`, built once from the
+    fetched sdist with cmake (Release, GGML_NATIVE, static, only those two targets) into the
+    cache; `build.json` there records the flags and the build's seconds."""
+    root = root or cache_root()
+    out = root / f"bin-{cpu_key()}"
+    if all((out / t).is_file() for t in BUILD_TARGETS):
+        return out
+    sdist = _sdist(root)
+    missing = [t for t in ("cmake", "c++") if shutil.which(t) is None]
+    if missing:
+        raise GGUFError(
+            f"building llama.cpp's {', '.join(BUILD_TARGETS)} needs {' and '.join(missing)} "
+            "(a C++17 compiler and cmake >= 3.14) on this machine"
+        )
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=root) as work, atomic_dir(out) as tmp:
+        src, build = Path(work) / "src", Path(work) / "build"
+        _unpack(sdist, src, None)
+        steps = [
+            ["cmake", "-S", str(src), "-B", str(build), *generator, *CMAKE_FLAGS],
+            ["cmake", "--build", str(build), "-j", str(threads), "--target", *BUILD_TARGETS],
+        ]
+        for cmd in steps:
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise GGUFError(
+                    f"building llama.cpp failed ({' '.join(cmd[:2])}):\n"
+                    f"{(res.stdout + res.stderr)[-3000:]}"
+                )
+        for t in BUILD_TARGETS:
+            shutil.copy2(build / "bin" / t, tmp / t)
+        info = {
+            "llama_cpp_python": LLAMA_CPP_PYTHON,
+            "targets": list(BUILD_TARGETS),
+            "cmake_flags": list(CMAKE_FLAGS),
+            "threads": threads,
+            "seconds": round(time.monotonic() - t0, 1),
+        }
+        (tmp / "build.json").write_text(json.dumps(info, indent=2))
     return out
 
 
@@ -146,6 +260,57 @@ def _convert(conv: Path, merged: Path, outfile: Path, outtype: str, pre: str | N
     return res.stderr
 
 
+def _family_of_config(cfg: dict) -> str | None:
+    from .families import family_for_model_type
+
+    vision = (cfg.get("vision_config") or {}).get("model_type")
+    key = cfg.get("model_type")
+    if key == "llava" and vision == "pixtral":
+        key = "llava:pixtral"
+    try:
+        return family_for_model_type(key).name
+    except KeyError:
+        return None
+
+
+def family_of(folder: str | os.PathLike) -> str | None:
+    """The registry family of a model folder (its config.json), None if not in the registry."""
+    return _family_of_config(json.loads((Path(folder) / "config.json").read_text()))
+
+
+def check_gguf_family(family: str | None, where: str) -> str:
+    if family not in GGUF_FAMILIES:
+        raise GGUFError(
+            f"export.save_method gguf*: the model family {family or 'unknown'!r} ({where}) is "
+            "not one llama.cpp's converter writes as GGUF + mmproj (supported: "
+            f"{', '.join(sorted(GGUF_FAMILIES))}); use save_method merged_16bit"
+        )
+    return family
+
+
+def check_gguf_source(model_cfg: dict, *, built_by_rule: str | None = None) -> None:
+    """A GGUF export of a family llama.cpp cannot convert fails when the config is read, before
+    any job, wherever the family is known without a download: a tiny model built by a rule (its
+    name says the family), a local folder, a hub model already in the Hugging Face cache (else
+    fetch_model checks it once downloaded)."""
+    name = model_cfg["name"]
+    if built_by_rule and name.startswith(built_by_rule) and not Path(name).is_dir():
+        check_gguf_family(name[len(built_by_rule) :], f"model.name {name}")
+        return
+    from .hub import is_hub_id
+
+    cfg_file = Path(name).expanduser() / "config.json"
+    if is_hub_id(name):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json", revision=model_cfg["revision"])
+        if not isinstance(cached, str):
+            return
+        cfg_file = Path(cached)
+    family = _family_of_config(json.loads(cfg_file.read_text()))
+    check_gguf_family(family, f"model.name {name}")
+
+
 def modelfile(model: str, mmproj: str | None, template_note: str) -> str:
     lines = [
         "# Ollama: `ollama create <name> -f Modelfile`, then `ollama run <name>`.",
@@ -158,21 +323,12 @@ def modelfile(model: str, mmproj: str | None, template_note: str) -> str:
     return "\n".join(lines)
 
 
-def quantize_q4_k_m(src: Path, dst: Path) -> None:
-    """llama.cpp's quantizer through llama-cpp-python (the compiled wheel)."""
-    try:
-        import llama_cpp
-    except ImportError as e:
-        raise GGUFError(
-            "export.save_method gguf_q4_k_m needs llama-cpp-python (pip install "
-            f"llama-cpp-python=={LLAMA_CPP_PYTHON}): the K-quants are made by llama.cpp's C++ "
-            "quantizer"
-        ) from e
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0 or not dst.is_file():
-        raise GGUFError(f"llama_model_quantize failed on {src} (code {rc})")
+def quantize_q4_k_m(src: Path, dst: Path, tools: Path, threads: int) -> None:
+    """llama.cpp's own quantizer (`llama-quantize`, built from the same source)."""
+    cmd = [str(tools / "llama-quantize"), str(src), str(dst), "Q4_K_M", str(threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0 or not dst.is_file():
+        raise GGUFError(f"llama-quantize failed on {src}:\n{(res.stdout + res.stderr)[-2000:]}")
 
 
 def export_gguf(
@@ -181,9 +337,11 @@ def export_gguf(
     method: str,
     *,
     pretokenizer: str | None = None,
+    root: Path | None = None,
+    threads: int = 2,
 ) -> dict:
-    """Convert the merged folder to GGUF files in `out_dir`. Returns the summary (also written as
-    gguf_export.json)."""
+    """Convert the merged folder to GGUF files in `out_dir` with the converter of the fetched
+    source in `root` (the cache). Returns the summary (also written as gguf_export.json)."""
     merged = Path(merged_dir)
     if method not in GGUF_METHODS:
         raise GGUFError(
@@ -191,23 +349,27 @@ def export_gguf(
         )
     quant = GGUF_METHODS[method]
     model_type = json.loads((merged / "config.json").read_text())["model_type"]
-    conv = converter_dir()
-    summary: dict = {"save_method": method, "quantization": quant, "model_type": model_type}
+    family = check_gguf_family(family_of(merged), f"{merged}/config.json")
+    conv = converter_dir(root)
+    summary: dict = {
+        "save_method": method,
+        "quantization": quant,
+        "model_type": model_type,
+        "family": family,
+    }
     with atomic_dir(out_dir) as tmp:
         outtype = "bf16" if quant == "q4_k_m" else quant
         lm = tmp / f"model-{outtype}.gguf"
         _convert(conv, merged, lm, outtype, pretokenizer, mmproj=False)
         if quant == "q4_k_m":
             q = tmp / "model-q4_k_m.gguf"
-            quantize_q4_k_m(lm, q)
+            quantize_q4_k_m(lm, q, llama_cpp_tools(root, threads), threads)
             lm.unlink()
             lm = q
-        mm = None
-        if model_type in MMPROJ_FAMILIES:
-            mm = tmp / "mmproj-bf16.gguf"
-            _convert(conv, merged, mm, "bf16", pretokenizer, mmproj=True)
+        mm = tmp / "mmproj-bf16.gguf"
+        _convert(conv, merged, mm, "bf16", pretokenizer, mmproj=True)
         summary["model"] = lm.name
-        summary["mmproj"] = mm.name if mm else None
+        summary["mmproj"] = mm.name
         summary["converter"] = f"llama.cpp vendored in llama-cpp-python {LLAMA_CPP_PYTHON}"
         (tmp / "Modelfile").write_text(
             modelfile(

@@ -195,8 +195,10 @@ def metrics_page(
     out_html: str | os.PathLike,
     out_png: str | os.PathLike,
     merge_check_path: str | os.PathLike | None = None,
+    serve_check_path: str | os.PathLike | None = None,
 ) -> dict:
-    """The base vs tuned table (with the better side marked), generation speed and settings."""
+    """The base vs tuned table (with the better side marked), generation speed, the merge and
+    serve checks and the settings."""
     m = Metrics.read(metrics_path)
     names = m.names
     rows = []
@@ -231,6 +233,26 @@ def metrics_page(
             "<h3>Merge check</h3>",
             _table(
                 ["key", "value"], [[k, v] for k, v in sorted(check.items()) if k != "quantized"]
+            ),
+        ]
+    if serve_check_path and Path(serve_check_path).exists():
+        serve = json.loads(Path(serve_check_path).read_text())
+        body += [
+            f"<h3>Serve check ({serve['format']}, {serve['quantization']})</h3>",
+            f"<p>{serve['served_by']} vs {serve['reference']}: token agreement "
+            f"<b>{serve['token_agreement']:.3f}</b> (required {serve['required_agreement']}), "
+            f"{serve['identical_answers']} of {len(serve['samples'])} answers identical.</p>",
+            _table(
+                ["sample", "merged model", "served", "agreeing tokens"],
+                [
+                    [
+                        s["id"],
+                        s["reference"],
+                        s["served"],
+                        f"{s['agreeing_tokens']}/{s['reference_tokens']}",
+                    ]
+                    for s in serve["samples"]
+                ],
             ),
         ]
     body += [

@@ -156,3 +156,34 @@ def test_two_nodes_four_gpus_each_with_a_hub_model(work):
     assert "--rdzv-backend=c10d --rdzv-endpoint=gpu01:30277 --rdzv-id=777" in out
     assert "scripts/train.py --config" in out
     assert "--threads 32" in out  # train.threads, not capped by the profile's `cores`
+
+
+def test_gguf_source_is_fetched_where_snakemake_runs(work):
+    """GGUF: llama.cpp's source is fetched by the localrule llama_cpp_source (like fetch_model);
+    the gguf and serve_check jobs read the fetched source (its JSON), never the network."""
+    overlay = {"export": {"save_method": "gguf_q4_k_m", "gguf_pretokenizer": "qwen2"}}
+    text = dry_run(work, overlay)
+    for rule in ("llama_cpp_source", "gguf", "serve_check"):
+        assert re.search(rf"\n{rule} +1\n", text), rule
+    assert "localrules" in (ROOT / "rules/publish.smk").read_text().split("rule llama_cpp")[0]
+    for rule in ("gguf", "serve_check"):
+        block = text.split(f"\nrule {rule}:", 1)[1].split("\nrule ", 1)[0]
+        shell = re.search(r"\nShell command: (.*)", block)[1]
+        assert "--source results/tools/llama_cpp_source.json" in shell
+        assert "pip" not in shell
+
+
+def test_a_family_llama_cpp_cannot_convert_fails_before_any_job(work):
+    overlay = {"model": {"name": "resources/models/tiny-mllama"}, "export": {"save_method": "gguf"}}
+    (work / "overlay.json").write_text(json.dumps(overlay))
+    res = subprocess.run(
+        [str(BIN / "snakemake"), "-n", "--configfile", ".test/config.yaml", "overlay.json"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "model family 'mllama'" in out and "not one llama.cpp" in out, out[-3000:]
+    assert "Traceback" not in out
