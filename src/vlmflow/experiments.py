@@ -239,7 +239,7 @@ def budget_settings(run_cfg: dict) -> dict:
     """What the token budget of a run depends on: its dataset's limit and the model section
     (processor, pixel limits, max_seq_length)."""
     ds = run_cfg["datasets"][run_cfg["run"]["dataset"]]
-    return {"model": run_cfg["model"], "max_bad_fraction": ds["max_bad_fraction"]}
+    return {"model": run_cfg["model"], "max_bad_fraction": ds.get("max_bad_fraction")}
 
 
 def budget_key(run_cfg: dict) -> str:

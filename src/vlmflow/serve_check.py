@@ -149,7 +149,7 @@ def llama_cpp_answer(
 
 def agreement(ids: list[int], text: str, tok) -> int:
     """How many of the reference tokens `ids` the served answer `text` reproduces, in order
-    from the first (its text starts with their decoded text)."""
+    starting at the first (its text starts with their decoded text)."""
     k = 0
     while k < len(ids) and text.startswith(tok.decode(ids[: k + 1])):
         k += 1

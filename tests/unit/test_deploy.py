@@ -100,7 +100,7 @@ def test_pyproject_declares_the_runtime_dependencies():
         project = tomllib.load(f)["project"]
     deps = {re.split(r"[<>=\[ ;]", d)[0].lower() for d in project["dependencies"]}
     imported = set()
-    for path in [*ROOT.glob("src/vlmflow/*.py"), *ROOT.glob("scripts/*.py")]:
+    for path in [*ROOT.glob("src/vlmflow/**/*.py"), *ROOT.glob("scripts/*.py")]:
         for m in re.finditer(r"^\s*(?:from|import) ([A-Za-z_]\w*)", path.read_text(), re.M):
             imported.add(m.group(1))
     dist_of = {"PIL": "pillow", "sklearn": "scikit-learn", "yaml": "pyyaml"}

@@ -198,7 +198,10 @@ _PROBE = textwrap.dedent("""
 
 
 # Families newer than OLDEST_TRANSFORMERS (their folders need transformers 5).
-NEWER_THAN_OLDEST = ("qwen3_5", "gemma4")
+NEWER_THAN_OLDEST = ("qwen3_5", "gemma4", "qwen3_5_moe")
+# Saved by transformers 5 in its fused-expert layout, which 4.57 cannot load; a merged export of
+# a hub checkpoint keeps the checkpoint's own (per-expert / transposed) layout (vlmflow.merge).
+V5_LAYOUT_ONLY = ("qwen3_vl_moe",)
 
 
 def _oldest_transformers() -> Path:
@@ -278,10 +281,14 @@ def test_transformers_4_57_generates_what_transformers_5_does(tmp_path):
         assert "does not recognize this architecture" in failed.pop(
             str(clean[list(FAMILIES).index(family)]), ""
         ), family
+    for family in V5_LAYOUT_ONLY:
+        assert "Error(s) in loading state_dict" in failed.pop(
+            str(clean[list(FAMILIES).index(family)]), ""
+        ), family
     assert not failed, failed
     differ = []
     for family, path in zip(FAMILIES, map(str, clean)):
-        if family in NEWER_THAN_OLDEST:
+        if family in NEWER_THAN_OLDEST + V5_LAYOUT_ONLY:
             continue
         a, b = v4["out"][path], v5["out"][path]
         diff = max(abs(x - y) for x, y in zip(a["logits"], b["logits"]))

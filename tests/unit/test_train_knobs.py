@@ -357,10 +357,9 @@ def test_compile_auto_is_on_for_measured_families_on_cuda_only():
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert use_compile("auto", FAMILIES["qwen2_5_vl"], cuda)
     assert not use_compile("auto", FAMILIES["qwen2_5_vl"], cpu)
-    assert not use_compile("auto", FAMILIES["mllama"], cuda)
-    assert use_compile("auto", FAMILIES["gemma4"], cuda) and use_compile(
-        "auto", FAMILIES["mistral3"], cuda
-    )
+    assert not use_compile("auto", FAMILIES["llava_next"], cuda)
+    for measured in ("gemma3", "gemma4", "mllama", "pixtral", "mistral3"):
+        assert use_compile("auto", FAMILIES[measured], cuda), measured
     assert not use_compile("auto", FAMILIES["gemma4"], cpu)
     assert use_compile(True, FAMILIES["mllama"], cpu) and not use_compile(
         False, FAMILIES["qwen2_5_vl"], cuda

@@ -209,6 +209,7 @@ def test_editing_one_image_reruns_only_the_stages_downstream(workflow_run):
         "token_budget": 1,
         "train": 1,
         "merge": 1,
+        "evaluate_base": 1,
         "evaluate": 1,
         "report_data": 1,
         "report_training": 1,
