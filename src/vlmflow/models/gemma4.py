@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ..tiny import fast_tokenizer, finish, llama_text, random_model, save_tiny, vit
-from .base import LANG, LANG_ATTN, LANG_MLP, TEXT_PARTS, Family, user_parts
+from .base import TEXT_PARTS, Family, user_parts
 
 # Gemma 4: <bos><|turn>user\n...<turn|>\n<|turn>model\nanswer<turn|>\n; an image is the
 # placeholder <|image|>, which the processor expands to <|image> + soft tokens + <image|>.
@@ -138,14 +138,9 @@ FAMILIES = [
         # The per-layer-embedding linears of E2B/E4B (per_layer_input_gate,
         # per_layer_projection) are neither attention nor MLP: not targeted.
         name="gemma4",
-        model_types=("gemma4",),
         vision_layers=r"model\.vision_tower\.encoder\.layers\.\d+",
-        language_layers=LANG,
         vision_attention=r"self_attn\.(?:q_proj|k_proj|v_proj|o_proj)\.linear",
         vision_mlp=r"mlp\.(?:gate_proj|up_proj|down_proj)\.linear",
-        language_attention=LANG_ATTN,
-        language_mlp=LANG_MLP,
-        vision_tower=("model.vision_tower",),
         projector=("model.embed_vision",),
         response_part="<|turn>model\n",
         instruction_part="<|turn>user\n",

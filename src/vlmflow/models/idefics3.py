@@ -10,7 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from ..tiny import fast_tokenizer, finish, llama_text, random_model, save_tiny, vit
-from .base import CLIP_ATTN, CLIP_MLP, LANG_ATTN, LANG_MLP, TEXT_PARTS, Family, user_parts
+from .base import CLIP_ATTN, CLIP_MLP, TEXT_PARTS, Family, user_parts
 
 # Idefics3 / SmolVLM: User:<image>question<end_of_utterance>\nAssistant: answer<end_of_utterance>
 IDEFICS3_CHAT_TEMPLATE = (
@@ -96,13 +96,10 @@ def _build_idefics3_like(out_dir, seed: int, smolvlm: bool) -> Path:
 
 IDEFICS3 = Family(
     name="idefics3",
-    model_types=("idefics3",),
     vision_layers=r"model\.vision_model\.encoder\.layers\.\d+",
     language_layers=r"model\.text_model\.layers\.\d+",
     vision_attention=CLIP_ATTN,
     vision_mlp=CLIP_MLP,
-    language_attention=LANG_ATTN,
-    language_mlp=LANG_MLP,
     vision_tower=("model.vision_model",),
     projector=("model.connector",),
     response_part="\nAssistant:",

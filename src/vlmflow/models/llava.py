@@ -169,7 +169,6 @@ _LLAVA = dict(**CLIP_TOWER, end_of_turn="</s>", image_tokens=("<image>",))
 FAMILIES = [
     Family(
         name="llava",
-        model_types=("llava",),
         response_part=" ASSISTANT:",
         instruction_part="USER:",
         chat_template=LLAVA_CHAT_TEMPLATE,
@@ -178,7 +177,6 @@ FAMILIES = [
     ),
     Family(
         name="llava_next",
-        model_types=("llava_next",),
         response_part="[/INST]",
         instruction_part="[INST]",
         chat_template=LLAVA_NEXT_CHAT_TEMPLATE,

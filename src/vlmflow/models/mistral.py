@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ..tiny import fast_tokenizer, finish, llama_text, random_model, save_tiny, vit
-from .base import LANG, LANG_ATTN, LANG_MLP, TEXT_PARTS, Family, user_parts
+from .base import TEXT_PARTS, Family, user_parts
 
 # Pixtral / Mistral: <s>[INST]...[/INST]answer</s>
 MISTRAL_CHAT_TEMPLATE = (
@@ -25,13 +25,8 @@ MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]"]
 
 PIXTRAL_ENCODER = dict(
     vision_layers=r"model\.vision_tower\.transformer\.layers\.\d+",
-    language_layers=LANG,
     vision_attention=r"attention\.(?:q_proj|k_proj|v_proj|o_proj)",
     vision_mlp=r"feed_forward\.(?:gate_proj|up_proj|down_proj)",
-    language_attention=LANG_ATTN,
-    language_mlp=LANG_MLP,
-    vision_tower=("model.vision_tower",),
-    projector=("model.multi_modal_projector",),
     response_part="[/INST]",
     instruction_part="[INST]",
     end_of_turn="</s>",
@@ -129,7 +124,6 @@ FAMILIES = [
     ),
     Family(
         name="mistral3",
-        model_types=("mistral3",),
         compile_measured=True,
         build_tiny=build_tiny_mistral3,
         **PIXTRAL_ENCODER,

@@ -77,7 +77,6 @@ def build_tiny_qwen3_5(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 FAMILIES = [
     Family(
         name="qwen3_5",
-        model_types=("qwen3_5",),
         vision_mlp=r"mlp\.(?:linear_fc1|linear_fc2)",
         patches=qwen_vl_patches("Qwen3_5"),
         build_tiny=build_tiny_qwen3_5,

@@ -81,7 +81,6 @@ FAMILIES = [
         # decoder MLP a router `mlp.gate` + fused experts (layers in mlp_only_layers keep a
         # dense MLP, caught by the MLP regex: none in the released checkpoints).
         name="qwen3_vl_moe",
-        model_types=("qwen3_vl_moe",),
         patches=qwen_vl.qwen_vl_patches("Qwen3VLMoe"),
         router_modules=("mlp.gate",),
         **_MOE,
@@ -97,7 +96,6 @@ FAMILIES = [
         # `mlp.gate`, fused experts, and a dense shared expert (nn.Linear, LoRA'd as the MLP)
         # scaled by a sigmoid gate `mlp.shared_expert_gate` (a router: frozen, 16-bit).
         name="qwen3_5_moe",
-        model_types=("qwen3_5_moe",),
         patches=qwen_vl.qwen_vl_patches("Qwen3_5Moe"),
         router_modules=("mlp.gate", "mlp.shared_expert_gate"),
         **_MOE,

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from ..tiny import fast_tokenizer_of, finish, llama_text, random_model, save_tiny
-from .base import LANG, LANG_ATTN, LANG_MLP, TEXT_PARTS, Family, user_parts
+from .base import CHATML, TEXT_PARTS, Family, user_parts
 
 QWEN_SPECIALS = [
     "<|endoftext|>",
@@ -38,27 +38,22 @@ QWEN_CHAT_TEMPLATE = (
 # merger as projector, Qwen's chat markers, padding-free packing (3-D M-RoPE position ids).
 QWEN_VL = dict(
     vision_layers=r"model\.visual\.blocks\.\d+",
-    language_layers=LANG,
     vision_attention=r"attn\.(?:qkv|proj)",
-    language_attention=LANG_ATTN,
-    language_mlp=LANG_MLP,
     vision_tower=("model.visual",),
     projector=("model.visual.merger",),
     supports_packing=True,
-    response_part="<|im_start|>assistant\n",
-    instruction_part="<|im_start|>user\n",
-    end_of_turn="<|im_end|>",
     image_tokens=("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"),
+    **CHATML,
 )
 
 
-def qwen_vl_patches(prefix: str) -> MappingProxyType:
+def qwen_vl_patches(prefix: str, patch_embed: str | None = None) -> MappingProxyType:
     """The Qwen-VL fast paths, for transformers classes named `<prefix>VisionAttention` and
-    `<prefix>VisionPatchEmbed` (see `vlmflow.patches`)."""
+    `patch_embed` (default `<prefix>VisionPatchEmbed`; see `vlmflow.patches`)."""
     return MappingProxyType(
         {
             "vision_attention": (f"{prefix}VisionAttention",),
-            "patch_embed": (f"{prefix}VisionPatchEmbed",),
+            "patch_embed": (patch_embed or f"{prefix}VisionPatchEmbed",),
         }
     )
 
@@ -236,32 +231,22 @@ def build_tiny_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 FAMILIES = [
     Family(
         name="qwen2_vl",
-        model_types=("qwen2_vl",),
         vision_mlp=r"mlp\.(?:fc1|fc2)",
-        patches=MappingProxyType(
-            {"vision_attention": ("VisionAttention",), "patch_embed": ("PatchEmbed",)}
-        ),
+        patches=qwen_vl_patches("", "PatchEmbed"),
         compile_measured=True,
         build_tiny=build_tiny_qwen2_vl,
         **QWEN_VL,
     ),
     Family(
         name="qwen2_5_vl",
-        model_types=("qwen2_5_vl",),
         vision_mlp=r"mlp\.(?:gate_proj|up_proj|down_proj)",
-        patches=MappingProxyType(
-            {
-                "vision_attention": ("Qwen2_5_VLVisionAttention",),
-                "patch_embed": ("Qwen2_5_VisionPatchEmbed",),
-            }
-        ),
+        patches=qwen_vl_patches("Qwen2_5_VL", "Qwen2_5_VisionPatchEmbed"),
         compile_measured=True,
         build_tiny=build_tiny_qwen2_5_vl,
         **QWEN_VL,
     ),
     Family(
         name="qwen3_vl",
-        model_types=("qwen3_vl",),
         vision_mlp=r"mlp\.(?:linear_fc1|linear_fc2)",
         patches=qwen_vl_patches("Qwen3VL"),
         compile_measured=True,
