@@ -103,13 +103,9 @@ def build_tiny_gemma4(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         final_logit_softcapping=30.0,
         tie_word_embeddings=True,
     )
-    vision = vit(
-        num_key_value_heads=2,
-        head_dim=16,
-        patch_size=4,
-        pooling_kernel_size=2,
-        position_embedding_size=64,
-    )
+    # 4 px patches pooled 2x2, at most 70 soft tokens an image (past them: the sliding window)
+    patches = dict(patch_size=4, pooling_kernel_size=2)
+    vision = vit(num_key_value_heads=2, head_dim=16, position_embedding_size=64, **patches)
     cfg = Gemma4Config(
         text_config=text,
         vision_config=vision,
@@ -120,13 +116,9 @@ def build_tiny_gemma4(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     finish(model, ids["<turn|>"], ids["<pad>"], ids["<bos>"])
     proc = Gemma4Processor(
         feature_extractor=Gemma4AudioFeatureExtractor(),
-        image_processor=Gemma4ImageProcessor(
-            patch_size=4, pooling_kernel_size=2, max_soft_tokens=70
-        ),
+        image_processor=Gemma4ImageProcessor(**patches, max_soft_tokens=70),
         tokenizer=tok,
-        video_processor=Gemma4VideoProcessor(
-            patch_size=4, pooling_kernel_size=2, max_soft_tokens=70
-        ),
+        video_processor=Gemma4VideoProcessor(**patches, max_soft_tokens=70),
         image_seq_length=70,
         chat_template=GEMMA4_CHAT_TEMPLATE,
     )

@@ -9,7 +9,7 @@ from types import MappingProxyType
 
 import torch
 
-from ..tiny import fast_tokenizer, finish, llama_text, random_model, save_tiny
+from ..tiny import VISION_WIDTHS, fast_tokenizer, finish, llama_text, random_model, save_tiny
 from .base import CLIP_MLP, TEXT_PARTS, Family, user_parts
 
 LLAMA3_CHAT_TEMPLATE = (
@@ -67,11 +67,9 @@ def build_tiny_mllama(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         cross_attention_layers=[1],
     )
     vision = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
+        **VISION_WIDTHS,
         num_global_layers=1,
         attention_heads=2,
-        intermediate_size=64,
         vision_output_dim=64,  # hidden_size * (1 + len(intermediate_layers_indices))
         intermediate_layers_indices=[0],
         image_size=28,
