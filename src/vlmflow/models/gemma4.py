@@ -41,6 +41,17 @@ GEMMA4_SPECIALS = [
 ]
 
 
+# The named special tokens (tokenizer attributes the processor reads; `<name>_id` in the config).
+GEMMA4_NAMED_TOKENS = {
+    "boi_token": "<|image>",
+    "eoi_token": "<image|>",
+    "image_token": "<|image|>",
+    "boa_token": "<|audio>",
+    "eoa_token": "<audio|>",
+    "audio_token": "<|audio|>",
+}
+
+
 def gemma4_tokenizer():
     """Gemma 4's named special tokens (the processor reads them off the tokenizer)."""
     return fast_tokenizer(
@@ -49,27 +60,15 @@ def gemma4_tokenizer():
         eos_token="<turn|>",
         pad_token="<pad>",
         unk_token="<unk>",
-        extra_special_tokens={
-            "boi_token": "<|image>",
-            "eoi_token": "<image|>",
-            "image_token": "<|image|>",
-            "boa_token": "<|audio>",
-            "eoa_token": "<audio|>",
-            "audio_token": "<|audio|>",
-        },
+        extra_special_tokens=GEMMA4_NAMED_TOKENS,
     )
 
 
 def gemma4_special_ids(ids: dict) -> dict:
     """The special-token ids of a `Gemma4Config` (images and audio), from the tokenizer's."""
-    return dict(
-        boi_token_id=ids["<|image>"],
-        eoi_token_id=ids["<image|>"],
-        image_token_id=ids["<|image|>"],
-        boa_token_id=ids["<|audio>"],
-        eoa_token_index=ids["<audio|>"],
-        audio_token_id=ids["<|audio|>"],
-    )
+    out = {f"{name}_id": ids[token] for name, token in GEMMA4_NAMED_TOKENS.items()}
+    out["eoa_token_index"] = out.pop("eoa_token_id")  # Gemma4Config's name for it
+    return out
 
 
 def build_tiny_gemma4(out_dir: str | os.PathLike, seed: int = 0) -> Path:
