@@ -43,6 +43,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -137,36 +138,33 @@ def gemma3_layer_types(n: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------- processors
+def family_modules() -> SimpleNamespace:
+    """vlmflow's family modules (`vlmflow.models.*`, as the registry lists them), by name."""
+    from vlmflow.families import FAMILY_MODULES
+
+    return SimpleNamespace(**{m.__name__.rsplit(".", 1)[-1]: m for m in FAMILY_MODULES})
+
+
 def _tokenizer(family: str):
     """(tokenizer, special-token ids): those of the family's tiny model (vlmflow.models)."""
-    from vlmflow.models import (
-        gemma3,
-        gemma4,
-        idefics3,
-        internvl,
-        llava,
-        llava_onevision,
-        mistral,
-        mllama,
-        qwen_vl,
-    )
-
+    m = family_modules()
+    qwen_vl = m.qwen_vl
     tokenizers = {
         "qwen2_vl": qwen_vl.qwen_tokenizer,
         "qwen3_vl": qwen_vl.qwen_tokenizer,
         "qwen3_5": qwen_vl.qwen_tokenizer,
         "qwen3_vl_moe": qwen_vl.qwen_tokenizer,
         "qwen3_5_moe": qwen_vl.qwen_tokenizer,
-        "gemma4": gemma4.gemma4_tokenizer,
-        "mllama": mllama.llama3_tokenizer,
-        "gemma3": gemma3.gemma3_tokenizer,
-        "pixtral": mistral.pixtral_tokenizer,
-        "mistral3": mistral.pixtral_tokenizer,
-        "llava": llava.llava_tokenizer,
-        "llava_next": lambda: llava.llava_tokenizer(next_=True),
-        "idefics3": idefics3.idefics3_tokenizer,
-        "internvl": internvl.internvl_tokenizer,
-        "llava_onevision": llava_onevision.onevision_tokenizer,
+        "gemma4": m.gemma4.gemma4_tokenizer,
+        "mllama": m.mllama.llama3_tokenizer,
+        "gemma3": m.gemma3.gemma3_tokenizer,
+        "pixtral": m.mistral.pixtral_tokenizer,
+        "mistral3": m.mistral.pixtral_tokenizer,
+        "llava": m.llava.llava_tokenizer,
+        "llava_next": lambda: m.llava.llava_tokenizer(next_=True),
+        "idefics3": m.idefics3.idefics3_tokenizer,
+        "internvl": m.internvl.internvl_tokenizer,
+        "llava_onevision": m.llava_onevision.onevision_tokenizer,
     }
     if family not in tokenizers:
         raise KeyError(family)
@@ -184,18 +182,7 @@ def build_processor(family: str):
     Returns (processor, tokenizer, special-token ids)."""
     import transformers as tr
 
-    from vlmflow.models import (
-        gemma3,
-        gemma4,
-        idefics3,
-        internvl,
-        llava,
-        llava_onevision,
-        mistral,
-        mllama,
-        qwen_vl,
-    )
-
+    m = family_modules()
     tok, ids = _tokenizer(family)
     if family == "mllama":
         # Llama-3.2-11B-Vision-Instruct preprocessor_config.json: 560x560 tiles, up to 4, CLIP
@@ -207,7 +194,7 @@ def build_processor(family: str):
             image_std=CLIP_STD,
         )
         proc = tr.MllamaProcessor(
-            image_processor=image, tokenizer=tok, chat_template=mllama.LLAMA3_CHAT_TEMPLATE
+            image_processor=image, tokenizer=tok, chat_template=m.mllama.LLAMA3_CHAT_TEMPLATE
         )
     elif family == "gemma3":
         # gemma-3-4b-it: 896x896, mean/std 0.5, 256 soft tokens per image, no pan-and-scan
@@ -216,7 +203,7 @@ def build_processor(family: str):
             image_processor=image,
             tokenizer=tok,
             image_seq_length=256,
-            chat_template=gemma3.GEMMA3_CHAT_TEMPLATE,
+            chat_template=m.gemma3.GEMMA3_CHAT_TEMPLATE,
         )
     elif family == "pixtral":
         # pixtral-12b: longest edge 1024, 16 px patches, no spatial merge; transformers' defaults
@@ -226,7 +213,7 @@ def build_processor(family: str):
             tokenizer=tok,
             patch_size=16,
             spatial_merge_size=1,
-            chat_template=mistral.MISTRAL_CHAT_TEMPLATE,
+            chat_template=m.mistral.MISTRAL_CHAT_TEMPLATE,
         )
     elif family == "mistral3":
         # Mistral-Small-3.1-24B-Instruct-2503: longest edge 1540, 14 px patches, 2x2 merge
@@ -236,7 +223,7 @@ def build_processor(family: str):
             tokenizer=tok,
             patch_size=14,
             spatial_merge_size=2,
-            chat_template=mistral.MISTRAL_CHAT_TEMPLATE,
+            chat_template=m.mistral.MISTRAL_CHAT_TEMPLATE,
         )
     elif family == "llava":
         # llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (resize + center crop) -> 576 image tokens;
@@ -250,7 +237,7 @@ def build_processor(family: str):
             patch_size=14,
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,
-            chat_template=llava.LLAVA_HF_CHAT_TEMPLATE,
+            chat_template=m.llava.LLAVA_HF_CHAT_TEMPLATE,
         )
     elif family == "llava_next":
         # llava-v1.6-mistral-7b-hf: 336 px base view + any-res tiles on these pinpoints
@@ -266,7 +253,7 @@ def build_processor(family: str):
             patch_size=14,
             vision_feature_select_strategy="default",
             num_additional_image_tokens=1,
-            chat_template=llava.LLAVA_NEXT_TINY_CHAT_TEMPLATE,
+            chat_template=m.llava.LLAVA_NEXT_TINY_CHAT_TEMPLATE,
         )
     elif family in ("qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe"):
         # Qwen3-VL-8B-Instruct: 16 px patches, 2x2 merge, mean/std 0.5, pixels in [65536, 16777216];
@@ -283,7 +270,7 @@ def build_processor(family: str):
             image_processor=image,
             tokenizer=tok,
             video_processor=tr.Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
-            chat_template=qwen_vl.QWEN_CHAT_TEMPLATE,
+            chat_template=m.qwen_vl.QWEN_CHAT_TEMPLATE,
         )
     elif family == "gemma4":
         # Gemma 4: Gemma4ImageProcessor's defaults (16 px patches, 3x3 pooling, up to 280 soft
@@ -295,7 +282,7 @@ def build_processor(family: str):
             tokenizer=tok,
             video_processor=tr.Gemma4VideoProcessor(),
             image_seq_length=280,
-            chat_template=gemma4.GEMMA4_CHAT_TEMPLATE,
+            chat_template=m.gemma4.GEMMA4_CHAT_TEMPLATE,
         )
     elif family == "qwen2_vl":
         # Qwen2-VL-7B-Instruct: 14 px patches, 2x2 merge, min_pixels 3136, max_pixels 12845056
@@ -304,7 +291,7 @@ def build_processor(family: str):
             image_processor=image,
             tokenizer=tok,
             video_processor=tr.Qwen2VLVideoProcessor(),
-            chat_template=qwen_vl.QWEN_CHAT_TEMPLATE,
+            chat_template=m.qwen_vl.QWEN_CHAT_TEMPLATE,
         )
     elif family == "internvl":
         # InternVL3_5-8B-HF: 448 px tiles (1 to 12, + a thumbnail when tiled), CLIP-style
@@ -323,7 +310,7 @@ def build_processor(family: str):
             tokenizer=tok,
             video_processor=tr.InternVLVideoProcessor(size=tile),
             image_seq_length=256,
-            chat_template=internvl.INTERNVL_CHAT_TEMPLATE,
+            chat_template=m.internvl.INTERNVL_CHAT_TEMPLATE,
         )
     elif family == "llava_onevision":
         # llava-onevision-qwen2-7b-ov-hf: SigLIP at 384 px (mean/std 0.5), any-res tiles on the
@@ -340,7 +327,7 @@ def build_processor(family: str):
             video_processor=tr.LlavaOnevisionVideoProcessor(size={"height": 384, "width": 384}),
             num_image_tokens=729,
             vision_feature_select_strategy="full",
-            chat_template=llava_onevision.ONEVISION_CHAT_TEMPLATE,
+            chat_template=m.llava_onevision.ONEVISION_CHAT_TEMPLATE,
         )
     elif family == "idefics3":
         # Idefics3-8B-Llama3: images rescaled to a 1456 px longest edge and split into 364 px
@@ -354,7 +341,7 @@ def build_processor(family: str):
             image_processor=image,
             tokenizer=tok,
             image_seq_len=169,
-            chat_template=idefics3.IDEFICS3_CHAT_TEMPLATE,
+            chat_template=m.idefics3.IDEFICS3_CHAT_TEMPLATE,
         )
     else:
         raise KeyError(family)
