@@ -349,22 +349,12 @@ def build_processor(family: str):
 
 
 # ------------------------------------------------------------------------------- configs
-# config keys of the special tokens, by family
-QWEN_TOKENS = {
-    "image_token_id": "<|image_pad|>",
-    "video_token_id": "<|video_pad|>",
-    "vision_start_token_id": "<|vision_start|>",
-    "vision_end_token_id": "<|vision_end|>",
-}
-
-
 def build_config(family: str, scale: str, text_layers: int, vision_layers: int, tok, ids):
     """The transformers config. Values are the class defaults where those equal the checkpoint's;
     every other value is set here, commented with the checkpoint it comes from."""
     import transformers as tr
 
-    from vlmflow.models import gemma4
-
+    m = family_modules()
     tiny = scale == "tiny"
     vocab = len(tok)
     nt, nv = text_layers, vision_layers
@@ -489,17 +479,8 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
         if tiny:
             text.update(vocab_size=vocab, **TINY_TEXT)
             vision.update(TINY_VISION, head_dim=16)
-        return tr.LlavaConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_index=ids["[IMG]"],
-            image_seq_length=1,  # checkpoint (variable image sizes)
-            vision_feature_layer=-1,  # checkpoint: last layer, every patch
-            vision_feature_select_strategy="full",
-            projector_hidden_act="gelu",
-            multimodal_projector_bias=True,
-            tie_word_embeddings=False,
-        )
+        # checkpoint: variable image sizes; the last layer, every patch (as the tiny model)
+        return m.mistral.pixtral_config(tr.LlavaConfig, text, vision, ids, image_seq_length=1)
 
     if family == "mistral3":
         # mistralai/Mistral-Small-3.1-24B-Instruct-2503 (as recalled from its config.json, not
@@ -538,14 +519,8 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
         if tiny:
             text.update(vocab_size=vocab, **TINY_TEXT)
             vision.update(TINY_VISION, head_dim=16)
-        return tr.Mistral3Config(
-            text_config=text,
-            vision_config=vision,
-            image_token_index=ids["[IMG]"],
-            vision_feature_layer=-1,
-            spatial_merge_size=2,
-            multimodal_projector_bias=False,
-            tie_word_embeddings=False,
+        return m.mistral.pixtral_config(
+            tr.Mistral3Config, text, vision, ids, multimodal_projector_bias=False
         )
 
     if family in ("llava", "llava_next"):
@@ -634,7 +609,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             text_config=text,
             vision_config=vision,
             tie_word_embeddings=False,
-            **{key: ids[token] for key, token in QWEN_TOKENS.items()},
+            **m.qwen_vl.qwen_tokens(ids),
         )
 
     if family in ("qwen3_5", "qwen3_5_moe"):
@@ -683,7 +658,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             text_config=text,
             vision_config=vision,
             tie_word_embeddings=False,
-            **{key: ids[token] for key, token in QWEN_TOKENS.items()},
+            **m.qwen_vl.qwen_tokens(ids),
         )
 
     if family == "gemma4":
@@ -736,7 +711,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
         return tr.Gemma4Config(
             text_config=text,
             vision_config=vision,
-            **gemma4.gemma4_special_ids(ids),
+            **m.gemma4.gemma4_special_ids(ids),
             tie_word_embeddings=True,
         )
 
@@ -775,7 +750,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             text_config=text,
             vision_config=vision,
             tie_word_embeddings=False,
-            **{key: ids[token] for key, token in QWEN_TOKENS.items()},
+            **m.qwen_vl.qwen_tokens(ids),
         )
 
     if family in ("internvl", "llava_onevision"):
@@ -818,14 +793,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
         if tiny:
             text.update(vocab_size=vocab, **TINY_TEXT)
             vision.update(TINY_VISION)
-        return tr.Idefics3Config(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=ids["<image>"],
-            scale_factor=2,
-            pad_token_id=eou,
-            tie_word_embeddings=False,
-        )
+        return m.idefics3.idefics3_config(tr.Idefics3Config, text, vision, ids)
     raise KeyError(family)
 
 
