@@ -446,21 +446,27 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             tie_word_embeddings=True,
         )
 
-    if family == "pixtral":
+    if family in ("pixtral", "mistral3"):
         # mistral-community/pixtral-12b: LlavaForConditionalGeneration, Mistral-NeMo-12B text
         # model (the values of transformers' convert_pixtral_weights_to_hf.py), Pixtral-ViT
         # (PixtralVisionConfig's defaults: 1024 wide, 16 heads of 64, MLP 4096, 1024 px, 16 px
         # patches, 2-D RoPE theta 10000) with the checkpoint's SiLU.
+        # mistralai/Mistral-Small-3.1-24B-Instruct-2503 (as recalled from its config.json, not
+        # checked against the hub here): Mistral text model 40 layers 5120 wide, 32 heads / 8 KV
+        # heads of 128, MLP 32768, vocab 131072, rope_theta 1e9; Pixtral encoder 24 layers 1024
+        # wide, 16 heads, MLP 4096 (PixtralVisionConfig's defaults), 1540 px images, 14 px
+        # patches; 2x2 patch merger, no projector bias.
+        small = family == "mistral3"
         text = dict(
             model_type="mistral",
             hidden_size=5120,
-            intermediate_size=14336,
+            intermediate_size=32768 if small else 14336,
             num_hidden_layers=nt,
             num_attention_heads=32,
             num_key_value_heads=8,
             head_dim=128,  # != 5120 / 32
             vocab_size=131072,
-            max_position_embeddings=1024000,
+            max_position_embeddings=131072 if small else 1024000,
             rms_norm_eps=1e-5,
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000_000.0},
             sliding_window=None,
@@ -469,59 +475,20 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             eos_token_id=ids["</s>"],
             pad_token_id=ids["<pad>"],
         )
-        vision = dict(
-            model_type="pixtral",
-            num_hidden_layers=nv,
-            hidden_act="silu",  # checkpoint (default gelu)
-            image_size=1024,
-            patch_size=16,
-        )
+        vision = dict(model_type="pixtral", num_hidden_layers=nv)
+        if small:
+            vision.update(image_size=1540, patch_size=14)
+        else:
+            vision.update(hidden_act="silu", image_size=1024, patch_size=16)  # default gelu
         if tiny:
             text.update(vocab_size=vocab, **TINY_TEXT)
             vision.update(TINY_VISION, head_dim=16)
+        if small:
+            return m.mistral.pixtral_config(
+                tr.Mistral3Config, text, vision, ids, multimodal_projector_bias=False
+            )
         # checkpoint: variable image sizes; the last layer, every patch (as the tiny model)
         return m.mistral.pixtral_config(tr.LlavaConfig, text, vision, ids, image_seq_length=1)
-
-    if family == "mistral3":
-        # mistralai/Mistral-Small-3.1-24B-Instruct-2503 (as recalled from its config.json, not
-        # checked against the hub here): Mistral text model 40 layers 5120 wide, 32 heads / 8 KV
-        # heads of 128, MLP 32768, vocab 131072, rope_theta 1e9; Pixtral encoder 24 layers 1024
-        # wide, 16 heads, MLP 4096, 1540 px images, 14 px patches; 2x2 patch merger, no
-        # projector bias.
-        text = dict(
-            model_type="mistral",
-            hidden_size=5120,
-            intermediate_size=32768,
-            num_hidden_layers=nt,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            vocab_size=131072,
-            max_position_embeddings=131072,
-            rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000_000.0},
-            sliding_window=None,
-            tie_word_embeddings=False,
-            bos_token_id=ids["<s>"],
-            eos_token_id=ids["</s>"],
-            pad_token_id=ids["<pad>"],
-        )
-        vision = dict(
-            model_type="pixtral",
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=nv,
-            num_attention_heads=16,
-            head_dim=64,
-            image_size=1540,
-            patch_size=14,
-        )
-        if tiny:
-            text.update(vocab_size=vocab, **TINY_TEXT)
-            vision.update(TINY_VISION, head_dim=16)
-        return m.mistral.pixtral_config(
-            tr.Mistral3Config, text, vision, ids, multimodal_projector_bias=False
-        )
 
     if family in ("llava", "llava_next"):
         # llava-hf/llava-1.5-7b-hf. LlavaConfig's defaults are this model: a Llama text config
