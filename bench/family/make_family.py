@@ -72,11 +72,23 @@ CHECKPOINTS = {
 TINY_DEPTH = (2, 2)  # text, vision (Mllama: 4 text layers so that layer 3 is a cross-attention one)
 
 # Tiny widths (--scale tiny): a Llama-style decoder 64 wide, a vision tower 32 wide.
-TINY_TEXT = dict(
-    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16
+TINY_WIDTHS = dict(
+    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2
 )
+TINY_TEXT = dict(TINY_WIDTHS, head_dim=16)
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2)
 TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+# Llama 3.1's RoPE scaling (Llama 3.2 Vision, Idefics3-8B-Llama3; the default is plain RoPE)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+# SigLIP So400m/14's widths (Gemma 3, Gemma 4 as taken here, Idefics3, LLaVA-OneVision)
+SO400M = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16)
 
 
 def ensure_vlmflow() -> Path:
@@ -370,18 +382,8 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
         text = dict(
             num_hidden_layers=nt,
             cross_attention_layers=mllama_cross_layers(nt),
-            # checkpoint: llama3 RoPE scaling (default: plain RoPE)
-            rope_parameters={
-                "rope_type": "llama3",
-                "rope_theta": 500000.0,
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192,
-            },
-            bos_token_id=ids["<|begin_of_text|>"],
-            eos_token_id=ids["<|eot_id|>"],
-            pad_token_id=ids["<|finetune_right_pad_id|>"],
+            rope_parameters=LLAMA3_ROPE,
+            **end_ids(family, ids),
         )
         vision = dict(
             image_size=560,  # checkpoint: 560 px tiles (default 448)
@@ -391,13 +393,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             vision_output_dim=vhidden * (1 + len(inter)),
         )
         if tiny:
-            text.update(
-                vocab_size=vocab,
-                hidden_size=64,
-                intermediate_size=128,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-            )
+            text.update(vocab_size=vocab, **TINY_WIDTHS)
             vision.update(hidden_size=32, intermediate_size=64, attention_heads=2)
         return tr.MllamaConfig(
             text_config=text, vision_config=vision, image_token_index=ids["<|image|>"]
@@ -418,17 +414,13 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
             },
-            bos_token_id=ids["<bos>"],
-            eos_token_id=ids["<end_of_turn>"],
-            pad_token_id=ids["<pad>"],
+            **end_ids(family, ids),
             tie_word_embeddings=True,
         )
         vision = dict(  # checkpoint: SigLIP So400m/14 at 896 px, no pooling head
             model_type="siglip_vision_model",
-            hidden_size=1152,
-            intermediate_size=4304,
+            **SO400M,
             num_hidden_layers=nv,
-            num_attention_heads=16,
             image_size=896,
             patch_size=14,
             vision_use_head=False,
@@ -471,9 +463,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000_000.0},
             sliding_window=None,
             tie_word_embeddings=False,
-            bos_token_id=ids["<s>"],
-            eos_token_id=ids["</s>"],
-            pad_token_id=ids["<pad>"],
+            **end_ids(family, ids),
         )
         vision = dict(model_type="pixtral", num_hidden_layers=nv)
         if small:
@@ -501,9 +491,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             num_hidden_layers=nt,
             vocab_size=32064,  # checkpoints (default 32000)
             rms_norm_eps=1e-5,  # checkpoints (default 1e-6)
-            bos_token_id=ids["<s>"],
-            eos_token_id=ids["</s>"],
-            pad_token_id=ids["<pad>"],
+            **end_ids(family, ids),
         )
         if family == "llava":  # checkpoint: 4096 positions (default 2048)
             text.update(model_type="llama", max_position_embeddings=4096)
@@ -549,8 +537,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
                 "mrope_section": [24, 20, 20],
                 "mrope_interleaved": True,
             },
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
+            **end_ids(family, ids),
         )
         if moe:
             text.update(
@@ -602,8 +589,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
                 "mrope_section": [11, 11, 10],
                 "mrope_interleaved": True,
             },
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
+            **end_ids(family, ids),
         )
         moe = family == "qwen3_5_moe"
         vision = dict(depth=nv, out_hidden_size=2048 if moe else 4096)
@@ -652,16 +638,12 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             final_logit_softcapping=30.0,
             hidden_size_per_layer_input=0,
             max_position_embeddings=262144,
-            bos_token_id=ids["<bos>"],
-            eos_token_id=ids["<turn|>"],
-            pad_token_id=ids["<pad>"],
+            **end_ids(family, ids),
             tie_word_embeddings=True,
         )
         vision = dict(
-            hidden_size=1152,
-            intermediate_size=4304,
+            **SO400M,
             num_hidden_layers=nv,
-            num_attention_heads=16,
             num_key_value_heads=16,
             head_dim=72,
         )
@@ -701,15 +683,14 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
                 "rope_theta": 1_000_000.0,
                 "mrope_section": [16, 24, 24],
             },
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
+            bos_token_id=ids["<|endoftext|>"],  # (generation: no begin token)
+            **end_ids(family, ids),
         )
         vision = dict(depth=nv)
         if tiny:
             text.update(
                 vocab_size=vocab,
-                **{k: v for k, v in TINY_TEXT.items() if k != "head_dim"},
+                **TINY_WIDTHS,
             )
             text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[2, 3, 3])
             vision.update(embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64)
@@ -727,7 +708,6 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
         # HuggingFaceM4/Idefics3-8B-Llama3: Llama-3.1-8B-Instruct text model, SigLIP So400m/14 at
         # 364 px (Idefics3VisionConfig's defaults are a 12-layer, 224 px, 32 px-patch tower),
         # pixel-shuffle connector with scale factor 2 (= default).
-        eou = ids["<end_of_utterance>"]
         text = dict(
             model_type="llama",
             num_hidden_layers=nt,
@@ -736,24 +716,13 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             vocab_size=128259,
             max_position_embeddings=131072,
             rms_norm_eps=1e-5,
-            rope_parameters={
-                "rope_type": "llama3",
-                "rope_theta": 500000.0,
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192,
-            },
-            bos_token_id=ids["<|begin_of_text|>"],
-            eos_token_id=eou,
-            pad_token_id=eou,
+            rope_parameters=LLAMA3_ROPE,
+            **end_ids(family, ids),
             tie_word_embeddings=False,
         )
         vision = dict(
-            hidden_size=1152,
-            intermediate_size=4304,
+            **SO400M,
             num_hidden_layers=nv,
-            num_attention_heads=16,
             image_size=364,
             patch_size=14,
         )
@@ -813,10 +782,8 @@ def chatml_config(family: str, tiny: bool, nt: int, nv: int, vocab: int, ids: di
         )
         vision = dict(
             model_type="siglip_vision_model",
-            hidden_size=1152,
-            intermediate_size=4304,
+            **SO400M,
             num_hidden_layers=nv,
-            num_attention_heads=16,
             image_size=384,
             patch_size=14,
             vision_use_head=False,
@@ -875,6 +842,15 @@ EOS_PAD_BOS = {  # generation_config tokens, as vlmflow.tiny sets them
     "qwen3_vl_moe": ("<|im_end|>", "<|endoftext|>", None),
     "qwen3_5_moe": ("<|im_end|>", "<|endoftext|>", None),
 }
+
+
+def end_ids(family: str, ids: dict) -> dict:
+    """The text config's end, padding (and begin) token ids: the generation tokens (EOS_PAD_BOS)."""
+    eos, pad, bos = EOS_PAD_BOS[family]
+    out = dict(eos_token_id=ids[eos], pad_token_id=ids[pad])
+    if bos is not None:
+        out["bos_token_id"] = ids[bos]
+    return out
 
 
 def random_init_zero_parameters(model) -> list[str]:
