@@ -683,7 +683,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
                 "rope_theta": 1_000_000.0,
                 "mrope_section": [16, 24, 24],
             },
-            bos_token_id=ids["<|endoftext|>"],  # (generation: no begin token)
+            bos_token_id=ids["<|endoftext|>"],  # checkpoint (its generation config has none)
             **end_ids(family, ids),
         )
         vision = dict(depth=nv)
