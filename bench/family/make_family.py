@@ -87,6 +87,19 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
 }
+# Decoders two checkpoints share: Qwen3-8B (Qwen3-VL-8B, InternVL3.5-8B), Qwen2-7B's widths
+# (Qwen2-VL-7B, LLaVA-OneVision-7B)
+QWEN3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+)
+QWEN2_7B = dict(
+    hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4
+)
 # SigLIP So400m/14's widths (Gemma 3, Gemma 4 as taken here, Idefics3, LLaVA-OneVision)
 SO400M = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16)
 
@@ -217,56 +230,31 @@ def build_processor(family: str):
             image_seq_length=256,
             chat_template=m.gemma3.GEMMA3_CHAT_TEMPLATE,
         )
-    elif family == "pixtral":
-        # pixtral-12b: longest edge 1024, 16 px patches, no spatial merge; transformers' defaults
-        image = tr.PixtralImageProcessor(size={"longest_edge": 1024}, patch_size=16)
-        proc = tr.PixtralProcessor(
-            image_processor=image,
-            tokenizer=tok,
-            patch_size=16,
-            spatial_merge_size=1,
-            chat_template=m.mistral.MISTRAL_CHAT_TEMPLATE,
-        )
-    elif family == "mistral3":
+    elif family in ("pixtral", "mistral3"):
+        # pixtral-12b: longest edge 1024, 16 px patches, no spatial merge; transformers' defaults;
         # Mistral-Small-3.1-24B-Instruct-2503: longest edge 1540, 14 px patches, 2x2 merge
-        image = tr.PixtralImageProcessor(size={"longest_edge": 1540}, patch_size=14)
+        edge, patch, merge = (1540, 14, 2) if family == "mistral3" else (1024, 16, 1)
+        image = tr.PixtralImageProcessor(size={"longest_edge": edge}, patch_size=patch)
         proc = tr.PixtralProcessor(
             image_processor=image,
             tokenizer=tok,
-            patch_size=14,
-            spatial_merge_size=2,
+            patch_size=patch,
+            spatial_merge_size=merge,
             chat_template=m.mistral.MISTRAL_CHAT_TEMPLATE,
         )
-    elif family == "llava":
+    elif family in ("llava", "llava_next"):
         # llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (resize + center crop) -> 576 image tokens;
-        # the template llava-hf ships (vlmflow replaces it, see models.llava.LLAVA_CHAT_TEMPLATE)
-        image = tr.CLIPImageProcessor(
-            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
-        )
-        proc = tr.LlavaProcessor(
-            image_processor=image,
-            tokenizer=tok,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=m.llava.LLAVA_HF_CHAT_TEMPLATE,
-        )
-    elif family == "llava_next":
-        # llava-v1.6-mistral-7b-hf: 336 px base view + any-res tiles on these pinpoints
-        grid = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-        image = tr.LlavaNextImageProcessor(
-            size={"shortest_edge": 336},
-            crop_size={"height": 336, "width": 336},
-            image_grid_pinpoints=grid,
-        )
-        proc = tr.LlavaNextProcessor(
-            image_processor=image,
-            tokenizer=tok,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=m.llava.LLAVA_NEXT_TINY_CHAT_TEMPLATE,
-        )
+        # the template llava-hf ships (vlmflow replaces it, see models.llava.LLAVA_CHAT_TEMPLATE).
+        # llava-v1.6-mistral-7b-hf: a 336 px base view + any-res tiles on these pinpoints.
+        crop = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+        if family == "llava":
+            image = tr.CLIPImageProcessor(**crop)
+            cls, template = tr.LlavaProcessor, m.llava.LLAVA_HF_CHAT_TEMPLATE
+        else:
+            grid = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+            image = tr.LlavaNextImageProcessor(**crop, image_grid_pinpoints=grid)
+            cls, template = tr.LlavaNextProcessor, m.llava.LLAVA_NEXT_TINY_CHAT_TEMPLATE
+        proc = m.llava.llava_processor(cls, image, tok, 14, template)
     elif family in ("qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe"):
         # Qwen3-VL-8B-Instruct: 16 px patches, 2x2 merge, mean/std 0.5, pixels in [65536, 16777216];
         # Qwen3.5 and the MoE models use Qwen3-VL's processor and image settings
@@ -522,13 +510,8 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
         # 128, every layer a sparse MoE block of 128 experts (8 active) with MoE MLP 768.
         moe = family == "qwen3_vl_moe"
         text = dict(
-            hidden_size=4096,
-            intermediate_size=12288,
+            **QWEN3_8B,
             num_hidden_layers=nt,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            vocab_size=151936,
             max_position_embeddings=262144,
             rms_norm_eps=1e-6,
             rope_parameters={
@@ -669,11 +652,8 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
         # 1280 wide, MLP ratio 4, 16 heads, 14 px patches, merger to 3584); the text defaults are
         # the 72B's.
         text = dict(
-            hidden_size=3584,
-            intermediate_size=18944,
+            **QWEN2_7B,
             num_hidden_layers=nt,
-            num_attention_heads=28,
-            num_key_value_heads=4,
             vocab_size=152064,
             max_position_embeddings=32768,
             rms_norm_eps=1e-6,
@@ -746,13 +726,8 @@ def chatml_config(family: str, tiny: bool, nt: int, nv: int, vocab: int, ids: di
         # shuffle 0.5 + MLP projector
         text = dict(
             model_type="qwen3",
-            hidden_size=4096,
-            intermediate_size=12288,
+            **QWEN3_8B,
             num_hidden_layers=nt,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            vocab_size=151936,
             max_position_embeddings=40960,
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         )
@@ -771,11 +746,8 @@ def chatml_config(family: str, tiny: bool, nt: int, nv: int, vocab: int, ids: di
         # SigLIP So400m/14 at 384 px without its last layer (26) and head
         text = dict(
             model_type="qwen2",
-            hidden_size=3584,
-            intermediate_size=18944,
+            **QWEN2_7B,
             num_hidden_layers=nt,
-            num_attention_heads=28,
-            num_key_value_heads=4,
             vocab_size=152128,
             max_position_embeddings=32768,
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},

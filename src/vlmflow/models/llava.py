@@ -85,6 +85,19 @@ def llava_tokenizer(next_: bool = False):
     return fast_tokenizer(specials, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+def llava_processor(processor_class, image_processor, tok, patch_size: int, template: str):
+    """A LLaVA-1.5 / LLaVA-NeXT processor as llava-hf's checkpoints set it: the CLS token
+    counted, then dropped (`vision_feature_select_strategy` "default")."""
+    return processor_class(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=template,
+    )
+
+
 def build_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """LLaVA-1.5: CLIP vision tower (penultimate layer, CLS dropped) + MLP projector + Llama."""
     return _build_llava_like(out_dir, seed, next_=False)
@@ -123,14 +136,7 @@ def _build_llava_like(out_dir, seed: int, next_: bool) -> Path:
     )
     model = random_model(getattr(tr, f"{prefix}ForConditionalGeneration"), cfg, seed)
     finish(model, ids["</s>"], ids["<pad>"], ids["<s>"])
-    proc = getattr(tr, f"{prefix}Processor")(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=template,
-    )
+    proc = llava_processor(getattr(tr, f"{prefix}Processor"), image_processor, tok, 8, template)
     return save_tiny(model, proc, out_dir)
 
 
