@@ -87,15 +87,11 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
 }
-# Decoders two checkpoints share: Qwen3-8B (Qwen3-VL-8B, InternVL3.5-8B), Qwen2-7B's widths
-# (Qwen2-VL-7B, LLaVA-OneVision-7B)
+# Decoders two checkpoints share: Qwen3-8B (Qwen3-VL-8B, InternVL3.5-8B; its head_dim 128 and
+# vocabulary 151936 are the Qwen3 configs' defaults), Qwen2-7B's widths (Qwen2-VL-7B,
+# LLaVA-OneVision-7B)
 QWEN3_8B = dict(
-    hidden_size=4096,
-    intermediate_size=12288,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    vocab_size=151936,
+    hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8
 )
 QWEN2_7B = dict(
     hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4
@@ -527,6 +523,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
                 hidden_size=2048,
                 intermediate_size=6144,
                 num_key_value_heads=4,
+                head_dim=128,  # != 2048 / 32
                 num_experts=128,
                 num_experts_per_tok=8,
                 moe_intermediate_size=768,
