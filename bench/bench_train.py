@@ -159,6 +159,10 @@ def lora_targets(model, family, lora_cfg: dict) -> tuple[str, list[str] | None]:
     return "|".join(re.escape(n) for n in names), experts or None
 
 
+# The LoRA both reference runs (plain PEFT and Unsloth) put on the model.
+LORA = dict(r=16, lora_alpha=16, lora_dropout=0.0, bias="none")
+
+
 def build_hf(model: str, quant: str, gc: bool, family, lora_cfg: dict):
     """The baseline as ../shared/anchor-bench/train_bench.py --impl hf builds it: sdpa, bf16,
     bitsandbytes NF4 + double quantization for 4-bit with prepare_model_for_kbit_training,
@@ -190,10 +194,7 @@ def build_hf(model: str, quant: str, gc: bool, family, lora_cfg: dict):
         m.enable_input_require_grads()
     modules, experts = lora_targets(m, family, lora_cfg)
     config = LoraConfig(
-        r=16,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        bias="none",
+        **LORA,
         target_modules=modules,
         target_parameters=experts,
         task_type="CAUSAL_LM",
@@ -214,10 +215,7 @@ def build_unsloth(model_dir: str, quant: str, family, lora_cfg: dict, own_target
     kw = {} if own_targets else {"target_modules": lora_targets(model, family, lora_cfg)[0]}
     model = FastVisionModel.get_peft_model(
         model,
-        r=16,
-        lora_alpha=16,
-        lora_dropout=0,
-        bias="none",
+        **LORA,
         finetune_vision_layers=True,
         finetune_language_layers=True,
         finetune_attention_modules=True,

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from vlmflow.models.qwen_vl import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS
+from vlmflow.models.qwen_vl import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, qwen_tokens
 
 
 def anchor_tokenizer():
@@ -129,24 +129,15 @@ def main() -> None:
     tok = processor.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     text, vision = SIZES[a.size]
-    text = dict(
-        text,
-        tie_word_embeddings=False,
+    # begin, end and padding tokens, in the text config and at the top level
+    ends = dict(
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
     )
     cfg = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
+        text_config={**text, **ends}, vision_config=vision, **ends, **qwen_tokens(ids)
     )
     torch.manual_seed(0)
     with torch.device(a.device):

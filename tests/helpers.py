@@ -7,6 +7,10 @@ from vlmflow.config import resolve_dataset
 from vlmflow.fetch import DownloadPolicy
 from vlmflow.images import ImagePolicy
 
+# A decoder small enough to count its FLOPs by hand (the tests of bench/flops.py): 2 layers 8 wide,
+# MLP 16.
+HAND_TEXT = dict(hidden_size=8, num_hidden_layers=2, intermediate_size=16)
+
 
 def _images_defaults() -> dict:
     return resolve_dataset({"sources": [{"path": "unused.jsonl"}]})["images"]

@@ -43,6 +43,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -71,11 +72,32 @@ CHECKPOINTS = {
 TINY_DEPTH = (2, 2)  # text, vision (Mllama: 4 text layers so that layer 3 is a cross-attention one)
 
 # Tiny widths (--scale tiny): a Llama-style decoder 64 wide, a vision tower 32 wide.
-TINY_TEXT = dict(
-    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16
+TINY_WIDTHS = dict(
+    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2
 )
+TINY_TEXT = dict(TINY_WIDTHS, head_dim=16)
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2)
 TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+# Llama 3.1's RoPE scaling (Llama 3.2 Vision, Idefics3-8B-Llama3; the default is plain RoPE)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+# Decoders two checkpoints share: Qwen3-8B (Qwen3-VL-8B, InternVL3.5-8B; its head_dim 128 and
+# vocabulary 151936 are the Qwen3 configs' defaults), Qwen2-7B's widths (Qwen2-VL-7B,
+# LLaVA-OneVision-7B)
+QWEN3_8B = dict(
+    hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8
+)
+QWEN2_7B = dict(
+    hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4
+)
+# SigLIP So400m/14's widths (Gemma 3, Gemma 4 as taken here, Idefics3, LLaVA-OneVision)
+SO400M = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16)
 
 
 def ensure_vlmflow() -> Path:
@@ -137,36 +159,33 @@ def gemma3_layer_types(n: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------- processors
+def family_modules() -> SimpleNamespace:
+    """vlmflow's family modules (`vlmflow.models.*`, as the registry lists them), by name."""
+    from vlmflow.families import FAMILY_MODULES
+
+    return SimpleNamespace(**{m.__name__.rsplit(".", 1)[-1]: m for m in FAMILY_MODULES})
+
+
 def _tokenizer(family: str):
     """(tokenizer, special-token ids): those of the family's tiny model (vlmflow.models)."""
-    from vlmflow.models import (
-        gemma3,
-        gemma4,
-        idefics3,
-        internvl,
-        llava,
-        llava_onevision,
-        mistral,
-        mllama,
-        qwen_vl,
-    )
-
+    m = family_modules()
+    qwen_vl = m.qwen_vl
     tokenizers = {
         "qwen2_vl": qwen_vl.qwen_tokenizer,
         "qwen3_vl": qwen_vl.qwen_tokenizer,
         "qwen3_5": qwen_vl.qwen_tokenizer,
         "qwen3_vl_moe": qwen_vl.qwen_tokenizer,
         "qwen3_5_moe": qwen_vl.qwen_tokenizer,
-        "gemma4": gemma4.gemma4_tokenizer,
-        "mllama": mllama.llama3_tokenizer,
-        "gemma3": gemma3.gemma3_tokenizer,
-        "pixtral": mistral.pixtral_tokenizer,
-        "mistral3": mistral.pixtral_tokenizer,
-        "llava": llava.llava_tokenizer,
-        "llava_next": lambda: llava.llava_tokenizer(next_=True),
-        "idefics3": idefics3.idefics3_tokenizer,
-        "internvl": internvl.internvl_tokenizer,
-        "llava_onevision": llava_onevision.onevision_tokenizer,
+        "gemma4": m.gemma4.gemma4_tokenizer,
+        "mllama": m.mllama.llama3_tokenizer,
+        "gemma3": m.gemma3.gemma3_tokenizer,
+        "pixtral": m.mistral.pixtral_tokenizer,
+        "mistral3": m.mistral.pixtral_tokenizer,
+        "llava": m.llava.llava_tokenizer,
+        "llava_next": lambda: m.llava.llava_tokenizer(next_=True),
+        "idefics3": m.idefics3.idefics3_tokenizer,
+        "internvl": m.internvl.internvl_tokenizer,
+        "llava_onevision": m.llava_onevision.onevision_tokenizer,
     }
     if family not in tokenizers:
         raise KeyError(family)
@@ -184,18 +203,7 @@ def build_processor(family: str):
     Returns (processor, tokenizer, special-token ids)."""
     import transformers as tr
 
-    from vlmflow.models import (
-        gemma3,
-        gemma4,
-        idefics3,
-        internvl,
-        llava,
-        llava_onevision,
-        mistral,
-        mllama,
-        qwen_vl,
-    )
-
+    m = family_modules()
     tok, ids = _tokenizer(family)
     if family == "mllama":
         # Llama-3.2-11B-Vision-Instruct preprocessor_config.json: 560x560 tiles, up to 4, CLIP
@@ -207,7 +215,7 @@ def build_processor(family: str):
             image_std=CLIP_STD,
         )
         proc = tr.MllamaProcessor(
-            image_processor=image, tokenizer=tok, chat_template=mllama.LLAMA3_CHAT_TEMPLATE
+            image_processor=image, tokenizer=tok, chat_template=m.mllama.LLAMA3_CHAT_TEMPLATE
         )
     elif family == "gemma3":
         # gemma-3-4b-it: 896x896, mean/std 0.5, 256 soft tokens per image, no pan-and-scan
@@ -216,58 +224,33 @@ def build_processor(family: str):
             image_processor=image,
             tokenizer=tok,
             image_seq_length=256,
-            chat_template=gemma3.GEMMA3_CHAT_TEMPLATE,
+            chat_template=m.gemma3.GEMMA3_CHAT_TEMPLATE,
         )
-    elif family == "pixtral":
-        # pixtral-12b: longest edge 1024, 16 px patches, no spatial merge; transformers' defaults
-        image = tr.PixtralImageProcessor(size={"longest_edge": 1024}, patch_size=16)
-        proc = tr.PixtralProcessor(
-            image_processor=image,
-            tokenizer=tok,
-            patch_size=16,
-            spatial_merge_size=1,
-            chat_template=mistral.MISTRAL_CHAT_TEMPLATE,
-        )
-    elif family == "mistral3":
+    elif family in ("pixtral", "mistral3"):
+        # pixtral-12b: longest edge 1024, 16 px patches, no spatial merge; transformers' defaults;
         # Mistral-Small-3.1-24B-Instruct-2503: longest edge 1540, 14 px patches, 2x2 merge
-        image = tr.PixtralImageProcessor(size={"longest_edge": 1540}, patch_size=14)
+        edge, patch, merge = (1540, 14, 2) if family == "mistral3" else (1024, 16, 1)
+        image = tr.PixtralImageProcessor(size={"longest_edge": edge}, patch_size=patch)
         proc = tr.PixtralProcessor(
             image_processor=image,
             tokenizer=tok,
-            patch_size=14,
-            spatial_merge_size=2,
-            chat_template=mistral.MISTRAL_CHAT_TEMPLATE,
+            patch_size=patch,
+            spatial_merge_size=merge,
+            chat_template=m.mistral.MISTRAL_CHAT_TEMPLATE,
         )
-    elif family == "llava":
+    elif family in ("llava", "llava_next"):
         # llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (resize + center crop) -> 576 image tokens;
-        # the template llava-hf ships (vlmflow replaces it, see models.llava.LLAVA_CHAT_TEMPLATE)
-        image = tr.CLIPImageProcessor(
-            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
-        )
-        proc = tr.LlavaProcessor(
-            image_processor=image,
-            tokenizer=tok,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=llava.LLAVA_HF_CHAT_TEMPLATE,
-        )
-    elif family == "llava_next":
-        # llava-v1.6-mistral-7b-hf: 336 px base view + any-res tiles on these pinpoints
-        grid = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-        image = tr.LlavaNextImageProcessor(
-            size={"shortest_edge": 336},
-            crop_size={"height": 336, "width": 336},
-            image_grid_pinpoints=grid,
-        )
-        proc = tr.LlavaNextProcessor(
-            image_processor=image,
-            tokenizer=tok,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=llava.LLAVA_NEXT_TINY_CHAT_TEMPLATE,
-        )
+        # the template llava-hf ships (vlmflow replaces it, see models.llava.LLAVA_CHAT_TEMPLATE).
+        # llava-v1.6-mistral-7b-hf: a 336 px base view + any-res tiles on these pinpoints.
+        crop = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+        if family == "llava":
+            image = tr.CLIPImageProcessor(**crop)
+            cls, template = tr.LlavaProcessor, m.llava.LLAVA_HF_CHAT_TEMPLATE
+        else:
+            grid = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+            image = tr.LlavaNextImageProcessor(**crop, image_grid_pinpoints=grid)
+            cls, template = tr.LlavaNextProcessor, m.llava.LLAVA_NEXT_TINY_CHAT_TEMPLATE
+        proc = m.llava.llava_processor(cls, image, tok, 14, template)
     elif family in ("qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe"):
         # Qwen3-VL-8B-Instruct: 16 px patches, 2x2 merge, mean/std 0.5, pixels in [65536, 16777216];
         # Qwen3.5 and the MoE models use Qwen3-VL's processor and image settings
@@ -283,7 +266,7 @@ def build_processor(family: str):
             image_processor=image,
             tokenizer=tok,
             video_processor=tr.Qwen3VLVideoProcessor(patch_size=16, merge_size=2),
-            chat_template=qwen_vl.QWEN_CHAT_TEMPLATE,
+            chat_template=m.qwen_vl.QWEN_CHAT_TEMPLATE,
         )
     elif family == "gemma4":
         # Gemma 4: Gemma4ImageProcessor's defaults (16 px patches, 3x3 pooling, up to 280 soft
@@ -295,7 +278,7 @@ def build_processor(family: str):
             tokenizer=tok,
             video_processor=tr.Gemma4VideoProcessor(),
             image_seq_length=280,
-            chat_template=gemma4.GEMMA4_CHAT_TEMPLATE,
+            chat_template=m.gemma4.GEMMA4_CHAT_TEMPLATE,
         )
     elif family == "qwen2_vl":
         # Qwen2-VL-7B-Instruct: 14 px patches, 2x2 merge, min_pixels 3136, max_pixels 12845056
@@ -304,7 +287,7 @@ def build_processor(family: str):
             image_processor=image,
             tokenizer=tok,
             video_processor=tr.Qwen2VLVideoProcessor(),
-            chat_template=qwen_vl.QWEN_CHAT_TEMPLATE,
+            chat_template=m.qwen_vl.QWEN_CHAT_TEMPLATE,
         )
     elif family == "internvl":
         # InternVL3_5-8B-HF: 448 px tiles (1 to 12, + a thumbnail when tiled), CLIP-style
@@ -323,7 +306,7 @@ def build_processor(family: str):
             tokenizer=tok,
             video_processor=tr.InternVLVideoProcessor(size=tile),
             image_seq_length=256,
-            chat_template=internvl.INTERNVL_CHAT_TEMPLATE,
+            chat_template=m.internvl.INTERNVL_CHAT_TEMPLATE,
         )
     elif family == "llava_onevision":
         # llava-onevision-qwen2-7b-ov-hf: SigLIP at 384 px (mean/std 0.5), any-res tiles on the
@@ -340,7 +323,7 @@ def build_processor(family: str):
             video_processor=tr.LlavaOnevisionVideoProcessor(size={"height": 384, "width": 384}),
             num_image_tokens=729,
             vision_feature_select_strategy="full",
-            chat_template=llava_onevision.ONEVISION_CHAT_TEMPLATE,
+            chat_template=m.llava_onevision.ONEVISION_CHAT_TEMPLATE,
         )
     elif family == "idefics3":
         # Idefics3-8B-Llama3: images rescaled to a 1456 px longest edge and split into 364 px
@@ -354,7 +337,7 @@ def build_processor(family: str):
             image_processor=image,
             tokenizer=tok,
             image_seq_len=169,
-            chat_template=idefics3.IDEFICS3_CHAT_TEMPLATE,
+            chat_template=m.idefics3.IDEFICS3_CHAT_TEMPLATE,
         )
     else:
         raise KeyError(family)
@@ -362,22 +345,12 @@ def build_processor(family: str):
 
 
 # ------------------------------------------------------------------------------- configs
-# config keys of the special tokens, by family
-QWEN_TOKENS = {
-    "image_token_id": "<|image_pad|>",
-    "video_token_id": "<|video_pad|>",
-    "vision_start_token_id": "<|vision_start|>",
-    "vision_end_token_id": "<|vision_end|>",
-}
-
-
 def build_config(family: str, scale: str, text_layers: int, vision_layers: int, tok, ids):
     """The transformers config. Values are the class defaults where those equal the checkpoint's;
     every other value is set here, commented with the checkpoint it comes from."""
     import transformers as tr
 
-    from vlmflow.models import gemma4
-
+    m = family_modules()
     tiny = scale == "tiny"
     vocab = len(tok)
     nt, nv = text_layers, vision_layers
@@ -393,18 +366,8 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
         text = dict(
             num_hidden_layers=nt,
             cross_attention_layers=mllama_cross_layers(nt),
-            # checkpoint: llama3 RoPE scaling (default: plain RoPE)
-            rope_parameters={
-                "rope_type": "llama3",
-                "rope_theta": 500000.0,
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192,
-            },
-            bos_token_id=ids["<|begin_of_text|>"],
-            eos_token_id=ids["<|eot_id|>"],
-            pad_token_id=ids["<|finetune_right_pad_id|>"],
+            rope_parameters=LLAMA3_ROPE,
+            **end_ids(family, ids),
         )
         vision = dict(
             image_size=560,  # checkpoint: 560 px tiles (default 448)
@@ -414,13 +377,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             vision_output_dim=vhidden * (1 + len(inter)),
         )
         if tiny:
-            text.update(
-                vocab_size=vocab,
-                hidden_size=64,
-                intermediate_size=128,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-            )
+            text.update(vocab_size=vocab, **TINY_WIDTHS)
             vision.update(hidden_size=32, intermediate_size=64, attention_heads=2)
         return tr.MllamaConfig(
             text_config=text, vision_config=vision, image_token_index=ids["<|image|>"]
@@ -441,17 +398,13 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
             },
-            bos_token_id=ids["<bos>"],
-            eos_token_id=ids["<end_of_turn>"],
-            pad_token_id=ids["<pad>"],
+            **end_ids(family, ids),
             tie_word_embeddings=True,
         )
         vision = dict(  # checkpoint: SigLIP So400m/14 at 896 px, no pooling head
             model_type="siglip_vision_model",
-            hidden_size=1152,
-            intermediate_size=4304,
+            **SO400M,
             num_hidden_layers=nv,
-            num_attention_heads=16,
             image_size=896,
             patch_size=14,
             vision_use_head=False,
@@ -469,97 +422,47 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             tie_word_embeddings=True,
         )
 
-    if family == "pixtral":
+    if family in ("pixtral", "mistral3"):
         # mistral-community/pixtral-12b: LlavaForConditionalGeneration, Mistral-NeMo-12B text
         # model (the values of transformers' convert_pixtral_weights_to_hf.py), Pixtral-ViT
         # (PixtralVisionConfig's defaults: 1024 wide, 16 heads of 64, MLP 4096, 1024 px, 16 px
         # patches, 2-D RoPE theta 10000) with the checkpoint's SiLU.
+        # mistralai/Mistral-Small-3.1-24B-Instruct-2503 (as recalled from its config.json, not
+        # checked against the hub here): Mistral text model 40 layers 5120 wide, 32 heads / 8 KV
+        # heads of 128, MLP 32768, vocab 131072, rope_theta 1e9; Pixtral encoder 24 layers 1024
+        # wide, 16 heads, MLP 4096 (PixtralVisionConfig's defaults), 1540 px images, 14 px
+        # patches; 2x2 patch merger, no projector bias.
+        small = family == "mistral3"
         text = dict(
             model_type="mistral",
             hidden_size=5120,
-            intermediate_size=14336,
+            intermediate_size=32768 if small else 14336,
             num_hidden_layers=nt,
             num_attention_heads=32,
             num_key_value_heads=8,
             head_dim=128,  # != 5120 / 32
             vocab_size=131072,
-            max_position_embeddings=1024000,
+            max_position_embeddings=131072 if small else 1024000,
             rms_norm_eps=1e-5,
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000_000.0},
             sliding_window=None,
             tie_word_embeddings=False,
-            bos_token_id=ids["<s>"],
-            eos_token_id=ids["</s>"],
-            pad_token_id=ids["<pad>"],
+            **end_ids(family, ids),
         )
-        vision = dict(
-            model_type="pixtral",
-            num_hidden_layers=nv,
-            hidden_act="silu",  # checkpoint (default gelu)
-            image_size=1024,
-            patch_size=16,
-        )
+        vision = dict(model_type="pixtral", num_hidden_layers=nv)
+        if small:
+            vision.update(image_size=1540, patch_size=14)
+        else:
+            vision.update(hidden_act="silu", image_size=1024, patch_size=16)  # default gelu
         if tiny:
             text.update(vocab_size=vocab, **TINY_TEXT)
             vision.update(TINY_VISION, head_dim=16)
-        return tr.LlavaConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_index=ids["[IMG]"],
-            image_seq_length=1,  # checkpoint (variable image sizes)
-            vision_feature_layer=-1,  # checkpoint: last layer, every patch
-            vision_feature_select_strategy="full",
-            projector_hidden_act="gelu",
-            multimodal_projector_bias=True,
-            tie_word_embeddings=False,
-        )
-
-    if family == "mistral3":
-        # mistralai/Mistral-Small-3.1-24B-Instruct-2503 (as recalled from its config.json, not
-        # checked against the hub here): Mistral text model 40 layers 5120 wide, 32 heads / 8 KV
-        # heads of 128, MLP 32768, vocab 131072, rope_theta 1e9; Pixtral encoder 24 layers 1024
-        # wide, 16 heads, MLP 4096, 1540 px images, 14 px patches; 2x2 patch merger, no
-        # projector bias.
-        text = dict(
-            model_type="mistral",
-            hidden_size=5120,
-            intermediate_size=32768,
-            num_hidden_layers=nt,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            vocab_size=131072,
-            max_position_embeddings=131072,
-            rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000_000.0},
-            sliding_window=None,
-            tie_word_embeddings=False,
-            bos_token_id=ids["<s>"],
-            eos_token_id=ids["</s>"],
-            pad_token_id=ids["<pad>"],
-        )
-        vision = dict(
-            model_type="pixtral",
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=nv,
-            num_attention_heads=16,
-            head_dim=64,
-            image_size=1540,
-            patch_size=14,
-        )
-        if tiny:
-            text.update(vocab_size=vocab, **TINY_TEXT)
-            vision.update(TINY_VISION, head_dim=16)
-        return tr.Mistral3Config(
-            text_config=text,
-            vision_config=vision,
-            image_token_index=ids["[IMG]"],
-            vision_feature_layer=-1,
-            spatial_merge_size=2,
-            multimodal_projector_bias=False,
-            tie_word_embeddings=False,
-        )
+        if small:
+            return m.mistral.pixtral_config(
+                tr.Mistral3Config, text, vision, ids, multimodal_projector_bias=False
+            )
+        # checkpoint: variable image sizes; the last layer, every patch (as the tiny model)
+        return m.mistral.pixtral_config(tr.LlavaConfig, text, vision, ids, image_seq_length=1)
 
     if family in ("llava", "llava_next"):
         # llava-hf/llava-1.5-7b-hf. LlavaConfig's defaults are this model: a Llama text config
@@ -572,9 +475,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             num_hidden_layers=nt,
             vocab_size=32064,  # checkpoints (default 32000)
             rms_norm_eps=1e-5,  # checkpoints (default 1e-6)
-            bos_token_id=ids["<s>"],
-            eos_token_id=ids["</s>"],
-            pad_token_id=ids["<pad>"],
+            **end_ids(family, ids),
         )
         if family == "llava":  # checkpoint: 4096 positions (default 2048)
             text.update(model_type="llama", max_position_embeddings=4096)
@@ -605,13 +506,8 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
         # 128, every layer a sparse MoE block of 128 experts (8 active) with MoE MLP 768.
         moe = family == "qwen3_vl_moe"
         text = dict(
-            hidden_size=4096,
-            intermediate_size=12288,
+            **QWEN3_8B,
             num_hidden_layers=nt,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            vocab_size=151936,
             max_position_embeddings=262144,
             rms_norm_eps=1e-6,
             rope_parameters={
@@ -620,14 +516,14 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
                 "mrope_section": [24, 20, 20],
                 "mrope_interleaved": True,
             },
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
+            **end_ids(family, ids),
         )
         if moe:
             text.update(
                 hidden_size=2048,
                 intermediate_size=6144,
                 num_key_value_heads=4,
+                head_dim=128,  # != 2048 / 32
                 num_experts=128,
                 num_experts_per_tok=8,
                 moe_intermediate_size=768,
@@ -647,7 +543,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             text_config=text,
             vision_config=vision,
             tie_word_embeddings=False,
-            **{key: ids[token] for key, token in QWEN_TOKENS.items()},
+            **m.qwen_vl.qwen_tokens(ids),
         )
 
     if family in ("qwen3_5", "qwen3_5_moe"):
@@ -673,8 +569,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
                 "mrope_section": [11, 11, 10],
                 "mrope_interleaved": True,
             },
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
+            **end_ids(family, ids),
         )
         moe = family == "qwen3_5_moe"
         vision = dict(depth=nv, out_hidden_size=2048 if moe else 4096)
@@ -696,7 +591,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             text_config=text,
             vision_config=vision,
             tie_word_embeddings=False,
-            **{key: ids[token] for key, token in QWEN_TOKENS.items()},
+            **m.qwen_vl.qwen_tokens(ids),
         )
 
     if family == "gemma4":
@@ -723,16 +618,12 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             final_logit_softcapping=30.0,
             hidden_size_per_layer_input=0,
             max_position_embeddings=262144,
-            bos_token_id=ids["<bos>"],
-            eos_token_id=ids["<turn|>"],
-            pad_token_id=ids["<pad>"],
+            **end_ids(family, ids),
             tie_word_embeddings=True,
         )
         vision = dict(
-            hidden_size=1152,
-            intermediate_size=4304,
+            **SO400M,
             num_hidden_layers=nv,
-            num_attention_heads=16,
             num_key_value_heads=16,
             head_dim=72,
         )
@@ -749,7 +640,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
         return tr.Gemma4Config(
             text_config=text,
             vision_config=vision,
-            **gemma4.gemma4_special_ids(ids),
+            **m.gemma4.gemma4_special_ids(ids),
             tie_word_embeddings=True,
         )
 
@@ -758,11 +649,8 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
         # 1280 wide, MLP ratio 4, 16 heads, 14 px patches, merger to 3584); the text defaults are
         # the 72B's.
         text = dict(
-            hidden_size=3584,
-            intermediate_size=18944,
+            **QWEN2_7B,
             num_hidden_layers=nt,
-            num_attention_heads=28,
-            num_key_value_heads=4,
             vocab_size=152064,
             max_position_embeddings=32768,
             rms_norm_eps=1e-6,
@@ -772,15 +660,14 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
                 "rope_theta": 1_000_000.0,
                 "mrope_section": [16, 24, 24],
             },
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
+            bos_token_id=ids["<|endoftext|>"],  # checkpoint (its generation config has none)
+            **end_ids(family, ids),
         )
         vision = dict(depth=nv)
         if tiny:
             text.update(
                 vocab_size=vocab,
-                **{k: v for k, v in TINY_TEXT.items() if k != "head_dim"},
+                **TINY_WIDTHS,
             )
             text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[2, 3, 3])
             vision.update(embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64)
@@ -788,7 +675,7 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             text_config=text,
             vision_config=vision,
             tie_word_embeddings=False,
-            **{key: ids[token] for key, token in QWEN_TOKENS.items()},
+            **m.qwen_vl.qwen_tokens(ids),
         )
 
     if family in ("internvl", "llava_onevision"):
@@ -798,7 +685,6 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
         # HuggingFaceM4/Idefics3-8B-Llama3: Llama-3.1-8B-Instruct text model, SigLIP So400m/14 at
         # 364 px (Idefics3VisionConfig's defaults are a 12-layer, 224 px, 32 px-patch tower),
         # pixel-shuffle connector with scale factor 2 (= default).
-        eou = ids["<end_of_utterance>"]
         text = dict(
             model_type="llama",
             num_hidden_layers=nt,
@@ -807,38 +693,20 @@ def build_config(family: str, scale: str, text_layers: int, vision_layers: int, 
             vocab_size=128259,
             max_position_embeddings=131072,
             rms_norm_eps=1e-5,
-            rope_parameters={
-                "rope_type": "llama3",
-                "rope_theta": 500000.0,
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192,
-            },
-            bos_token_id=ids["<|begin_of_text|>"],
-            eos_token_id=eou,
-            pad_token_id=eou,
+            rope_parameters=LLAMA3_ROPE,
+            **end_ids(family, ids),
             tie_word_embeddings=False,
         )
         vision = dict(
-            hidden_size=1152,
-            intermediate_size=4304,
+            **SO400M,
             num_hidden_layers=nv,
-            num_attention_heads=16,
             image_size=364,
             patch_size=14,
         )
         if tiny:
             text.update(vocab_size=vocab, **TINY_TEXT)
             vision.update(TINY_VISION)
-        return tr.Idefics3Config(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=ids["<image>"],
-            scale_factor=2,
-            pad_token_id=eou,
-            tie_word_embeddings=False,
-        )
+        return m.idefics3.idefics3_config(tr.Idefics3Config, text, vision, ids)
     raise KeyError(family)
 
 
@@ -855,13 +723,8 @@ def chatml_config(family: str, tiny: bool, nt: int, nv: int, vocab: int, ids: di
         # shuffle 0.5 + MLP projector
         text = dict(
             model_type="qwen3",
-            hidden_size=4096,
-            intermediate_size=12288,
+            **QWEN3_8B,
             num_hidden_layers=nt,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            vocab_size=151936,
             max_position_embeddings=40960,
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         )
@@ -880,21 +743,16 @@ def chatml_config(family: str, tiny: bool, nt: int, nv: int, vocab: int, ids: di
         # SigLIP So400m/14 at 384 px without its last layer (26) and head
         text = dict(
             model_type="qwen2",
-            hidden_size=3584,
-            intermediate_size=18944,
+            **QWEN2_7B,
             num_hidden_layers=nt,
-            num_attention_heads=28,
-            num_key_value_heads=4,
             vocab_size=152128,
             max_position_embeddings=32768,
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         )
         vision = dict(
             model_type="siglip_vision_model",
-            hidden_size=1152,
-            intermediate_size=4304,
+            **SO400M,
             num_hidden_layers=nv,
-            num_attention_heads=16,
             image_size=384,
             patch_size=14,
             vision_use_head=False,
@@ -953,6 +811,15 @@ EOS_PAD_BOS = {  # generation_config tokens, as vlmflow.tiny sets them
     "qwen3_vl_moe": ("<|im_end|>", "<|endoftext|>", None),
     "qwen3_5_moe": ("<|im_end|>", "<|endoftext|>", None),
 }
+
+
+def end_ids(family: str, ids: dict) -> dict:
+    """The text config's end, padding (and begin) token ids: the generation tokens (EOS_PAD_BOS)."""
+    eos, pad, bos = EOS_PAD_BOS[family]
+    out = dict(eos_token_id=ids[eos], pad_token_id=ids[pad])
+    if bos is not None:
+        out["bos_token_id"] = ids[bos]
+    return out
 
 
 def random_init_zero_parameters(model) -> list[str]:

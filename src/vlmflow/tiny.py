@@ -29,6 +29,13 @@ _CORPUS = [
 ]
 
 
+# Widths of the tiny models: a Llama-style decoder 64 wide and a ViT 32 wide, 2 layers each.
+TEXT_WIDTHS = dict(
+    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2
+)
+VISION_WIDTHS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+
+
 def train_bpe_tokenizer(specials: list[str], vocab_size: int = 512):
     """A byte-level BPE `tokenizers.Tokenizer` trained on a small built-in corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -71,11 +78,8 @@ def llama_text(tok, ids: dict, eos: str, pad: str, bos: str | None = None, **ext
     begin) tokens are `eos`, `pad` (and `bos`), with ids from `ids` ({token: id}); `extra` is
     added to, or overrides, the defaults."""
     out = dict(
-        hidden_size=64,
-        intermediate_size=128,
+        **TEXT_WIDTHS,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         vocab_size=len(tok),
         max_position_embeddings=4096,
         tie_word_embeddings=False,
@@ -89,9 +93,7 @@ def llama_text(tok, ids: dict, eos: str, pad: str, bos: str | None = None, **ext
 
 def vit(**extra) -> dict:
     """Vision-config kwargs of a 2-layer, 32-wide ViT with 2 heads (plus `extra`)."""
-    return dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, **extra
-    )
+    return dict(**VISION_WIDTHS, num_attention_heads=2, **extra)
 
 
 def random_model(model_class, config, seed: int):

@@ -15,16 +15,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "bench" / "family"))
 import suite  # noqa: E402
 from flops import floor_flops, vision_units  # noqa: E402
+from helpers import HAND_TEXT  # noqa: E402
 
-TEXT = dict(
-    hidden_size=8,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=4,
-    intermediate_size=16,
-    vocab_size=50,
-)
+TEXT = dict(HAND_TEXT, num_attention_heads=2, num_key_value_heads=1, head_dim=4, vocab_size=50)
 VISION = dict(hidden_size=4, intermediate_size=6, num_hidden_layers=1, patch_size=14, image_size=28)
 
 

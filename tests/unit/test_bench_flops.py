@@ -8,18 +8,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from flops import batch_shapes, step_flops, text_flops, vision_flops  # noqa: E402
+from helpers import HAND_TEXT  # noqa: E402
 
 from vlmflow.collate import Encoder, collate, collate_packed, rope_index_fn  # noqa: E402
 from vlmflow.families import FAMILIES  # noqa: E402
 
-TEXT = dict(
-    hidden_size=8,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=16,
-    vocab_size=100,
-)
+TEXT = dict(HAND_TEXT, num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
 VISION = dict(
     hidden_size=4,
     depth=3,

@@ -1,7 +1,11 @@
 """The family registry itself: lookup by config, the regexes it builds, quantization skips.
 Per-family module sets against real models are in test_family_matrix.py."""
 
+import dataclasses
+import json
 import re
+from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +67,33 @@ def test_every_entry_is_complete(name):
         re.compile(rx)
     assert fam.response_part and fam.end_of_turn and fam.image_tokens
     assert set(fam.batch_layout.values()) <= {"token", "cat", "sample"}
+
+
+def entry_as_json(fam) -> dict:
+    """Every field of a registry entry as JSON values (the tiny builder by its qualified name)."""
+    out = {}
+    for f in dataclasses.fields(fam):
+        value = getattr(fam, f.name)
+        if f.name == "build_tiny":
+            value = value and f"{value.__module__}.{value.__qualname__}"
+        elif isinstance(value, Mapping):
+            value = {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def test_every_field_of_every_entry_is_as_declared():
+    """The entries against tests/unit/registry.json, written from the family declarations as
+    they were before the shared parts became `Family` defaults and shared dicts: a changed
+    default (decoder, tower, projector, model_types) or shared piece (CLIP_TOWER, CHATML, QWEN_VL)
+    shows as the family and field it changed. A deliberate change to an entry updates the file;
+    a new family need not be added (test_family_matrix.py checks it on its tiny model)."""
+    expected = json.loads((Path(__file__).parent / "registry.json").read_text())
+    assert set(expected) <= set(FAMILIES)
+    for name in expected:
+        got = entry_as_json(FAMILIES[name])
+        assert set(got) == set(expected[name]), name
+        changed = {k: (got[k], v) for k, v in expected[name].items() if got[k] != v}
+        assert not changed, f"{name}: (now, declared) {changed}"

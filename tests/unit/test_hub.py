@@ -97,9 +97,9 @@ def fake_hub(tiny_qwen):
     server.shutdown()
 
 
-def test_fetch_model_cli_then_offline_load(fake_hub, tmp_path):
-    endpoint, requests = fake_hub
-    env = dict(
+def online_env(endpoint: str, tmp_path) -> dict:
+    """The environment of a fetch_model run against the fake hub, with a cache of its own."""
+    return dict(
         os.environ,
         HF_ENDPOINT=endpoint,
         HF_HOME=str(tmp_path / "hf"),
@@ -107,6 +107,11 @@ def test_fetch_model_cli_then_offline_load(fake_hub, tmp_path):
         HF_HUB_DISABLE_XET="1",
         PYTHONPATH=str(ROOT / "src"),
     )
+
+
+def test_fetch_model_cli_then_offline_load(fake_hub, tmp_path):
+    endpoint, requests = fake_hub
+    env = online_env(endpoint, tmp_path)
     marker = tmp_path / "resources/hub" / REPO / "default.json"
     cfg = json.dumps({"model": {"name": REPO, "revision": None, "trust_remote_code": False}})
     res = subprocess.run(
@@ -148,14 +153,7 @@ def test_fetch_model_cli_then_offline_load(fake_hub, tmp_path):
 
 
 def test_fetch_reports_a_missing_model_clearly(fake_hub, tmp_path):
-    endpoint, _ = fake_hub
-    env = dict(
-        os.environ,
-        HF_ENDPOINT=endpoint,
-        HF_HOME=str(tmp_path / "hf"),
-        HF_HUB_OFFLINE="0",
-        PYTHONPATH=str(ROOT / "src"),
-    )
+    env = online_env(fake_hub[0], tmp_path)
     cfg = json.dumps({"model": {"name": "nobody/nothing"}})
     res = subprocess.run(
         [sys.executable, str(ROOT / "scripts/fetch_model.py"), "--config", cfg, "--out", "x.json"],

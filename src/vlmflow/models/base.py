@@ -8,27 +8,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+# A Llama-style decoder: `model.language_model.layers.N` with q/k/v/o and gate/up/down linears
+# (the default of `Family`).
+LANG = r"model\.language_model\.layers\.\d+"
+LANG_ATTN = r"self_attn\.(?:q_proj|k_proj|v_proj|o_proj)"
+LANG_MLP = r"mlp\.(?:gate_proj|up_proj|down_proj)"
+CLIP_ATTN = r"self_attn\.(?:q_proj|k_proj|v_proj|out_proj)"
+CLIP_MLP = r"mlp\.(?:fc1|fc2)"
+
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    model_types: tuple[str, ...]
-    """`config.model_type` values that belong to this family."""
     vision_layers: str
     """Regex of a vision block's module name (the prefix LoRA names start with)."""
-    language_layers: str
-    """Regex of a language decoder layer's module name."""
     vision_attention: str
     """Regex (relative to a vision block) of its attention linears."""
     vision_mlp: str
-    language_attention: str
-    """Regex (relative to a decoder layer) of attention linears, cross-attention included."""
-    language_mlp: str
-    vision_tower: tuple[str, ...]
-    """Module names of the vision encoder: kept unquantized in 4/8-bit (model.quantize_vision)."""
-    projector: tuple[str, ...]
-    """Module names of the vision-to-language projector (the `projector` alias of
-    lora.modules_to_save; kept unquantized like the tower)."""
     response_part: str
     """Text that opens an assistant turn in the rendered chat template (Unsloth's
     `train_on_responses_only(response_part=...)`)."""
@@ -39,6 +35,18 @@ class Family:
     image_tokens: tuple[str, ...]
     """Tokens the processor puts in place of an image (never trained on); the first one is the
     placeholder the model replaces with image features."""
+    model_types: tuple[str, ...] = ()
+    """`config.model_type` values that belong to this family (default: its name)."""
+    language_layers: str = LANG
+    """Regex of a language decoder layer's module name (default: a Llama-style decoder)."""
+    language_attention: str = LANG_ATTN
+    """Regex (relative to a decoder layer) of attention linears, cross-attention included."""
+    language_mlp: str = LANG_MLP
+    vision_tower: tuple[str, ...] = ("model.vision_tower",)
+    """Module names of the vision encoder: kept unquantized in 4/8-bit (model.quantize_vision)."""
+    projector: tuple[str, ...] = ("model.multi_modal_projector",)
+    """Module names of the vision-to-language projector (the `projector` alias of
+    lora.modules_to_save; kept unquantized like the tower)."""
     lm_head: str = "lm_head"
     chat_template: str | None = None
     """Template used instead of the checkpoint's own when the latter does not close assistant
@@ -74,6 +82,10 @@ class Family:
     build_tiny: Callable[..., Path] | None = field(default=None, compare=False, repr=False)
     """`build_tiny(out_dir, seed=0) -> out_dir`: saves a tiny random-weight model of the real
     architecture with its processor (`vlmflow.tiny`)."""
+
+    def __post_init__(self):
+        if not self.model_types:
+            object.__setattr__(self, "model_types", (self.name,))
 
     @property
     def image_token(self) -> str:
@@ -137,23 +149,18 @@ class Family:
         return keep
 
 
-# A Llama-style decoder: `model.language_model.layers.N` with q/k/v/o and gate/up/down linears.
-LANG = r"model\.language_model\.layers\.\d+"
-LANG_ATTN = r"self_attn\.(?:q_proj|k_proj|v_proj|o_proj)"
-LANG_MLP = r"mlp\.(?:gate_proj|up_proj|down_proj)"
-CLIP_ATTN = r"self_attn\.(?:q_proj|k_proj|v_proj|out_proj)"
-CLIP_MLP = r"mlp\.(?:fc1|fc2)"
-# LLaVA-style models around a CLIP/SigLIP encoder: `model.vision_tower.encoder.layers.N` and a
-# `multi_modal_projector`.
+# LLaVA-style models around a CLIP/SigLIP encoder: `model.vision_tower.encoder.layers.N` (and the
+# default tower, projector and decoder of `Family`).
 CLIP_TOWER = dict(
     vision_layers=r"model\.vision_tower\.encoder\.layers\.\d+",
-    language_layers=LANG,
     vision_attention=CLIP_ATTN,
     vision_mlp=CLIP_MLP,
-    language_attention=LANG_ATTN,
-    language_mlp=LANG_MLP,
-    vision_tower=("model.vision_tower",),
-    projector=("model.multi_modal_projector",),
+)
+# ChatML turns (Qwen, InternVL, LLaVA-OneVision): <|im_start|>role\n...<|im_end|>
+CHATML = dict(
+    response_part="<|im_start|>assistant\n",
+    instruction_part="<|im_start|>user\n",
+    end_of_turn="<|im_end|>",
 )
 
 # Chat templates of the tiny models, in the format of each family's released checkpoints, with

@@ -107,7 +107,6 @@ def build_tiny_gemma3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 FAMILIES = [
     Family(
         name="gemma3",
-        model_types=("gemma3",),
         compile_measured=True,
         **CLIP_TOWER,
         response_part="<start_of_turn>model\n",

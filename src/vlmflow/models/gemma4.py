@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ..tiny import fast_tokenizer, finish, llama_text, random_model, save_tiny, vit
-from .base import LANG, LANG_ATTN, LANG_MLP, TEXT_PARTS, Family, user_parts
+from .base import TEXT_PARTS, Family, user_parts
 
 # Gemma 4: <bos><|turn>user\n...<turn|>\n<|turn>model\nanswer<turn|>\n; an image is the
 # placeholder <|image|>, which the processor expands to <|image> + soft tokens + <image|>.
@@ -41,6 +41,17 @@ GEMMA4_SPECIALS = [
 ]
 
 
+# The named special tokens (tokenizer attributes the processor reads; `<name>_id` in the config).
+GEMMA4_NAMED_TOKENS = {
+    "boi_token": "<|image>",
+    "eoi_token": "<image|>",
+    "image_token": "<|image|>",
+    "boa_token": "<|audio>",
+    "eoa_token": "<audio|>",
+    "audio_token": "<|audio|>",
+}
+
+
 def gemma4_tokenizer():
     """Gemma 4's named special tokens (the processor reads them off the tokenizer)."""
     return fast_tokenizer(
@@ -49,27 +60,15 @@ def gemma4_tokenizer():
         eos_token="<turn|>",
         pad_token="<pad>",
         unk_token="<unk>",
-        extra_special_tokens={
-            "boi_token": "<|image>",
-            "eoi_token": "<image|>",
-            "image_token": "<|image|>",
-            "boa_token": "<|audio>",
-            "eoa_token": "<audio|>",
-            "audio_token": "<|audio|>",
-        },
+        extra_special_tokens=GEMMA4_NAMED_TOKENS,
     )
 
 
 def gemma4_special_ids(ids: dict) -> dict:
     """The special-token ids of a `Gemma4Config` (images and audio), from the tokenizer's."""
-    return dict(
-        boi_token_id=ids["<|image>"],
-        eoi_token_id=ids["<image|>"],
-        image_token_id=ids["<|image|>"],
-        boa_token_id=ids["<|audio>"],
-        eoa_token_index=ids["<audio|>"],
-        audio_token_id=ids["<|audio|>"],
-    )
+    out = {f"{name}_id": ids[token] for name, token in GEMMA4_NAMED_TOKENS.items()}
+    out["eoa_token_index"] = out.pop("eoa_token_id")  # Gemma4Config's name for it
+    return out
 
 
 def build_tiny_gemma4(out_dir: str | os.PathLike, seed: int = 0) -> Path:
@@ -103,13 +102,9 @@ def build_tiny_gemma4(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         final_logit_softcapping=30.0,
         tie_word_embeddings=True,
     )
-    vision = vit(
-        num_key_value_heads=2,
-        head_dim=16,
-        patch_size=4,
-        pooling_kernel_size=2,
-        position_embedding_size=64,
-    )
+    # 4 px patches pooled 2x2, at most 70 soft tokens an image (past them: the sliding window)
+    patches = dict(patch_size=4, pooling_kernel_size=2)
+    vision = vit(num_key_value_heads=2, head_dim=16, position_embedding_size=64, **patches)
     cfg = Gemma4Config(
         text_config=text,
         vision_config=vision,
@@ -120,13 +115,9 @@ def build_tiny_gemma4(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     finish(model, ids["<turn|>"], ids["<pad>"], ids["<bos>"])
     proc = Gemma4Processor(
         feature_extractor=Gemma4AudioFeatureExtractor(),
-        image_processor=Gemma4ImageProcessor(
-            patch_size=4, pooling_kernel_size=2, max_soft_tokens=70
-        ),
+        image_processor=Gemma4ImageProcessor(**patches, max_soft_tokens=70),
         tokenizer=tok,
-        video_processor=Gemma4VideoProcessor(
-            patch_size=4, pooling_kernel_size=2, max_soft_tokens=70
-        ),
+        video_processor=Gemma4VideoProcessor(**patches, max_soft_tokens=70),
         image_seq_length=70,
         chat_template=GEMMA4_CHAT_TEMPLATE,
     )
@@ -138,14 +129,9 @@ FAMILIES = [
         # The per-layer-embedding linears of E2B/E4B (per_layer_input_gate,
         # per_layer_projection) are neither attention nor MLP: not targeted.
         name="gemma4",
-        model_types=("gemma4",),
         vision_layers=r"model\.vision_tower\.encoder\.layers\.\d+",
-        language_layers=LANG,
         vision_attention=r"self_attn\.(?:q_proj|k_proj|v_proj|o_proj)\.linear",
         vision_mlp=r"mlp\.(?:gate_proj|up_proj|down_proj)\.linear",
-        language_attention=LANG_ATTN,
-        language_mlp=LANG_MLP,
-        vision_tower=("model.vision_tower",),
         projector=("model.embed_vision",),
         response_part="<|turn>model\n",
         instruction_part="<|turn>user\n",

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from ..tiny import fast_tokenizer, finish, llama_text, random_model, save_tiny, vit
-from .base import CLIP_ATTN, CLIP_MLP, LANG_ATTN, LANG_MLP, TEXT_PARTS, Family, user_parts
+from .base import CLIP_ATTN, CLIP_MLP, TEXT_PARTS, Family, user_parts
 
 # Idefics3 / SmolVLM: User:<image>question<end_of_utterance>\nAssistant: answer<end_of_utterance>
 IDEFICS3_CHAT_TEMPLATE = (
@@ -39,11 +39,21 @@ IDEFICS3_SPECIALS = [
 
 def idefics3_tokenizer():
     """(tokenizer, ids) of Idefics3 / SmolVLM: pad == eos == <end_of_utterance>."""
+    eou = "<end_of_utterance>"
     return fast_tokenizer(
-        IDEFICS3_SPECIALS,
-        bos_token="<|begin_of_text|>",
-        eos_token="<end_of_utterance>",
-        pad_token="<end_of_utterance>",
+        IDEFICS3_SPECIALS, bos_token="<|begin_of_text|>", eos_token=eou, pad_token=eou
+    )
+
+
+def idefics3_config(config_class, text: dict, vision: dict, ids: dict):
+    """An Idefics3 / SmolVLM config: pixel shuffle by 2, padding with <end_of_utterance>."""
+    return config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<image>"],
+        scale_factor=2,
+        pad_token_id=ids["<end_of_utterance>"],
+        tie_word_embeddings=False,
     )
 
 
@@ -67,14 +77,7 @@ def _build_idefics3_like(out_dir, seed: int, smolvlm: bool) -> Path:
     eos = "<end_of_utterance>"
     text = llama_text(tok, ids, eos, eos, "<|begin_of_text|>", model_type="llama")
     vision = vit(image_size=32, patch_size=8)
-    cfg = getattr(tr, f"{prefix}Config")(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<image>"],
-        scale_factor=2,
-        pad_token_id=eou,
-        tie_word_embeddings=False,
-    )
+    cfg = idefics3_config(getattr(tr, f"{prefix}Config"), text, vision, ids)
     model = random_model(getattr(tr, f"{prefix}ForConditionalGeneration"), cfg, seed)
     finish(model, eou, eou, ids["<|begin_of_text|>"])
     image_processor = getattr(tr, f"{prefix}ImageProcessor")(
@@ -96,13 +99,10 @@ def _build_idefics3_like(out_dir, seed: int, smolvlm: bool) -> Path:
 
 IDEFICS3 = Family(
     name="idefics3",
-    model_types=("idefics3",),
     vision_layers=r"model\.vision_model\.encoder\.layers\.\d+",
     language_layers=r"model\.text_model\.layers\.\d+",
     vision_attention=CLIP_ATTN,
     vision_mlp=CLIP_MLP,
-    language_attention=LANG_ATTN,
-    language_mlp=LANG_MLP,
     vision_tower=("model.vision_model",),
     projector=("model.connector",),
     response_part="\nAssistant:",

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from ..tiny import finish, llama_text, random_model, save_tiny, vit
-from .base import CLIP_MLP, LANG, LANG_ATTN, LANG_MLP, Family
+from .base import CHATML, CLIP_MLP, Family
 from .qwen_vl import QWEN_CHAT_TEMPLATE, qwen_tokenizer
 
 INTERNVL_SPECIALS = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
@@ -77,19 +77,11 @@ def build_tiny_internvl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 FAMILIES = [
     Family(
         name="internvl",
-        model_types=("internvl",),
         vision_layers=r"model\.vision_tower\.encoder\.layer\.\d+",
-        language_layers=LANG,
         vision_attention=r"attention\.(?:q_proj|k_proj|v_proj|projection_layer)",
         vision_mlp=CLIP_MLP,
-        language_attention=LANG_ATTN,
-        language_mlp=LANG_MLP,
-        vision_tower=("model.vision_tower",),
-        projector=("model.multi_modal_projector",),
-        response_part="<|im_start|>assistant\n",
-        instruction_part="<|im_start|>user\n",
-        end_of_turn="<|im_end|>",
         image_tokens=("<IMG_CONTEXT>", "<img>", "</img>"),
+        **CHATML,
         build_tiny=build_tiny_internvl,
     ),
 ]

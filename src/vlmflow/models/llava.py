@@ -85,83 +85,59 @@ def llava_tokenizer(next_: bool = False):
     return fast_tokenizer(specials, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def _save_llava_like(out_dir, seed, model_class, cfg, tok, ids, processor) -> Path:
-    model = random_model(model_class, cfg, seed)
-    finish(model, ids["</s>"], ids["<pad>"], ids["<s>"])
-    return save_tiny(model, processor(), out_dir)
+def llava_processor(processor_class, image_processor, tok, patch_size: int, template: str):
+    """A LLaVA-1.5 / LLaVA-NeXT processor as llava-hf's checkpoints set it: the CLS token
+    counted, then dropped (`vision_feature_select_strategy` "default")."""
+    return processor_class(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=template,
+    )
 
 
 def build_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """LLaVA-1.5: CLIP vision tower (penultimate layer, CLS dropped) + MLP projector + Llama."""
-    from transformers import (
-        CLIPImageProcessor,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    return _build_llava_like(out_dir, seed, next_=False)
 
-    tok, ids = llava_tokenizer()
-    text = llama_text(tok, ids, "</s>", "<pad>", "<s>", model_type="llama")
-    cfg = LlavaConfig(
+
+def build_tiny_llava_next(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """LLaVA-NeXT (1.6): CLIP tower over a base view + high-resolution tiles (any-res grid)."""
+    return _build_llava_like(out_dir, seed, next_=True)
+
+
+def _build_llava_like(out_dir, seed: int, next_: bool) -> Path:
+    """LLaVA-1.5 (a Llama decoder, llava-hf's template) or LLaVA-NeXT (a Mistral decoder, any-res
+    tiles over a 32/64 px grid): the same CLIP tower, 16 tokens a view."""
+    import transformers as tr
+
+    prefix = "LlavaNext" if next_ else "Llava"
+    tok, ids = llava_tokenizer(next_=next_)
+    crop = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    if next_:
+        text = mistral_text(tok, ids)
+        grid = dict(image_grid_pinpoints=[[32, 32], [32, 64], [64, 32]])
+        image_processor = tr.LlavaNextImageProcessor(**crop, **grid)
+        template = LLAVA_NEXT_TINY_CHAT_TEMPLATE
+    else:
+        text = llama_text(tok, ids, "</s>", "<pad>", "<s>", model_type="llama")
+        grid = {}
+        image_processor = tr.CLIPImageProcessor(**crop)
+        template = LLAVA_HF_CHAT_TEMPLATE
+    cfg = getattr(tr, f"{prefix}Config")(
         text_config=text,
         vision_config=clip_vision(),
         image_token_index=ids["<image>"],
         image_seq_length=16,
         tie_word_embeddings=False,
+        **grid,
     )
-
-    def processor():
-        return LlavaProcessor(
-            image_processor=CLIPImageProcessor(
-                size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-            ),
-            tokenizer=tok,
-            patch_size=8,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=LLAVA_HF_CHAT_TEMPLATE,
-        )
-
-    return _save_llava_like(out_dir, seed, LlavaForConditionalGeneration, cfg, tok, ids, processor)
-
-
-def build_tiny_llava_next(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """LLaVA-NeXT (1.6): CLIP tower over a base view + high-resolution tiles (any-res grid)."""
-    from transformers import (
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
-    )
-
-    tok, ids = llava_tokenizer(next_=True)
-    grid = [[32, 32], [32, 64], [64, 32]]
-    cfg = LlavaNextConfig(
-        text_config=mistral_text(tok, ids),
-        vision_config=clip_vision(),
-        image_token_index=ids["<image>"],
-        image_grid_pinpoints=grid,
-        image_seq_length=16,
-        tie_word_embeddings=False,
-    )
-
-    def processor():
-        return LlavaNextProcessor(
-            image_processor=LlavaNextImageProcessor(
-                size={"shortest_edge": 32},
-                crop_size={"height": 32, "width": 32},
-                image_grid_pinpoints=grid,
-            ),
-            tokenizer=tok,
-            patch_size=8,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=LLAVA_NEXT_TINY_CHAT_TEMPLATE,
-        )
-
-    return _save_llava_like(
-        out_dir, seed, LlavaNextForConditionalGeneration, cfg, tok, ids, processor
-    )
+    model = random_model(getattr(tr, f"{prefix}ForConditionalGeneration"), cfg, seed)
+    finish(model, ids["</s>"], ids["<pad>"], ids["<s>"])
+    proc = llava_processor(getattr(tr, f"{prefix}Processor"), image_processor, tok, 8, template)
+    return save_tiny(model, proc, out_dir)
 
 
 _LLAVA = dict(**CLIP_TOWER, end_of_turn="</s>", image_tokens=("<image>",))
@@ -169,7 +145,6 @@ _LLAVA = dict(**CLIP_TOWER, end_of_turn="</s>", image_tokens=("<image>",))
 FAMILIES = [
     Family(
         name="llava",
-        model_types=("llava",),
         response_part=" ASSISTANT:",
         instruction_part="USER:",
         chat_template=LLAVA_CHAT_TEMPLATE,
@@ -178,7 +153,6 @@ FAMILIES = [
     ),
     Family(
         name="llava_next",
-        model_types=("llava_next",),
         response_part="[/INST]",
         instruction_part="[INST]",
         chat_template=LLAVA_NEXT_CHAT_TEMPLATE,

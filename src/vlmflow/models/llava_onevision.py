@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from ..tiny import finish, llama_text, random_model, save_tiny, vit
-from .base import CLIP_TOWER, TEXT_PARTS, Family
+from .base import CHATML, CLIP_TOWER, TEXT_PARTS, Family
 from .qwen_vl import qwen_tokenizer
 
 # llava-hf's OneVision template: a turn's images first (`<image>\n` each), then its text, every
@@ -87,12 +87,9 @@ def build_tiny_llava_onevision(out_dir: str | os.PathLike, seed: int = 0) -> Pat
 FAMILIES = [
     Family(
         name="llava_onevision",
-        model_types=("llava_onevision",),
         **CLIP_TOWER,
-        response_part="<|im_start|>assistant\n",
-        instruction_part="<|im_start|>user\n",
-        end_of_turn="<|im_end|>",
         image_tokens=("<image>",),
+        **CHATML,
         build_tiny=build_tiny_llava_onevision,
     ),
 ]

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ..tiny import fast_tokenizer, finish, llama_text, random_model, save_tiny, vit
-from .base import LANG, LANG_ATTN, LANG_MLP, TEXT_PARTS, Family, user_parts
+from .base import TEXT_PARTS, Family, user_parts
 
 # Pixtral / Mistral: <s>[INST]...[/INST]answer</s>
 MISTRAL_CHAT_TEMPLATE = (
@@ -25,13 +25,8 @@ MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]"]
 
 PIXTRAL_ENCODER = dict(
     vision_layers=r"model\.vision_tower\.transformer\.layers\.\d+",
-    language_layers=LANG,
     vision_attention=r"attention\.(?:q_proj|k_proj|v_proj|o_proj)",
     vision_mlp=r"feed_forward\.(?:gate_proj|up_proj|down_proj)",
-    language_attention=LANG_ATTN,
-    language_mlp=LANG_MLP,
-    vision_tower=("model.vision_tower",),
-    projector=("model.multi_modal_projector",),
     response_part="[/INST]",
     instruction_part="[INST]",
     end_of_turn="</s>",
@@ -67,6 +62,28 @@ def pixtral_parts():
     return tok, ids, mistral_text(tok, ids), vision
 
 
+def pixtral_config(config_class, text: dict, vision: dict, ids: dict, **extra):
+    """The config of a Pixtral-encoder model (`LlavaConfig`: Pixtral; `Mistral3Config`: Mistral
+    Small 3.1 / 3.2, a 2x2 patch merger) as the checkpoints set it: every patch of the last
+    layer, Pixtral's projector a biased gelu MLP; `extra` added or overriding."""
+    if config_class.model_type == "llava":
+        kwargs = dict(
+            vision_feature_select_strategy="full",
+            projector_hidden_act="gelu",
+            multimodal_projector_bias=True,
+        )
+    else:
+        kwargs = dict(spatial_merge_size=2)
+    return config_class(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=ids["[IMG]"],
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+        **{**kwargs, **extra},
+    )
+
+
 def _save_pixtral_like(out_dir, seed, model_class, cfg, tok, ids, longest_edge, merge) -> Path:
     from transformers import PixtralImageProcessor, PixtralProcessor
 
@@ -88,16 +105,7 @@ def build_tiny_pixtral(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     tok, ids, text, vision = pixtral_parts()
-    cfg = LlavaConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_index=ids["[IMG]"],
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        projector_hidden_act="gelu",
-        multimodal_projector_bias=True,
-        tie_word_embeddings=False,
-    )
+    cfg = pixtral_config(LlavaConfig, text, vision, ids)
     return _save_pixtral_like(out_dir, seed, LlavaForConditionalGeneration, cfg, tok, ids, 32, 1)
 
 
@@ -108,14 +116,7 @@ def build_tiny_mistral3(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     tok, ids, text, vision = pixtral_parts()
-    cfg = Mistral3Config(
-        text_config=text,
-        vision_config=vision,
-        image_token_index=ids["[IMG]"],
-        vision_feature_layer=-1,
-        spatial_merge_size=2,
-        tie_word_embeddings=False,
-    )
+    cfg = pixtral_config(Mistral3Config, text, vision, ids)
     return _save_pixtral_like(out_dir, seed, Mistral3ForConditionalGeneration, cfg, tok, ids, 64, 2)
 
 
@@ -129,7 +130,6 @@ FAMILIES = [
     ),
     Family(
         name="mistral3",
-        model_types=("mistral3",),
         compile_measured=True,
         build_tiny=build_tiny_mistral3,
         **PIXTRAL_ENCODER,

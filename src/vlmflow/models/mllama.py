@@ -9,8 +9,8 @@ from types import MappingProxyType
 
 import torch
 
-from ..tiny import fast_tokenizer, finish, llama_text, random_model, save_tiny
-from .base import CLIP_MLP, LANG, LANG_MLP, TEXT_PARTS, Family, user_parts
+from ..tiny import VISION_WIDTHS, fast_tokenizer, finish, llama_text, random_model, save_tiny
+from .base import CLIP_MLP, TEXT_PARTS, Family, user_parts
 
 LLAMA3_CHAT_TEMPLATE = (
     "<|begin_of_text|>"
@@ -67,11 +67,9 @@ def build_tiny_mllama(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         cross_attention_layers=[1],
     )
     vision = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
+        **VISION_WIDTHS,
         num_global_layers=1,
         attention_heads=2,
-        intermediate_size=64,
         vision_output_dim=64,  # hidden_size * (1 + len(intermediate_layers_indices))
         intermediate_layers_indices=[0],
         image_size=28,
@@ -97,16 +95,12 @@ def build_tiny_mllama(out_dir: str | os.PathLike, seed: int = 0) -> Path:
 FAMILIES = [
     Family(
         name="mllama",
-        model_types=("mllama",),
         compile_measured=True,
         vision_layers=r"model\.vision_model\.(?:transformer|global_transformer)\.layers\.\d+",
-        language_layers=LANG,
         vision_attention=r"self_attn\.(?:q_proj|k_proj|v_proj|o_proj)",
         vision_mlp=CLIP_MLP,
         language_attention=r"(?:self_attn|cross_attn)\.(?:q_proj|k_proj|v_proj|o_proj)",
-        language_mlp=LANG_MLP,
         vision_tower=("model.vision_model",),
-        projector=("model.multi_modal_projector",),
         response_part="<|start_header_id|>assistant<|end_header_id|>\n\n",
         instruction_part="<|start_header_id|>user<|end_header_id|>\n\n",
         end_of_turn="<|eot_id|>",

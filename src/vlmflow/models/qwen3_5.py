@@ -6,13 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .base import Family
 from .qwen_vl import (
-    QWEN_VL,
+    QWEN3_VISION_MLP,
     qwen3_text,
     qwen3_vision,
-    qwen_tokenizer,
-    qwen_tokens,
+    qwen_vl_family,
     qwen_vl_patches,
     save_qwen,
 )
@@ -29,10 +27,9 @@ LINEAR_ATTENTION_PACKING = (
     "wired in)"
 )
 
-# What Qwen3.5 and Qwen3.5-MoE share: the Qwen-VL entry with the hybrid decoder's attention,
+# What Qwen3.5 and Qwen3.5-MoE change in the Qwen-VL entry: the hybrid decoder's attention,
 # packing refused.
 QWEN3_5 = {
-    **QWEN_VL,
     "language_attention": QWEN3_5_ATTN,
     "supports_packing": False,
     "packing_refusal": LINEAR_ATTENTION_PACKING,
@@ -59,28 +56,11 @@ def build_tiny_qwen3_5(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Qwen3.5 (dense): the Qwen3-VL vision tower and processor in front of a hybrid decoder whose
     layer 0 is a Gated DeltaNet (linear attention) and layer 1 full (gated) attention, as the
     released 3:1 pattern alternates them."""
-    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor
-
-    tok, ids = qwen_tokenizer()
-    text = qwen3_5_text(tok, ids)
-    cfg = Qwen3_5Config(
-        text_config=text,
-        vision_config=qwen3_vision(),
-        tie_word_embeddings=False,
-        **qwen_tokens(ids),
-    )
-    return save_qwen(
-        out_dir, seed, Qwen3_5ForConditionalGeneration, cfg, ids, Qwen3VLProcessor, tok, 16
-    )
+    return save_qwen(out_dir, seed, "Qwen3_5", qwen3_5_text, qwen3_vision())
 
 
 FAMILIES = [
-    Family(
-        name="qwen3_5",
-        model_types=("qwen3_5",),
-        vision_mlp=r"mlp\.(?:linear_fc1|linear_fc2)",
-        patches=qwen_vl_patches("Qwen3_5"),
-        build_tiny=build_tiny_qwen3_5,
-        **QWEN3_5,
+    qwen_vl_family(
+        "qwen3_5", QWEN3_VISION_MLP, qwen_vl_patches("Qwen3_5"), build_tiny_qwen3_5, **QWEN3_5
     ),
 ]

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from ..tiny import fast_tokenizer_of, finish, llama_text, random_model, save_tiny
-from .base import LANG, LANG_ATTN, LANG_MLP, TEXT_PARTS, Family, user_parts
+from .base import CHATML, CLIP_MLP, LANG_MLP, TEXT_PARTS, Family, user_parts
 
 QWEN_SPECIALS = [
     "<|endoftext|>",
@@ -38,27 +38,22 @@ QWEN_CHAT_TEMPLATE = (
 # merger as projector, Qwen's chat markers, padding-free packing (3-D M-RoPE position ids).
 QWEN_VL = dict(
     vision_layers=r"model\.visual\.blocks\.\d+",
-    language_layers=LANG,
     vision_attention=r"attn\.(?:qkv|proj)",
-    language_attention=LANG_ATTN,
-    language_mlp=LANG_MLP,
     vision_tower=("model.visual",),
     projector=("model.visual.merger",),
     supports_packing=True,
-    response_part="<|im_start|>assistant\n",
-    instruction_part="<|im_start|>user\n",
-    end_of_turn="<|im_end|>",
     image_tokens=("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"),
+    **CHATML,
 )
 
 
-def qwen_vl_patches(prefix: str) -> MappingProxyType:
+def qwen_vl_patches(prefix: str, patch_embed: str | None = None) -> MappingProxyType:
     """The Qwen-VL fast paths, for transformers classes named `<prefix>VisionAttention` and
-    `<prefix>VisionPatchEmbed` (see `vlmflow.patches`)."""
+    `patch_embed` (default `<prefix>VisionPatchEmbed`; see `vlmflow.patches`)."""
     return MappingProxyType(
         {
             "vision_attention": (f"{prefix}VisionAttention",),
-            "patch_embed": (f"{prefix}VisionPatchEmbed",),
+            "patch_embed": (patch_embed or f"{prefix}VisionPatchEmbed",),
         }
     )
 
@@ -101,42 +96,52 @@ def qwen3_text(tok, ids, **extra) -> dict:
     )
 
 
+def qwen_vision(**extra) -> dict:
+    """Vision config of a tiny Qwen-VL tower: 2 blocks, 2 heads, 2x2 merge (plus `extra`)."""
+    return dict(depth=2, num_heads=2, spatial_merge_size=2, temporal_patch_size=2, **extra)
+
+
+def qwen_tower(**extra) -> dict:
+    """Vision config of the Qwen2.5-VL / Qwen3-VL / Qwen3.5 tiny towers (32 wide, into 64)."""
+    return qwen_vision(hidden_size=32, intermediate_size=64, out_hidden_size=64, **extra)
+
+
 def qwen3_vision(**extra) -> dict:
-    """Vision config of the Qwen3-VL / Qwen3.5 tiny towers."""
-    return dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=64,
-        patch_size=16,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        num_position_embeddings=16,
-        **extra,
-    )
+    """Vision config of the Qwen3-VL / Qwen3.5 tiny towers (16 px patches)."""
+    return qwen_tower(patch_size=16, num_position_embeddings=16, **extra)
 
 
-def save_qwen(out_dir, seed, model_class, config, ids, processor_class, tok, patch_size=None):
-    """Instantiate `model_class` from `config` (seeded), attach the Qwen processor and save."""
+def save_qwen(out_dir, seed, prefix, text, vision, patch_size=16, processor=None, top_ids=False):
+    """Save a tiny Qwen-VL model: transformers' `<prefix>Config` from `text(tok, ids)` (a function
+    of the Qwen tokenizer and its ids) and `vision` (with the begin/end/padding ids at the top
+    level too when `top_ids`), `<prefix>ForConditionalGeneration` seeded, with the Qwen processor
+    (`processor`, default Qwen3VLProcessor; Qwen2-VL's 14 px image processor when `patch_size`
+    is None)."""
+    import transformers as tr
     from transformers import Qwen2VLImageProcessor
 
-    model = random_model(model_class, config, seed)
-    finish(model, ids["<|im_end|>"], ids["<|endoftext|>"])
+    tok, ids = qwen_tokenizer()
+    eos, pad = ids["<|im_end|>"], ids["<|endoftext|>"]
+    top = dict(bos_token_id=pad, eos_token_id=eos, pad_token_id=pad) if top_ids else {}
+    cfg = getattr(tr, f"{prefix}Config")(
+        text_config=text(tok, ids),
+        vision_config=vision,
+        tie_word_embeddings=False,
+        **top,
+        **qwen_tokens(ids),
+    )
+    model = random_model(getattr(tr, f"{prefix}ForConditionalGeneration"), cfg, seed)
+    finish(model, eos, pad)
     if patch_size is None:  # Qwen2-VL / Qwen2.5-VL: 14 px patches
-        from transformers import Qwen2VLVideoProcessor
-
         image = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=28 * 28 * 64)
-        video = Qwen2VLVideoProcessor()
+        video = tr.Qwen2VLVideoProcessor()
     else:  # Qwen3-VL / Qwen3.5
-        from transformers import Qwen3VLVideoProcessor
-
         side = patch_size * 2
         image = Qwen2VLImageProcessor(
             patch_size=patch_size, merge_size=2, min_pixels=side * side, max_pixels=side * side * 64
         )
-        video = Qwen3VLVideoProcessor(patch_size=patch_size, merge_size=2)
-    proc = processor_class(
+        video = tr.Qwen3VLVideoProcessor(patch_size=patch_size, merge_size=2)
+    proc = getattr(tr, processor or "Qwen3VLProcessor")(
         image_processor=image,
         tokenizer=tok,
         video_processor=video,
@@ -158,115 +163,64 @@ def _qwen2_text(tok, ids) -> dict:
 
 def build_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Save a ~300k-parameter Qwen2.5-VL with its processor into `out_dir`."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
+    vision = qwen_tower(
+        patch_size=14, window_size=112, fullatt_block_indexes=[1], tokens_per_second=2
     )
-
-    tok, ids = qwen_tokenizer()
-    vision = dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=64,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=112,
-        fullatt_block_indexes=[1],
-        tokens_per_second=2,
-    )
-    cfg = Qwen2_5_VLConfig(
-        text_config=_qwen2_text(tok, ids),
-        vision_config=vision,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
-        **qwen_tokens(ids),
-    )
-    return save_qwen(
-        out_dir, seed, Qwen2_5_VLForConditionalGeneration, cfg, ids, Qwen2_5_VLProcessor, tok
-    )
+    processor = "Qwen2_5_VLProcessor"
+    return save_qwen(out_dir, seed, "Qwen2_5_VL", _qwen2_text, vision, None, processor, True)
 
 
 def build_tiny_qwen2_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-
-    tok, ids = qwen_tokenizer()
-    vision = dict(
-        depth=2,
-        embed_dim=32,
-        hidden_size=64,
-        mlp_ratio=2,
-        num_heads=2,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-    )
-    cfg = Qwen2VLConfig(
-        text_config=_qwen2_text(tok, ids),
-        vision_config=vision,
-        tie_word_embeddings=False,
-        **qwen_tokens(ids),
-    )
-    return save_qwen(
-        out_dir, seed, Qwen2VLForConditionalGeneration, cfg, ids, Qwen2VLProcessor, tok
-    )
+    vision = qwen_vision(embed_dim=32, hidden_size=64, mlp_ratio=2, patch_size=14)
+    return save_qwen(out_dir, seed, "Qwen2VL", _qwen2_text, vision, None, "Qwen2VLProcessor")
 
 
 def build_tiny_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    def text(tok, ids):
+        return qwen3_text(tok, ids, rope_parameters={"mrope_section": [2, 3, 3]})
 
-    tok, ids = qwen_tokenizer()
-    text = qwen3_text(tok, ids, rope_parameters={"mrope_section": [2, 3, 3]})
-    cfg = Qwen3VLConfig(
-        text_config=text,
-        vision_config=qwen3_vision(deepstack_visual_indexes=[0]),
-        tie_word_embeddings=False,
-        **qwen_tokens(ids),
-    )
-    return save_qwen(
-        out_dir, seed, Qwen3VLForConditionalGeneration, cfg, ids, Qwen3VLProcessor, tok, 16
+    vision = qwen3_vision(deepstack_visual_indexes=[0])
+    return save_qwen(out_dir, seed, "Qwen3VL", text, vision)
+
+
+# The Qwen-VL vision MLPs: Qwen2.5-VL's is gated, Qwen3-VL's (and Qwen3.5's) `linear_fc1/2`; the
+# Qwen3-VL projectors: the final merger and the DeepStack mergers that feed early decoder layers.
+QWEN3_VISION_MLP = r"mlp\.(?:linear_fc1|linear_fc2)"
+QWEN3_PROJECTOR = ("model.visual.merger", "model.visual.deepstack_merger_list")
+
+
+def qwen_vl_family(name, vision_mlp, patches, build_tiny, **extra) -> Family:
+    """A Qwen-VL entry: `QWEN_VL` with this vision MLP, these patches and tiny builder."""
+    return Family(
+        name=name,
+        vision_mlp=vision_mlp,
+        patches=patches,
+        build_tiny=build_tiny,
+        **{**QWEN_VL, **extra},
     )
 
 
 FAMILIES = [
-    Family(
-        name="qwen2_vl",
-        model_types=("qwen2_vl",),
-        vision_mlp=r"mlp\.(?:fc1|fc2)",
-        patches=MappingProxyType(
-            {"vision_attention": ("VisionAttention",), "patch_embed": ("PatchEmbed",)}
-        ),
+    qwen_vl_family(
+        "qwen2_vl",
+        CLIP_MLP,
+        qwen_vl_patches("", "PatchEmbed"),
+        build_tiny_qwen2_vl,
         compile_measured=True,
-        build_tiny=build_tiny_qwen2_vl,
-        **QWEN_VL,
     ),
-    Family(
-        name="qwen2_5_vl",
-        model_types=("qwen2_5_vl",),
-        vision_mlp=r"mlp\.(?:gate_proj|up_proj|down_proj)",
-        patches=MappingProxyType(
-            {
-                "vision_attention": ("Qwen2_5_VLVisionAttention",),
-                "patch_embed": ("Qwen2_5_VisionPatchEmbed",),
-            }
-        ),
+    qwen_vl_family(
+        "qwen2_5_vl",
+        LANG_MLP,
+        qwen_vl_patches("Qwen2_5_VL", "Qwen2_5_VisionPatchEmbed"),
+        build_tiny_qwen2_5_vl,
         compile_measured=True,
-        build_tiny=build_tiny_qwen2_5_vl,
-        **QWEN_VL,
     ),
-    Family(
-        name="qwen3_vl",
-        model_types=("qwen3_vl",),
-        vision_mlp=r"mlp\.(?:linear_fc1|linear_fc2)",
-        patches=qwen_vl_patches("Qwen3VL"),
+    qwen_vl_family(
+        "qwen3_vl",
+        QWEN3_VISION_MLP,
+        qwen_vl_patches("Qwen3VL"),
+        build_tiny_qwen3_vl,
+        projector=QWEN3_PROJECTOR,
         compile_measured=True,
-        build_tiny=build_tiny_qwen3_vl,
-        # the final merger and the DeepStack mergers that feed early decoder layers
-        **{**QWEN_VL, "projector": ("model.visual.merger", "model.visual.deepstack_merger_list")},
     ),
 ]
