@@ -83,5 +83,6 @@ FAMILIES = [
         image_tokens=("<IMG_CONTEXT>", "<img>", "</img>"),
         **CHATML,
         build_tiny=build_tiny_internvl,
+        compile_measured=True,  # regional compile measured on an H200 (BENCHMARKS.md)
     ),
 ]

@@ -140,7 +140,8 @@ def _build_llava_like(out_dir, seed: int, next_: bool) -> Path:
     return save_tiny(model, proc, out_dir)
 
 
-_LLAVA = dict(**CLIP_TOWER, end_of_turn="</s>", image_tokens=("<image>",))
+# compile_measured: regional compile 1.26x (LLaVA) / 1.23x (LLaVA-NeXT) on an H200 (BENCHMARKS.md)
+_LLAVA = dict(**CLIP_TOWER, end_of_turn="</s>", image_tokens=("<image>",), compile_measured=True)
 
 FAMILIES = [
     Family(

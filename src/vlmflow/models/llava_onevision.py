@@ -91,5 +91,6 @@ FAMILIES = [
         image_tokens=("<image>",),
         **CHATML,
         build_tiny=build_tiny_llava_onevision,
+        compile_measured=True,  # regional compile measured on an H200 (BENCHMARKS.md)
     ),
 ]
