@@ -357,8 +357,20 @@ def test_compile_auto_is_on_for_measured_families_on_cuda_only():
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert use_compile("auto", FAMILIES["qwen2_5_vl"], cuda)
     assert not use_compile("auto", FAMILIES["qwen2_5_vl"], cpu)
-    assert not use_compile("auto", FAMILIES["llava_next"], cuda)
-    for measured in ("gemma3", "gemma4", "mllama", "pixtral", "mistral3"):
+    for unmeasured in ("qwen3_5", "qwen3_5_moe", "qwen3_vl_moe", "smolvlm"):
+        assert not use_compile("auto", FAMILIES[unmeasured], cuda), unmeasured
+    for measured in (
+        "gemma3",
+        "gemma4",
+        "mllama",
+        "pixtral",
+        "mistral3",
+        "llava",
+        "llava_next",
+        "idefics3",
+        "internvl",
+        "llava_onevision",
+    ):
         assert use_compile("auto", FAMILIES[measured], cuda), measured
     assert not use_compile("auto", FAMILIES["gemma4"], cpu)
     assert use_compile(True, FAMILIES["mllama"], cpu) and not use_compile(
