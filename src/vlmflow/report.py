@@ -240,15 +240,20 @@ def metrics_page(
         body += [
             f"<h3>Serve check ({serve['format']}, {serve['quantization']})</h3>",
             f"<p>{serve['served_by']} vs {serve['reference']}: token agreement "
-            f"<b>{serve['token_agreement']:.3f}</b> (required {serve['required_agreement']}), "
-            f"{serve['identical_answers']} of {len(serve['samples'])} answers identical.</p>",
+            f"<b>{serve['token_agreement']:.3f}</b> (served tokens within "
+            f"{serve['gap_tolerance']} std of the merged model's top logit; required "
+            f"{serve['required_agreement']}), exact prefix agreement "
+            f"{serve['prefix_agreement']:.3f}, {serve['identical_answers']} of "
+            f"{len(serve['samples'])} answers identical.</p>",
             _table(
-                ["sample", "merged model", "served", "agreeing tokens"],
+                ["sample", "merged model", "served", "agreeing served tokens", "max gap", "prefix"],
                 [
                     [
                         s["id"],
                         s["reference"],
                         s["served"],
+                        f"{s['agreeing_served_tokens']}/{s['served_tokens']}",
+                        "inf" if s["max_gap"] is None else s["max_gap"],
                         f"{s['agreeing_tokens']}/{s['reference_tokens']}",
                     ]
                     for s in serve["samples"]
