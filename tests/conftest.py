@@ -21,12 +21,20 @@ import pytest  # noqa: E402
 SHARED_RUNS = ("local_test_run", "families_run", "experiment")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(items):
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook
+def pytest_collection_modifyitems(config, items):
     for item in items:
         used = [f for f in SHARED_RUNS if f in getattr(item, "fixturenames", ())]
-        if used:
-            item.add_marker(pytest.mark.xdist_group(used[0]))
+        if not used:
+            continue
+        item.add_marker(pytest.mark.xdist_group(used[0]))
+        # xdist 3.8 tells its scheduler a test's group by renaming it `nodeid@group` through
+        # `item._nodeid`, which pytest 9.2 no longer reads (a node's id is `item._id`): without
+        # this, no test is grouped.
+        if getattr(config.option, "loadgroup", False) and hasattr(item, "_id"):
+            from _pytest.nodeid import NodeId
+
+            item._id = NodeId.parse(f"{item.nodeid}@{used[0]}")
 
 
 @pytest.fixture(scope="session")
