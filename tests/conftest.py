@@ -1,7 +1,6 @@
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 # No network anywhere in the tests: every model and processor is built locally.
@@ -16,6 +15,26 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
         os.environ.setdefault(_var, str(_threads))
 
 import pytest  # noqa: E402
+
+# Each pytest-xdist worker builds its own session and module fixtures: the tests that read one of
+# these runs go to one worker (`--dist loadgroup`, pyproject.toml), which runs it once.
+SHARED_RUNS = ("local_test_run", "families_run", "experiment")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = [f for f in SHARED_RUNS if f in getattr(item, "fixturenames", ())]
+        if not used:
+            continue
+        item.add_marker(pytest.mark.xdist_group(used[0]))
+        # xdist 3.8 tells its scheduler a test's group by renaming it `nodeid@group` through
+        # `item._nodeid`, which pytest 9.2 no longer reads (a node's id is `item._id`): without
+        # this, no test is grouped.
+        if getattr(config.option, "loadgroup", False) and hasattr(item, "_id"):
+            from _pytest.nodeid import NodeId
+
+            item._id = NodeId.parse(f"{item.nodeid}@{used[0]}")
 
 
 @pytest.fixture(scope="session")
@@ -112,14 +131,15 @@ def workflow_copy():
 def local_test_run(tmp_path_factory):
     """The .test config run once by the real `snakemake --cores 2` on this machine: the workflow
     tests check it, the SLURM test compares its own outputs against it."""
+    from helpers import BIN, snakemake_env
+
     work = copy_workflow(tmp_path_factory.mktemp("wf"))
-    bin_dir = Path(sys.executable).parent
     res = subprocess.run(
-        [str(bin_dir / "snakemake"), "--cores", "2", "--configfile", ".test/config.yaml"],
+        [str(BIN / "snakemake"), "--cores", "2", "--configfile", ".test/config.yaml"],
         cwd=work,
         capture_output=True,
         text=True,
-        env=dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{bin_dir}:{os.environ['PATH']}"),
+        env=snakemake_env(),
         timeout=900,
     )
     assert res.returncode == 0, f"local run failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"

@@ -1,7 +1,13 @@
 """Builders shared by the tests (importable as `helpers`: pytest puts tests/ on sys.path for
 tests/conftest.py). Policies come from the schema's defaults, as the CLIs build them."""
 
+import atexit
 import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
 from vlmflow.config import resolve_dataset
 from vlmflow.fetch import DownloadPolicy
@@ -60,3 +66,32 @@ class StopAfter:
     def requested(self):
         self.checks += 1
         return self.checks >= self.n
+
+
+BIN = Path(sys.executable).parent
+_NO_SLURM_CONTROLLER: list[str] = []
+
+
+def _no_slurm_controller() -> list[str]:
+    """A folder whose `scontrol` answers "no controller" at once, where SLURM's tools are
+    installed (CI installs them for the SLURM stage): every `snakemake` start imports the SLURM
+    executor plugin, which asks `scontrol show config` for MinJobAge, and with no controller
+    running that waits ~10 s (its timeout) per start, dry runs included."""
+    if not _NO_SLURM_CONTROLLER and shutil.which("sinfo"):
+        folder = tempfile.mkdtemp(prefix="vlmflow-no-slurmctld-")
+        atexit.register(shutil.rmtree, folder, True)
+        stub = Path(folder, "scontrol")
+        stub.write_text(
+            '#!/bin/sh\necho "scontrol: no SLURM controller in these tests" >&2\nexit 1\n'
+        )
+        stub.chmod(0o755)
+        _NO_SLURM_CONTROLLER.append(folder)
+    return _NO_SLURM_CONTROLLER
+
+
+def snakemake_env(**extra) -> dict:
+    """The environment of a `snakemake` the workflow tests start (not the SLURM tests: those run
+    a controller): offline, the venv first on PATH (rules call `python scripts/...`), no wait for
+    a SLURM controller (`_no_slurm_controller`), plus `extra`."""
+    path = os.pathsep.join([str(BIN), *_no_slurm_controller(), os.environ["PATH"]])
+    return dict(os.environ, HF_HUB_OFFLINE="1", PATH=path, **extra)

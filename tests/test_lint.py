@@ -1,11 +1,11 @@
 """Static checks CI runs with the suite: ruff, snakefmt and `snakemake --lint` have no findings."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import snakemake_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -22,13 +22,12 @@ BIN = Path(sys.executable).parent
     ids=["ruff-check", "ruff-format", "snakefmt", "snakemake-lint"],
 )
 def test_no_findings(cmd):
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HF_HUB_OFFLINE="1")
     res = subprocess.run(
         [str(BIN / cmd[0]), *cmd[1:]],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env=env,
+        env=snakemake_env(),
         timeout=300,
     )
     assert res.returncode == 0, res.stdout + res.stderr

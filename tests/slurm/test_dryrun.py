@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import snakemake_env
 from snakemake_executor_plugin_slurm.submit_string import get_submit_command
 from snakemake_executor_plugin_slurm.utils import set_gres_string
 
@@ -41,7 +42,7 @@ def dry_run(work: Path, overlay: dict) -> str:
         capture_output=True,
         text=True,
         timeout=300,
-        env=dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}"),
+        env=snakemake_env(),  # no SLURM controller runs for these
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout + res.stderr

@@ -6,26 +6,26 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import BIN, snakemake_env
 
 from vlmflow.config import load_schema, validate_config
 
 pytestmark = pytest.mark.workflow
 
-BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = "config/examples/qwen2_5_vl_7b_qlora.yaml"
 
 
 def run(workdir, *cmd, check=True, timeout=900):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{BIN}:{os.environ['PATH']}")
     if cmd[0] in ("snakemake", "python"):
         cmd = (str(BIN / cmd[0]), *cmd[1:])
-    res = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=timeout)
+    res = subprocess.run(
+        cmd, cwd=workdir, capture_output=True, text=True, env=snakemake_env(), timeout=timeout
+    )
     if check and res.returncode != 0:
         raise AssertionError(
             f"{shlex.join(cmd)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
@@ -294,11 +294,7 @@ def test_jobs_import_vlmflow_from_the_checkout(workflow_copy, tmp_path_factory):
         text=True,
         timeout=600,
         # Not this test process's PYTHONPATH (it points at the worktree under test).
-        env={
-            **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-            "HF_HUB_OFFLINE": "1",
-            "PATH": f"{BIN}:{os.environ['PATH']}",
-        },
+        env={k: v for k, v in snakemake_env().items() if k != "PYTHONPATH"},
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:] + str(env_path)
     log = (w / "logs/resolved_config/test.log").read_text()

@@ -3,22 +3,20 @@ tiny Qwen2.5-VL plus a comparison of two tiny families (.test/experiment.yaml on
 .test/config.yaml), in one job graph."""
 
 import json
-import os
 import re
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from helpers import BIN, snakemake_env
 from test_workflow import planned_jobs  # the "Job stats" table of a run, as {rule: count}
 
 # six trainings: more than the suite's 900 s per test on a loaded machine
 pytestmark = [pytest.mark.workflow, pytest.mark.timeout(1800)]
 
-BIN = Path(sys.executable).parent
 CONFIGS = [".test/config.yaml", ".test/experiment.yaml"]
 SWEEP = ["lr0.002-r4", "lr0.002-r8", "lr0.02-r4", "lr0.02-r8"]
 RUNS = ["qwen2_5_vl", "qwen2_vl", *SWEEP]  # runs: first, then the sweep's points
@@ -26,13 +24,12 @@ TARGET = "results/experiments/test/archive.tar.gz"
 
 
 def snakemake(work, *args, check=True):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{BIN}:{os.environ['PATH']}")
     res = subprocess.run(
         [str(BIN / "snakemake"), "--cores", "2", "--configfile", *CONFIGS, *args],
         cwd=work,
         capture_output=True,
         text=True,
-        env=env,
+        env=snakemake_env(),
         timeout=1200,
     )
     if check and res.returncode != 0:
