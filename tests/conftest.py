@@ -18,7 +18,9 @@ import pytest  # noqa: E402
 
 # Each pytest-xdist worker builds its own session and module fixtures: the tests that read one of
 # these runs go to one worker (`--dist loadgroup`, pyproject.toml), which runs it once.
-SHARED_RUNS = ("local_test_run", "families_run", "experiment")
+# `tools`: llama.cpp's tools (tests/unit/test_gguf.py), a ~15 CPU-minute build that two workers
+# would otherwise both start.
+SHARED_RUNS = ("local_test_run", "families_run", "experiment", "tools")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook
