@@ -133,13 +133,21 @@ class ToyDecoderLayer(torch.nn.Module):
         return torch.relu(self.linear(x))
 
 
-def test_a_failed_compile_names_the_layer_and_runs_it_eagerly(caplog, monkeypatch):
+def test_a_failed_compile_names_the_layer_and_runs_it_eagerly(caplog):
     import torch._dynamo
 
     def failing_backend(gm, example_inputs):
         raise RuntimeError("no kernel for you")
 
-    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    # torch's own config patch, not pytest's monkeypatch: its undo deletes the attribute of
+    # torch's config module, which hides `suppress_errors` from every later torch.compile
+    # in the process ("torch._dynamo.config.suppress_errors does not exist").
+    with torch._dynamo.config.patch(suppress_errors=False):
+        _compile_with_a_failing_backend(caplog, failing_backend)
+    assert torch._dynamo.config.suppress_errors is False
+
+
+def _compile_with_a_failing_backend(caplog, failing_backend):
     torch._dynamo.reset()
     net = torch.nn.Sequential(ToyDecoderLayer(), ToyDecoderLayer())
     x = torch.randn(3, 4)
