@@ -107,13 +107,17 @@ def realistic_rows(n: int, tmpdir: str, seed: int = 0) -> list[dict]:
 
 
 def apply_overrides(sections: dict, overrides: list[str]) -> dict:
-    """`--set section.key=value` (value parsed as YAML) into the raw config sections."""
+    """`--set section.key=value` (value parsed as YAML) into the raw config sections; a dotted
+    key reaches into a mapping (`train.fast_paths.tile_attention=false`)."""
     import yaml
 
     for item in overrides:
         key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        sections.setdefault(section, {})[name] = yaml.safe_load(value)
+        *path, name = key.split(".")
+        node = sections
+        for part in path:
+            node = node.setdefault(part, {})
+        node[name] = yaml.safe_load(value)
     return sections
 
 

@@ -105,7 +105,7 @@ for spec in "${specs[@]}"; do
   for x in ${extra//,/ }; do
     case $x in timeout=*) limit=${x#timeout=} ;; *) args="$args $x" ;; esac
   done
-  tag=$(echo "$spec" | tr -c 'A-Za-z0-9_.=-' '_' | sed 's/_*$//')
+  tag=$(echo "$spec" | tr -c 'A-Za-z0-9_.-' '_' | sed 's/_*$//')
   if [ "$DEADLINE" -gt 0 ] && [ $((DEADLINE - SECONDS)) -lt "$MIN_SPEC" ]; then
     echo "== $spec: skipped (${SECONDS} s of DEADLINE=$DEADLINE s used)"; continue
   fi
