@@ -24,6 +24,7 @@ from .patches import (
     linear_patch_embed,
     packed_attention,
     slow_linear_attention,
+    tile_attention,
     use_torch_gated_delta_rule,
     warn_unpatched,
     warn_untested_versions,
@@ -372,6 +373,7 @@ def apply_fast_paths(model, family: Family, cfg: dict, device: torch.device, *, 
     for patch, function, what in (
         ("vision_attention", batched_vision_attention, "batched window attention in %d modules"),
         ("patch_embed", linear_patch_embed, "patch embedding as one GEMM in %d modules"),
+        ("tile_attention", tile_attention, "tile attention without the dense mask in %d modules"),
     ):
         if fast[patch] and patch in family.patches:
             n = function(model, family.patches[patch])

@@ -17,6 +17,9 @@ they change how, not what. Each can be switched off (`train.fast_paths`).
   of every packed row (rows of several thousand tokens), which rules out the flash kernel and
   computes every cross-sample block only to mask it. Here each sample of a row is one causal
   SDPA call over its own tokens (flash on a GPU): the same attention, without the masked work.
+- `tile_attention`: Mllama's vision encoder attends over all tiles of an image at once (4 x
+  1608 positions) under a dense mask that hides only padding keys from padding queries; the
+  masked kernel is slower than flash. Here: one unmasked call, then the padding rows again.
 - `compile_layers`: regional torch.compile of decoder layers and vision blocks.
 - `use_torch_gated_delta_rule`: the PyTorch reference of the gated delta rule where
   flash-linear-attention's kernel cannot train.
@@ -267,6 +270,114 @@ def packed_attention(model) -> int:
         ):
             continue
         cfg._attn_implementation = PACKED_ATTENTION
+        n += 1
+    return n
+
+
+# ------------------------------------------------------------ Mllama tile attention
+TILE_ATTENTION = "vlmflow_tile_sdpa"
+_TILE_PLANS: dict[int, tuple] = {}
+
+
+def _tile_plan(mask: torch.Tensor):
+    """What Mllama's vision mask says, read once per mask tensor (every encoder layer, and its
+    recomputation, gets the same one): None when it is not of the form transformers builds
+    (`_prepare_aspect_ratio_attention_mask`: a very negative bias where query and key are both
+    padding, 0 elsewhere), else (flat row index of every padding query on the device, and per
+    image b with padding: (b, padding positions, non-padding positions) on the device)."""
+
+    def build(m):
+        if not m.is_floating_point() or m.dim() != 4 or m.shape[1] != 1 or m.shape[2] != m.shape[3]:
+            return None
+        m2 = m[:, 0]
+        pad = m2.diagonal(dim1=-2, dim2=-1) < 0  # (B, T): a padding row is masked on its diagonal
+        both = pad[:, :, None] & pad[:, None, :]
+        masked = m2 <= torch.finfo(m2.dtype).min / 2
+        form = torch.where(both, masked, m2 == 0).all() & (~pad).any(dim=1).all()
+        head = torch.cat([form.view(1).long(), pad.sum(dim=1)]).tolist()  # one read from the GPU
+        if not head[0]:
+            return None
+        t = m.shape[-1]
+        images = [
+            (b, pad[b].nonzero().flatten(), (~pad[b]).nonzero().flatten())
+            for b, count in enumerate(head[1:])
+            if count
+        ]
+        rows = torch.cat([b * t + p for b, p, _ in images]) if images else None
+        return rows, images
+
+    return _once_per_tensor(_TILE_PLANS, mask, build)
+
+
+@torch.compiler.disable  # under train.compile: a graph break, not a graph per tile layout
+def tile_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Mllama's vision attention without its dense mask (transformers' attention-function
+    interface; query, key, value (B, H, T, D); returns ((B, T, H, D), None)).
+
+    The mask transformers builds hides a key from a query only when both are padding (padded
+    patches of each tile, and tiles outside the image's aspect ratio): every real patch attends
+    to all T positions, and each padding position to the real ones. So: one unmasked SDPA call
+    over all rows (the flash kernel on a GPU, instead of the masked kernel over T x T biases),
+    then the padding rows again over their image's real keys. Equal to SDPA under the mask; any
+    other mask goes to transformers' SDPA function unchanged.
+    """
+    plan = _tile_plan(attention_mask) if attention_mask is not None else None
+    if plan is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    rows, images = plan
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling)
+    b, h, t, d = out.shape
+    out = out.transpose(1, 2)
+    if rows is None:
+        return out.contiguous(), None
+    fixes = [
+        F.scaled_dot_product_attention(
+            query[i : i + 1].index_select(2, pads),
+            key[i : i + 1].index_select(2, real),
+            value[i : i + 1].index_select(2, real),
+            dropout_p=dropout,
+            scale=scaling,
+        )[0].transpose(0, 1)
+        for i, pads, real in images
+    ]
+    flat = out.reshape(b * t, h, d).index_copy(0, rows, torch.cat(fixes).to(out.dtype))
+    return flat.view(b, t, h, d), None
+
+
+def tile_attention(model, classes: tuple[str, ...] | None = None) -> int:
+    """Run the vision attention of the modules of `classes` (default: those the model's family
+    declares for `tile_attention`: Mllama's `MllamaVisionAttention`) through
+    `tile_sdpa_attention`, where their config's attention is SDPA. Returns the number of
+    modules that now use it."""
+    from transformers import AttentionInterface
+
+    if classes is None:
+        classes = declared_classes(model, "tile_attention")
+    AttentionInterface.register(TILE_ATTENTION, tile_sdpa_attention)
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ not in classes:
+            continue
+        cfg = getattr(module, "config", None)
+        if cfg is None or getattr(cfg, "_attn_implementation", None) not in (
+            "sdpa",
+            TILE_ATTENTION,
+        ):
+            continue
+        cfg._attn_implementation = TILE_ATTENTION
         n += 1
     return n
 

@@ -96,6 +96,7 @@ FAMILIES = [
     Family(
         name="mllama",
         compile_measured=True,
+        patches=MappingProxyType({"tile_attention": ("MllamaVisionAttention",)}),
         vision_layers=r"model\.vision_model\.(?:transformer|global_transformer)\.layers\.\d+",
         vision_attention=r"self_attn\.(?:q_proj|k_proj|v_proj|o_proj)",
         vision_mlp=CLIP_MLP,
