@@ -256,20 +256,29 @@ def packed_attention(model) -> int:
     (for `train.packing` with SDPA attention). transformers then builds no mask for it. Only
     the text configs whose attention is SDPA switch; the vision tower keeps its own.
     Returns the number of attention modules that now use it."""
+    return route_sdpa_attention(
+        model,
+        PACKED_ATTENTION,
+        packed_sdpa_attention,
+        lambda m: getattr(m, "is_causal", False) and hasattr(m, "num_key_value_groups"),
+    )
+
+
+def route_sdpa_attention(model, name: str, function, selected) -> int:
+    """Register `function` as transformers attention function `name` and switch to it the
+    config of every module for which `selected(module)` holds and whose config's attention is
+    SDPA (or already `name`). Returns the number of such modules."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    AttentionInterface.register(name, function)
     n = 0
     for module in model.modules():
         cfg = getattr(module, "config", None)
-        if not (getattr(module, "is_causal", False) and hasattr(module, "num_key_value_groups")):
+        if cfg is None or not selected(module):
             continue
-        if cfg is None or getattr(cfg, "_attn_implementation", None) not in (
-            "sdpa",
-            PACKED_ATTENTION,
-        ):
+        if getattr(cfg, "_attn_implementation", None) not in ("sdpa", name):
             continue
-        cfg._attn_implementation = PACKED_ATTENTION
+        cfg._attn_implementation = name
         n += 1
     return n
 
@@ -294,16 +303,17 @@ def _tile_plan(mask: torch.Tensor):
         both = pad[:, :, None] & pad[:, None, :]
         masked = m2 <= torch.finfo(m2.dtype).min / 2
         form = torch.where(both, masked, m2 == 0).all() & (~pad).any(dim=1).all()
-        head = torch.cat([form.view(1).long(), pad.sum(dim=1)]).tolist()  # one read from the GPU
+        head = torch.cat([form.view(1), pad.flatten()]).tolist()  # the one read from the GPU
         if not head[0]:
             return None
-        t = m.shape[-1]
+        b, t = pad.shape
+        on_host = torch.tensor(head[1:]).view(b, t)
         images = [
-            (b, pad[b].nonzero().flatten(), (~pad[b]).nonzero().flatten())
-            for b, count in enumerate(head[1:])
-            if count
+            (i, *(x.nonzero().flatten().to(m.device, non_blocking=True) for x in (row, ~row)))
+            for i, row in enumerate(on_host)
+            if row.any()
         ]
-        rows = torch.cat([b * t + p for b, p, _ in images]) if images else None
+        rows = torch.cat([i * t + p for i, p, _ in images]) if images else None
         return rows, images
 
     return _once_per_tensor(_TILE_PLANS, mask, build)
@@ -353,7 +363,7 @@ def tile_sdpa_attention(
         )[0].transpose(0, 1)
         for i, pads, real in images
     ]
-    flat = out.reshape(b * t, h, d).index_copy(0, rows, torch.cat(fixes).to(out.dtype))
+    flat = out.reshape(b * t, h, d).index_copy(0, rows, torch.cat(fixes))
     return flat.view(b, t, h, d), None
 
 
@@ -362,24 +372,11 @@ def tile_attention(model, classes: tuple[str, ...] | None = None) -> int:
     declares for `tile_attention`: Mllama's `MllamaVisionAttention`) through
     `tile_sdpa_attention`, where their config's attention is SDPA. Returns the number of
     modules that now use it."""
-    from transformers import AttentionInterface
-
     if classes is None:
         classes = declared_classes(model, "tile_attention")
-    AttentionInterface.register(TILE_ATTENTION, tile_sdpa_attention)
-    n = 0
-    for module in model.modules():
-        if type(module).__name__ not in classes:
-            continue
-        cfg = getattr(module, "config", None)
-        if cfg is None or getattr(cfg, "_attn_implementation", None) not in (
-            "sdpa",
-            TILE_ATTENTION,
-        ):
-            continue
-        cfg._attn_implementation = TILE_ATTENTION
-        n += 1
-    return n
+    return route_sdpa_attention(
+        model, TILE_ATTENTION, tile_sdpa_attention, lambda m: type(m).__name__ in classes
+    )
 
 
 # ------------------------------------------------------------------ linear-attention kernels

@@ -110,6 +110,7 @@ def test_patched_tiny_mllama_matches_transformers_with_gradients(tiny_model):
     assert n == cfg.num_hidden_layers + cfg.num_global_layers
     assert tile_attention(patched) == n
     assert patched.model.vision_model.config._attn_implementation == TILE_ATTENTION
+    patches._TILE_PLANS.clear()
     results = []
     for m in (model, patched):
         px = pixels.clone().requires_grad_(True)
