@@ -125,9 +125,9 @@ class ServedTextWalk:
     end-of-answer token's gap) and forces the end. Independent of how llama.cpp split the text
     into tokens."""
 
-    def __init__(self, tok, served: bytes, eos: list[int], top_k: int = TOP_K):
+    def __init__(self, tok, served: bytes, eos: list[int], top_k: int = TOP_K, to_bytes=None):
         self.tok, self.eos, self.top_k = tok, eos, top_k
-        self.to_bytes = TokenBytes(tok)
+        self.to_bytes = to_bytes or TokenBytes(tok)  # pass one to share it between walks
         self.served = self.to_bytes.served(served)
         self.chosen: list[int] = []
         self.gaps: list[float] = []
@@ -189,6 +189,7 @@ class Reference:
         if tok.eos_token_id is not None and tok.eos_token_id not in self.eos:
             self.eos.append(tok.eos_token_id)
         self.image_id = tok.convert_tokens_to_ids(family.image_token)
+        self.to_bytes = TokenBytes(tok)  # parses the tokenizer's JSON: once, for every walk
 
     def batch(self, prompt: dict, images) -> dict:
         from .collate import to_hf_messages
@@ -226,7 +227,7 @@ class Reference:
     def walk(self, batch: dict, served: bytes, max_steps: int) -> ServedTextWalk:
         from transformers import LogitsProcessorList
 
-        walk = ServedTextWalk(self.tok, served, self.eos)
+        walk = ServedTextWalk(self.tok, served, self.eos, to_bytes=self.to_bytes)
         self.generate(batch, max_steps, LogitsProcessorList([walk]))
         return walk
 
