@@ -1,14 +1,12 @@
 """Static checks CI runs with the suite: ruff, snakefmt and `snakemake --lint` have no findings."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import snakemake_env
+from helpers import BIN, snakemake_env
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 @pytest.mark.parametrize(

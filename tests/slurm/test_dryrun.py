@@ -7,16 +7,14 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import snakemake_env
+from helpers import BIN, snakemake_env
 from snakemake_executor_plugin_slurm.submit_string import get_submit_command
 from snakemake_executor_plugin_slurm.utils import set_gres_string
 
-BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.workflow
 
