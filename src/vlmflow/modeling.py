@@ -17,6 +17,7 @@ from .models.base import Family
 from .offload import offload_checkpointed_layers, offload_input_embeddings
 from .patches import (
     batched_vision_attention,
+    block_attention,
     checkpoint_every_layer,
     compile_layers,
     fast_lora,
@@ -374,6 +375,11 @@ def apply_fast_paths(model, family: Family, cfg: dict, device: torch.device, *, 
         ("vision_attention", batched_vision_attention, "batched window attention in %d modules"),
         ("patch_embed", linear_patch_embed, "patch embedding as one GEMM in %d modules"),
         ("tile_attention", tile_attention, "tile attention without the dense mask in %d modules"),
+        (
+            "block_attention",
+            block_attention,
+            "per-image vision attention without the mask in %d modules",
+        ),
     ):
         if fast[patch] and patch in family.patches:
             n = function(model, family.patches[patch])

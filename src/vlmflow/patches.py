@@ -20,6 +20,9 @@ they change how, not what. Each can be switched off (`train.fast_paths`).
 - `tile_attention`: Mllama's vision encoder attends over all tiles of an image at once (4 x
   1608 positions) under a dense mask that hides only padding keys from padding queries; the
   masked kernel is slower than flash. Here: one unmasked call, then the padding rows again.
+- `block_attention`: Pixtral's vision tower (Pixtral, Mistral 3) attends over all images'
+  patches as one sequence under a dense block-diagonal mask (T x T over every image of the
+  batch). Here each image attends over its own patches, unmasked, equal-size images batched.
 - `compile_layers`: regional torch.compile of decoder layers and vision blocks.
 - `use_torch_gated_delta_rule`: the PyTorch reference of the gated delta rule where
   flash-linear-attention's kernel cannot train.
@@ -376,6 +379,110 @@ def tile_attention(model, classes: tuple[str, ...] | None = None) -> int:
         classes = declared_classes(model, "tile_attention")
     return route_sdpa_attention(
         model, TILE_ATTENTION, tile_sdpa_attention, lambda m: type(m).__name__ in classes
+    )
+
+
+# ------------------------------------------------------- Pixtral block-diagonal attention
+BLOCK_ATTENTION = "vlmflow_block_sdpa"
+_BLOCK_PLANS: dict[int, list | None] = {}
+
+
+def _block_plan(mask: torch.Tensor) -> list[int] | None:
+    """The block lengths of a block-diagonal mask of the form Pixtral's vision tower builds
+    (`generate_block_attention_mask`: all images' patches in one sequence, 0 where query and key
+    are patches of the same image, the dtype's minimum elsewhere), read once per mask tensor
+    (every encoder layer, and its recomputation, gets the same one); None for any other mask."""
+
+    def build(m):
+        if not m.is_floating_point() or m.dim() != 4 or m.shape[1] != 1 or m.shape[2] != m.shape[3]:
+            return None
+        m2 = m[:, 0]
+        t = m2.shape[-1]
+        # a block starts where a position does not see the one before it
+        starts = torch.ones(t, dtype=torch.bool, device=m.device)
+        starts[1:] = m2[0].diagonal(-1) != 0
+        block = torch.cumsum(starts, 0)
+        lowest = torch.finfo(m2.dtype).min / 2
+        form = torch.ones((), dtype=torch.bool, device=m.device)
+        for r in range(0, t, 2048):  # in bands of rows: a few temporaries of 2048 x T, not T x T
+            band, same = m2[:, r : r + 2048], block[r : r + 2048, None] == block[None, :]
+            form &= torch.where(same, band == 0, band <= lowest).all()
+        head = torch.cat([form.view(1), starts]).tolist()  # the one read from the GPU
+        if not head[0]:
+            return None
+        bounds = [i for i, s in enumerate(head[1:]) if s] + [t]
+        return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+    return _once_per_tensor(_BLOCK_PLANS, mask, build)
+
+
+def _runs(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """(start, number of blocks, block length) of each run of consecutive equal-length blocks."""
+    out: list[tuple[int, int, int]] = []
+    start = 0
+    for length in lengths:
+        if out and out[-1][2] == length:
+            s, n, _ = out[-1]
+            out[-1] = (s, n + 1, length)
+        else:
+            out.append((start, 1, length))
+        start += length
+    return out
+
+
+@torch.compiler.disable  # under train.compile: a graph break, not a graph per image layout
+def block_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Pixtral's vision attention without its dense block-diagonal mask (transformers'
+    attention-function interface; query, key, value (B, H, T, D); returns ((B, T, H, D), None)).
+
+    The tower puts every image's patches into one sequence and masks attention between images
+    with a T x T bias (12,544 x 12,544 for four 896-px images): SDPA then runs its masked kernel
+    over all T x T scores, most of them masked. Here each image attends over its own patches
+    only, unmasked (flash on a GPU), consecutive images of one size in one batched call. Equal
+    to SDPA under the mask; any other mask goes to transformers' SDPA function unchanged.
+    """
+    lengths = _block_plan(attention_mask) if attention_mask is not None else None
+    if lengths is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    b, h, _, d = query.shape
+    outs = []
+    for start, n, length in _runs(lengths):
+        q, k, v = (
+            x[:, :, start : start + n * length]
+            .reshape(b, h, n, length, d)
+            .transpose(1, 2)
+            .reshape(b * n, h, length, d)
+            for x in (query, key, value)
+        )
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
+        outs.append(
+            o.reshape(b, n, h, length, d).permute(0, 1, 3, 2, 4).reshape(b, n * length, h, d)
+        )
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
+
+
+def block_attention(model, classes: tuple[str, ...] | None = None) -> int:
+    """Run the vision attention of the modules of `classes` (default: those the model's family
+    declares for `block_attention`: Pixtral's `PixtralAttention`) through
+    `block_sdpa_attention`, where their config's attention is SDPA. Returns the number of
+    modules that now use it."""
+    if classes is None:
+        classes = declared_classes(model, "block_attention")
+    return route_sdpa_attention(
+        model, BLOCK_ATTENTION, block_sdpa_attention, lambda m: type(m).__name__ in classes
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import MappingProxyType
 
 from ..tiny import fast_tokenizer, finish, llama_text, random_model, save_tiny, vit
 from .base import TEXT_PARTS, Family, user_parts
@@ -31,6 +32,7 @@ PIXTRAL_ENCODER = dict(
     instruction_part="[INST]",
     end_of_turn="</s>",
     image_tokens=("[IMG]", "[IMG_BREAK]", "[IMG_END]"),
+    patches=MappingProxyType({"block_attention": ("PixtralAttention",)}),
 )
 
 
