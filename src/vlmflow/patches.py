@@ -296,7 +296,8 @@ def _tile_plan(mask: torch.Tensor):
     recomputation, gets the same one): None when it is not of the form transformers builds
     (`_prepare_aspect_ratio_attention_mask`: a very negative bias where query and key are both
     padding, 0 elsewhere), else (flat row index of every padding query on the device, and per
-    image b with padding: (b, padding positions, non-padding positions) on the device)."""
+    image b with padding: (b, padding positions, (1, T) mask of its non-padding keys) on the
+    device)."""
 
     def build(m):
         if not m.is_floating_point() or m.dim() != 4 or m.shape[1] != 1 or m.shape[2] != m.shape[3]:
@@ -312,7 +313,11 @@ def _tile_plan(mask: torch.Tensor):
         b, t = pad.shape
         on_host = torch.tensor(head[1:]).view(b, t)
         images = [
-            (i, *(x.nonzero().flatten().to(m.device, non_blocking=True) for x in (row, ~row)))
+            (
+                i,
+                row.nonzero().flatten().to(m.device, non_blocking=True),
+                (~row)[None, :].to(m.device, non_blocking=True),
+            )
             for i, row in enumerate(on_host)
             if row.any()
         ]
@@ -356,11 +361,14 @@ def tile_sdpa_attention(
     out = out.transpose(1, 2)
     if rows is None:
         return out.contiguous(), None
+    # the padding rows over their image's real keys: key and value stay views (a mask over the
+    # real keys, not a gathered copy of them that the backward would keep)
     fixes = [
         F.scaled_dot_product_attention(
             query[i : i + 1].index_select(2, pads),
-            key[i : i + 1].index_select(2, real),
-            value[i : i + 1].index_select(2, real),
+            key[i : i + 1],
+            value[i : i + 1],
+            attn_mask=real,
             dropout_p=dropout,
             scale=scaling,
         )[0].transpose(0, 1)
