@@ -289,6 +289,14 @@ def route_sdpa_attention(model, name: str, function, selected) -> int:
 # ------------------------------------------------------------ Mllama tile attention
 TILE_ATTENTION = "vlmflow_tile_sdpa"
 _TILE_PLANS: dict[int, tuple] = {}
+# An image's padding rows attend over its real keys through a mask over all keys (key and value
+# stay views) when they are at most this fraction of its positions, else over gathered copies
+# of the real keys and values. At Llama-3.2-11B-Vision's widths on an H200 (bench/
+# attention_bench.py, BENCHMARKS.md): with 4 of 4 tiles used (28 padding rows of 6,432) the
+# mask is faster (10.32 vs 11.05 ms) and keeps no copies (-0.12 GiB a step); with 2 of 4 (3,230
+# padding rows) the masked kernel is as slow as transformers' (17.89 ms) and the gather wins
+# (13.06 ms). Between the two, the cut-off is not measured.
+_TILE_MASKED_FIXUP_MAX_FRACTION = 1 / 8
 
 
 def _tile_plan(mask: torch.Tensor):
@@ -296,8 +304,9 @@ def _tile_plan(mask: torch.Tensor):
     recomputation, gets the same one): None when it is not of the form transformers builds
     (`_prepare_aspect_ratio_attention_mask`: a very negative bias where query and key are both
     padding, 0 elsewhere), else (flat row index of every padding query on the device, and per
-    image b with padding: (b, padding positions, (1, T) mask of its non-padding keys) on the
-    device)."""
+    image b with padding: (b, padding positions, keys) on the device, keys being a (1, T) mask
+    of its real keys or, when its padding rows are many, their positions; see
+    `_TILE_MASKED_FIXUP_MAX_FRACTION`)."""
 
     def build(m):
         if not m.is_floating_point() or m.dim() != 4 or m.shape[1] != 1 or m.shape[2] != m.shape[3]:
@@ -312,15 +321,19 @@ def _tile_plan(mask: torch.Tensor):
             return None
         b, t = pad.shape
         on_host = torch.tensor(head[1:]).view(b, t)
-        images = [
-            (
-                i,
-                row.nonzero().flatten().to(m.device, non_blocking=True),
-                (~row)[None, :].to(m.device, non_blocking=True),
+        images = []
+        for i, row in enumerate(on_host):
+            if not row.any():
+                continue
+            few = int(row.sum()) <= _TILE_MASKED_FIXUP_MAX_FRACTION * t
+            keys = (~row)[None, :] if few else (~row).nonzero().flatten()
+            images.append(
+                (
+                    i,
+                    row.nonzero().flatten().to(m.device, non_blocking=True),
+                    keys.to(m.device, non_blocking=True),
+                )
             )
-            for i, row in enumerate(on_host)
-            if row.any()
-        ]
         rows = torch.cat([i * t + p for i, p, _ in images]) if images else None
         return rows, images
 
@@ -361,19 +374,27 @@ def tile_sdpa_attention(
     out = out.transpose(1, 2)
     if rows is None:
         return out.contiguous(), None
-    # the padding rows over their image's real keys: key and value stay views (a mask over the
-    # real keys, not a gathered copy of them that the backward would keep)
-    fixes = [
-        F.scaled_dot_product_attention(
-            query[i : i + 1].index_select(2, pads),
-            key[i : i + 1],
-            value[i : i + 1],
-            attn_mask=real,
-            dropout_p=dropout,
-            scale=scaling,
-        )[0].transpose(0, 1)
-        for i, pads, real in images
-    ]
+    fixes = []
+    for i, pads, keys in images:  # the padding rows again, over their image's real keys
+        k, v = key[i : i + 1], value[i : i + 1]
+        if keys.dtype == torch.bool:  # few padding rows: a mask; key and value stay views
+            o = F.scaled_dot_product_attention(
+                query[i : i + 1].index_select(2, pads),
+                k,
+                v,
+                attn_mask=keys,
+                dropout_p=dropout,
+                scale=scaling,
+            )
+        else:  # many: the unmasked kernel over gathered real keys and values
+            o = F.scaled_dot_product_attention(
+                query[i : i + 1].index_select(2, pads),
+                k.index_select(2, keys),
+                v.index_select(2, keys),
+                dropout_p=dropout,
+                scale=scaling,
+            )
+        fixes.append(o[0].transpose(0, 1))
     flat = out.reshape(b * t, h, d).index_copy(0, rows, torch.cat(fixes))
     return flat.view(b, t, h, d), None
 

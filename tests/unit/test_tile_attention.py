@@ -34,9 +34,10 @@ def out_and_grads(fn, q, k, v, mask, grad):
     return out.detach(), [x.grad for x in leaves]
 
 
+@pytest.mark.parametrize("widths", [(5, 8), (15, 16)])  # (patches, padded) a tile
 @pytest.mark.parametrize("active", [[4, 4], [4, 2, 1], [1], [3, 4, 2]])
-def test_tile_sdpa_equals_sdpa_under_the_mllama_mask_with_gradients(active):
-    mask = mask_of(active)
+def test_tile_sdpa_equals_sdpa_under_the_mllama_mask_with_gradients(active, widths):
+    mask = mask_of(active, patches_=widths[0], padded=widths[1])
     b, t, h, d = len(active), mask.shape[-1], 2, 8
     g = torch.Generator().manual_seed(len(active))
     q, k, v = (torch.randn(b, h, t, d, generator=g, dtype=torch.float64) for _ in range(3))
@@ -50,6 +51,19 @@ def test_tile_sdpa_equals_sdpa_under_the_mllama_mask_with_gradients(active):
     # the padding rows differ from the unmasked attention: the second call is not idle
     plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3).transpose(1, 2)
     assert not torch.allclose(plain, want, atol=1e-6)
+
+
+def test_few_padding_rows_use_a_mask_many_use_gathered_keys():
+    """A full image of 15-of-16 tiles has 1/16 padding rows (a mask over its keys); one with
+    half its tiles unused has more than half (gathered real keys); both in one batch."""
+    mask = mask_of([4, 2], patches_=15, padded=16)
+    patches._TILE_PLANS.clear()
+    _, images = patches._tile_plan(mask)
+    assert [(i, keys.dtype, tuple(keys.shape)) for i, _, keys in images] == [
+        (0, torch.bool, (1, 64)),
+        (1, torch.int64, (30,)),
+    ]
+    assert images[0][2].sum() == 60 and images[1][1].numel() == 34
 
 
 @pytest.mark.parametrize(
