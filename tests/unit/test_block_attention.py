@@ -148,25 +148,3 @@ def test_patched_tiny_tower_matches_transformers_with_gradients(tiny_model, fami
     assert torch.allclose(got, want, atol=1e-10)
     assert torch.allclose(got_g, want_g, atol=1e-10)
     assert patches._BLOCK_PLANS  # the fast path ran, not the fallback
-
-
-@pytest.mark.parametrize("on", [True, False])
-def test_train_fast_paths_block_attention_switches_it(tiny_model, on):
-    from vlmflow import modeling
-    from vlmflow.config import resolve_sections
-
-    cfg = resolve_sections(
-        {
-            "model": {"name": tiny_model("pixtral"), "max_seq_length": 512},
-            "lora": {"r": 4, "lora_alpha": 8},
-            "train": {"use_gradient_checkpointing": False, "fast_paths": {"block_attention": on}},
-        },
-        ["model", "lora", "train"],
-    )
-    model, _, _ = modeling.build_training_model(cfg, torch.device("cpu"))
-    impls = {
-        m.config._attn_implementation
-        for m in model.modules()
-        if type(m).__name__ == "PixtralAttention"
-    }
-    assert impls == ({BLOCK_ATTENTION} if on else {"sdpa"})

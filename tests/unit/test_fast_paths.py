@@ -163,3 +163,20 @@ def _compile_with_a_failing_backend(caplog, failing_backend):
     assert len(warned) == 2, warned  # once per layer, not once per call
     assert "layer 0 (ToyDecoderLayer)" in warned[0] and "layer 1 (ToyDecoderLayer)" in warned[1]
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "family, patch, cls, name",
+    [
+        ("mllama", "tile_attention", "MllamaVisionAttention", patches.TILE_ATTENTION),
+        ("pixtral", "block_attention", "PixtralAttention", patches.BLOCK_ATTENTION),
+    ],
+)
+@pytest.mark.parametrize("on", [True, False])
+def test_vision_attention_functions_follow_their_switch(tiny_model, family, patch, cls, name, on):
+    """A family's own vision attention function (Mllama's tile attention, Pixtral's block
+    attention) is what its vision attention modules use, unless `train.fast_paths` turns it off."""
+    cfg = sections(tiny_model(family), {patch: on})
+    model, _, _ = modeling.build_training_model(cfg, torch.device("cpu"))
+    impls = {m.config._attn_implementation for m in model.modules() if type(m).__name__ == cls}
+    assert impls == ({name} if on else {"sdpa"})
