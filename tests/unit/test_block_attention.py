@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from attention_cases import Attn, device_reads, out_and_grads
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.pixtral.modeling_pixtral import generate_block_attention_mask
 
@@ -16,20 +17,8 @@ from vlmflow.patches import BLOCK_ATTENTION, block_attention, block_sdpa_attenti
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-class Attn(torch.nn.Module):
-    is_causal = False
-    num_key_value_groups = 1
-
-
 def mask_of(lengths: list[int], dtype=torch.float64):
     return generate_block_attention_mask(lengths, torch.zeros(1, sum(lengths), 1, dtype=dtype))
-
-
-def out_and_grads(fn, q, k, v, mask, grad):
-    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    out, _ = fn(Attn(), *leaves, mask, scaling=0.3)
-    out.backward(grad)
-    return out.detach(), [x.grad for x in leaves]
 
 
 def qkv(t, seed, b=1, h=2, d=8):
@@ -99,16 +88,9 @@ def test_any_other_mask_goes_to_transformers_sdpa_unchanged(make):
 
 
 def test_the_mask_is_read_once_per_tensor(monkeypatch):
-    calls = []
-    real = torch.Tensor.tolist
-
-    def counting(self):
-        calls.append(self.shape)
-        return real(self)
-
     mask = mask_of([6, 6, 4])
     q = torch.randn(1, 2, 16, 8, dtype=torch.float64)
-    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    calls = device_reads(monkeypatch)
     for _ in range(3):  # every encoder layer and its recomputation pass the same mask
         block_sdpa_attention(Attn(), q, q, q, mask, scaling=0.3)
     assert len(calls) == 1

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from attention_cases import Attn, device_reads, out_and_grads
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.mllama.modeling_mllama import _prepare_aspect_ratio_attention_mask
 
@@ -15,23 +16,11 @@ from vlmflow.patches import TILE_ATTENTION, tile_attention, tile_sdpa_attention
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-class Attn(torch.nn.Module):
-    is_causal = False
-    num_key_value_groups = 1
-
-
 def mask_of(active_tiles: list[int], max_tiles=4, patches_=5, padded=8, dtype=torch.float64):
     ratio = torch.zeros(len(active_tiles), max_tiles, dtype=torch.long)
     for i, n in enumerate(active_tiles):
         ratio[i, :n] = 1
     return _prepare_aspect_ratio_attention_mask(ratio, patches_, padded, dtype)
-
-
-def out_and_grads(fn, q, k, v, mask, grad):
-    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    out, _ = fn(Attn(), *leaves, mask, scaling=0.3)
-    out.backward(grad)
-    return out.detach(), [x.grad for x in leaves]
 
 
 @pytest.mark.parametrize("widths", [(5, 8), (15, 16)])  # (patches, padded) a tile
@@ -89,16 +78,9 @@ def test_any_other_mask_goes_to_transformers_sdpa_unchanged(make):
 
 
 def test_the_mask_is_read_once_per_tensor(monkeypatch):
-    calls = []
-    real = torch.Tensor.tolist
-
-    def counting(self):
-        calls.append(self.shape)
-        return real(self)
-
     mask = mask_of([4, 2])
     q = torch.randn(2, 2, mask.shape[-1], 8, dtype=torch.float64)
-    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    calls = device_reads(monkeypatch)
     for _ in range(3):  # every encoder layer and its recomputation pass the same mask
         tile_sdpa_attention(Attn(), q, q, q, mask, scaling=0.3)
     assert len(calls) == 1
