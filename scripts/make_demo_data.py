@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write the embedded demo dataset (scikit-learn's handwritten digits) as a user folder."""
+"""Write the embedded demo dataset (the UCI handwritten digits) as a user folder."""
 
 import argparse
 

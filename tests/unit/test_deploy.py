@@ -103,7 +103,7 @@ def test_pyproject_declares_the_runtime_dependencies():
     for path in [*ROOT.glob("src/vlmflow/**/*.py"), *ROOT.glob("scripts/*.py")]:
         for m in re.finditer(r"^\s*(?:from|import) ([A-Za-z_]\w*)", path.read_text(), re.M):
             imported.add(m.group(1))
-    dist_of = {"PIL": "pillow", "sklearn": "scikit-learn", "yaml": "pyyaml"}
+    dist_of = {"PIL": "pillow", "yaml": "pyyaml"}
     dist_of |= {"rouge_score": "rouge-score"}
     third_party = {
         dist_of.get(name, name).lower()
