@@ -413,7 +413,7 @@ def tile_attention(model, classes: tuple[str, ...] | None = None) -> int:
 
 # ------------------------------------------------------- Pixtral block-diagonal attention
 BLOCK_ATTENTION = "vlmflow_block_sdpa"
-_BLOCK_PLANS: dict[int, list | None] = {}
+_BLOCK_PLANS: dict[int, tuple] = {}
 
 
 def _block_plan(mask: torch.Tensor) -> list[int] | None:
