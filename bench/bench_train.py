@@ -322,6 +322,12 @@ def parse_args(argv=None):
         "--profile", default=None, help="after timing, profile one step; write the tables here"
     )
     ap.add_argument(
+        "--profile-stack",
+        action="store_true",
+        help="--profile with Python frames (with_stack): the GPU's idle time charged to the "
+        "Python functions and modules running meanwhile (slower steps under the profiler)",
+    )
+    ap.add_argument(
         "--packing",
         action="store_true",
         help="realistic case, vlmflow: pack each micro-batch's samples padding-free into rows "
@@ -538,7 +544,7 @@ def main(argv=None) -> None:
     if a.profile:  # the realistic case: its first 4 micro-batches (a whole step's trace is huge)
         some = batches[:4]
         title = f"{a.impl} {a.quant} gc={a.gc} {a.tag} ({len(some)} micro-batches)"
-        profile_step(lambda: one_step(some), a.profile, title, dev)
+        profile_step(lambda: one_step(some), a.profile, title, dev, stack=a.profile_stack)
 
 
 KERNEL_KINDS = (  # (label, substrings of CUDA kernel names), first match wins
@@ -552,17 +558,23 @@ KERNEL_KINDS = (  # (label, substrings of CUDA kernel names), first match wins
 )
 
 
-def profile_step(one_step, path: str, title: str, dev) -> None:
+def profile_step(one_step, path: str, title: str, dev, stack: bool = False) -> None:
     """One step under torch.profiler: wall time, GPU busy time, time by kernel kind, top
-    kernels and top CPU-side ops, written to `path` (and the summary printed)."""
+    kernels, top CPU-side ops and the GPU's idle time charged to the host work that ran during
+    it (`timeline.py`; with `stack`, to Python frames too), written to `path` (and the summary
+    printed); the Chrome trace beside it (`path`.trace.json.gz)."""
+    import gzip
+    import shutil
+    import tempfile
     from collections import defaultdict
 
+    from timeline import charge_idle, load, report
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, with_stack=stack) as prof:
         t = time.perf_counter()
         one_step()
         if dev.type == "cuda":
@@ -594,6 +606,12 @@ def profile_step(one_step, path: str, title: str, dev) -> None:
         lines.append(f"  {us / 1e3:8.1f} {n:6d}  {name[:150]}")
     lines += ["", "top ops by self CPU time:"]
     lines.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = f"{tmp}/trace.json"
+        prof.export_chrome_trace(trace)
+        lines += ["", *report(charge_idle(load(trace)))]
+        with open(trace, "rb") as src, gzip.open(f"{path}.trace.json.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
     text = "\n".join(lines)
     with open(path, "a") as f:
         f.write(text + "\n\n")
