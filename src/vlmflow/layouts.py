@@ -12,9 +12,9 @@ Two independent choices describe a source: its file type, detected from `path` a
   - `sharegpt`: `conversations` or `messages` with `from`/`value` or `role`/`content`, `<image>`
     placeholders in the text and an `images` list (LLaMA-Factory; LLaVA's single `image` too).
 
-An image value may be a path relative to the source's image root, an http(s) URL, a
-`data:image/...;base64,` URI, raw bytes, or a dict `{bytes, path}` (HF datasets), `{url}`,
-`{path}` or `{base64}`.
+An image value may be a path relative to the source's image root, a `file://` URI (a path:
+Qwen-VL's format), an http(s) URL, a `data:image/...;base64,` URI, raw bytes, or a dict
+`{bytes, path}` (HF datasets), `{url}`, `{path}` or `{base64}`.
 
 Row problems never raise: they come back as `RowError(row, reason, raw)` with reason
 `kind: details`; file problems (unreadable file, missing column) raise `DataError` naming the
@@ -202,12 +202,30 @@ def image_ref(value, source: Source, where: str) -> tuple[ImageRef, bytes | None
     m = _SCHEME.match(value)
     if m:
         scheme = m.group(1).lower()
+        if scheme == "file":  # Qwen-VL's local images (`file:///data/x.jpg`): a path like any
+            return ImageRef("path", source.root, _file_uri_path(value, where)), None
         if scheme not in ("http", "https"):
             raise RowProblem(
-                f"bad_image_ref: {where}: URL scheme '{scheme}' is not allowed (http, https)"
+                f"bad_image_ref: {where}: URL scheme '{scheme}' is not allowed (http, https, file)"
             )
         return ImageRef("url", "", value), None
     return ImageRef("path", source.root, value), None
+
+
+def _file_uri_path(uri: str, where: str) -> str:
+    """The local path of a `file://` URI (RFC 8089: `file:///abs/path` or
+    `file://localhost/abs/path`, percent-escapes decoded). It then follows the rules of any
+    path: inside the image root, no `..`."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise RowProblem(
+            f"bad_image_ref: {where}: file URI of another host '{parts.netloc}' ({uri})"
+        )
+    if parts.query or parts.fragment or not parts.path:
+        raise RowProblem(f"bad_image_ref: {where}: not a plain file URI: {uri}")
+    return unquote(parts.path)
 
 
 def _b64(text: str, where: str) -> tuple[ImageRef, bytes]:

@@ -485,6 +485,45 @@ def test_bad_images_quarantine_their_rows(folder):
     assert len(tsv) == 5 and tsv[1].split("\t")[1] == "2"
 
 
+def test_file_uris_are_paths_under_the_same_rules(folder):
+    """Qwen-VL's examples write local images as `file:///abs/path`: a path inside the image
+    root (also `file://localhost/...`, percent-escapes decoded); outside it, or on another host,
+    the row is quarantined like any path's."""
+    (folder / "img" / "with space.png").write_bytes(GREEN)
+    (folder / "outside.png").write_bytes(RED)
+    img = (folder / "img").resolve()
+
+    def row(uri, text):
+        return {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": uri}, {"type": "text", "text": text}],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": "a"}]},
+            ]
+        }
+
+    src = jsonl(
+        folder / "q.jsonl",
+        [
+            row(f"file://{img}/red.png", "q1"),
+            row(f"file://localhost{img}/with%20space.png", "q2"),
+            row(f"file://{folder.resolve()}/outside.png", "q3"),
+            row(f"file://{img}/../outside.png", "q4"),
+            row("file://fileserver/share/red.png", "q5"),
+        ],
+    )
+    rows, rejected, _ = stage(folder, [{"path": src, "format": "messages", "image_root": str(img)}])
+    assert [colours(r) for r in rows] == [[(255, 0, 0)], [(0, 255, 0)]]
+    assert [(r["row"], r["kind"]) for r in rejected] == [
+        (3, "bad_image/path_escape"),
+        (4, "bad_image/path_escape"),
+        (5, "bad_image_ref"),
+    ]
+    assert "another host 'fileserver'" in rejected[2]["reason"]
+
+
 def test_duplicates_and_the_bad_fraction_gate(folder, tmp_path):
     src = jsonl(
         folder / "d.jsonl",
