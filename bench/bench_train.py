@@ -563,9 +563,6 @@ def profile_step(one_step, path: str, title: str, dev, stack: bool = False) -> N
     kernels, top CPU-side ops and the GPU's idle time charged to the host work that ran during
     it (`timeline.py`; with `stack`, to Python frames too), written to `path` (and the summary
     printed); the Chrome trace beside it (`path`.trace.json.gz)."""
-    import gzip
-    import shutil
-    import tempfile
     from collections import defaultdict
 
     from timeline import charge_idle, load, report
@@ -606,12 +603,9 @@ def profile_step(one_step, path: str, title: str, dev, stack: bool = False) -> N
         lines.append(f"  {us / 1e3:8.1f} {n:6d}  {name[:150]}")
     lines += ["", "top ops by self CPU time:"]
     lines.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = f"{tmp}/trace.json"
-        prof.export_chrome_trace(trace)
-        lines += ["", *report(charge_idle(load(trace)))]
-        with open(trace, "rb") as src, gzip.open(f"{path}.trace.json.gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
+    trace = f"{path}.trace.json.gz"  # torch.profiler gzips a path ending in .gz
+    prof.export_chrome_trace(trace)
+    lines += ["", *report(charge_idle(load(trace)))]
     text = "\n".join(lines)
     with open(path, "a") as f:
         f.write(text + "\n\n")
