@@ -427,6 +427,8 @@ def main(argv=None) -> None:
     t0 = time.time()
     model, processor, family, dtype = build(a, cfg, config, dev)
     load_s = time.time() - t0
+    # what the weights, LoRA and any offload hold before a step: peak minus this is the step's
+    loaded_gib = round(torch.cuda.memory_allocated() / 2**30, 2) if dev.type == "cuda" else None
     encoder = Encoder(processor, family, max_seq_length=cfg["model"]["max_seq_length"])
     batches, sha = make_batches(a, encoder, family, model, dtype)
     batch = batches[0]
@@ -517,6 +519,7 @@ def main(argv=None) -> None:
         trainable_params=sum(p.numel() for p in params),
         lora_modules=modules,
         load_s=round(load_s, 1),
+        loaded_alloc_gib=loaded_gib,
         steps=a.steps,
         warmup=a.warmup,
         step_s_median=round(med, 4),

@@ -359,9 +359,16 @@ def apply_fast_paths(model, family: Family, cfg: dict, device: torch.device, *, 
             log.info("LoRA branches in the compute dtype: %d modules", n)
             warn_unpatched(model, family, "lora", n)
         if fast["compile"] and use_compile(train_cfg["compile"], family, device):
-            n = compile_layers(model)
+            classes = family.patches.get("compiled_checkpoint", ())
+            n = compile_layers(
+                model, checkpoint_classes=classes if fast["compiled_checkpoint"] else ()
+            )
             log.info("torch.compile on %d layers", n)
             warn_unpatched(model, family, "compile", n)
+            if classes and fast["compiled_checkpoint"]:
+                n = sum(hasattr(m, "_vlmflow_compiled_checkpoint") for m in model.modules())
+                log.info("their checkpoint compiled with them in %d layers", n)
+                warn_unpatched(model, family, "compiled_checkpoint", n, classes)
         return model
     warn_untested_versions()
     broken = fla_backward_broken(device)  # training needs the backward; generation does not

@@ -771,20 +771,86 @@ def _compiled_or_eager(name: str, module, backend: str):
     return forward
 
 
-def compile_layers(model, backend: str = "inductor") -> int:
+def _plain_checkpoint(function) -> bool:
+    """Whether `function` is transformers' default checkpoint function for a layer:
+    `torch.utils.checkpoint.checkpoint` with `use_reentrant=False` and nothing else."""
+    import functools
+
+    import torch.utils.checkpoint
+
+    return (
+        isinstance(function, functools.partial)
+        and function.func is torch.utils.checkpoint.checkpoint
+        and not function.args
+        and function.keywords == {"use_reentrant": False}
+    )
+
+
+def _compiled_checkpoint(name: str, module, eager, backend: str):
+    """The layer's checkpoint function with the checkpoint inside the compiled graph: one
+    compiled call a layer and step whose backward graph recomputes the forward itself, instead
+    of a compiled forward under `torch.utils.checkpoint` (pack and unpack hooks, a second
+    compiled forward call and its guard check in the backward pass). The same recomputation
+    and numerics. Called by `GradientCheckpointingLayer.__call__` as
+    `function(partial(Module.__call__, **kwargs), *args)`; the layer's own hooks (none in
+    transformers' layers) would be skipped, so a layer with hooks keeps the default path."""
+    import functools
+
+    import torch.utils.checkpoint
+
+    def region(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(eager, *args, use_reentrant=False, **kwargs)
+
+    compiled = torch.compile(region, backend=backend, dynamic=None)
+    errors = _compile_errors()
+    default = module._gradient_checkpointing_func
+
+    def checkpoint_function(call, *args):
+        if (
+            not isinstance(call, functools.partial)  # not the call convention this expects
+            or module._forward_hooks
+            or module._forward_pre_hooks
+            or module._vlmflow_compiled == "failed"
+        ):
+            return default(call, *args)
+        try:
+            return compiled(*args, **call.keywords)
+        except errors as exc:
+            log.warning(
+                "torch.compile failed on layer %s (%s); it runs eagerly: %s",
+                name,
+                type(module).__name__,
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
+            module._vlmflow_compiled = "failed"
+            return default(call, *args)
+
+    return checkpoint_function
+
+
+def compile_layers(model, backend: str = "inductor", *, checkpoint_classes=()) -> int:
     """torch.compile the forward of every decoder layer and vision block (per instance; the
     layers of one class share one compiled graph). Gradient checkpointing still wraps the
-    compiled call, so recomputation runs the compiled code too. The block-diagonal vision
-    attention stays eager (its layout changes with every image size). A layer whose graph fails
-    to compile runs eagerly, with a WARNING naming it, instead of stopping the run (dynamo's
-    process-wide `suppress_errors` is left alone). Returns the number of layers."""
+    compiled call, so recomputation runs the compiled code too, except in the layers of
+    `checkpoint_classes` (class names) checkpointed with transformers' default function: their
+    checkpoint is compiled with them (`_compiled_checkpoint`; a layer's forward must then trace
+    without a graph break). The block-diagonal vision attention stays eager (its layout changes
+    with every image size). A layer whose graph fails to compile runs eagerly, with a WARNING
+    naming it, instead of stopping the run (dynamo's process-wide `suppress_errors` is left
+    alone). Returns the number of layers."""
     n = 0
     for name, module in model.named_modules():
         cls = type(module).__name__
         if not cls.endswith(_COMPILED_LAYER_CLASSES) or hasattr(module, "_vlmflow_compiled"):
             continue
         module._vlmflow_compiled = True
+        eager = module.forward
         module.forward = _compiled_or_eager(name, module, backend)
+        if cls in checkpoint_classes and _plain_checkpoint(
+            getattr(module, "_gradient_checkpointing_func", None)
+        ):
+            module._gradient_checkpointing_func = _compiled_checkpoint(name, module, eager, backend)
+            module._vlmflow_compiled_checkpoint = True
         n += 1
     return n
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from vlmflow import modeling, patches
 from vlmflow.config import resolve_sections
@@ -49,7 +50,9 @@ def patched_modules(model) -> Counter:
 def compile_with_aot_eager(mp):
     """train.compile with the aot_eager backend: no C++ build on the CPU (nothing runs here)."""
     orig = patches.compile_layers
-    mp.setattr(modeling, "compile_layers", lambda model: orig(model, backend="aot_eager"))
+    mp.setattr(
+        modeling, "compile_layers", lambda model, **kw: orig(model, backend="aot_eager", **kw)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +183,126 @@ def test_vision_attention_functions_follow_their_switch(tiny_model, family, patc
     model, _, _ = modeling.build_training_model(cfg, torch.device("cpu"))
     impls = {m.config._attn_implementation for m in model.modules() if type(m).__name__ == cls}
     assert impls == ({name} if on else {"sdpa"})
+
+
+def counting_aot_eager(calls: Counter):
+    """aot_eager that counts the calls of the compiled forward and backward graphs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def counted(kind):
+        def compiler(graph, example_inputs):
+            def run(*args):
+                calls[kind] += 1
+                return graph(*args)
+
+            return make_boxed_func(run)
+
+        return compiler
+
+    return aot_autograd(fw_compiler=counted("forward"), bw_compiler=counted("backward"))
+
+
+def _gemma3_step(model_dir, chat_rows, *, compile, mode=True, fast_paths=None, calls=None):
+    from test_train_knobs import _loss_and_grads, lora_b_drawn_and_batch
+
+    cfg = sections(
+        model_dir, fast_paths, compile=compile, use_gradient_checkpointing=mode, max_steps=1
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        orig = patches.compile_layers
+        backend = counting_aot_eager(calls if calls is not None else Counter())
+        mp.setattr(modeling, "compile_layers", lambda m, **kw: orig(m, backend=backend, **kw))
+        model, proc, fam = modeling.build_training_model(cfg, torch.device("cpu"))
+    batch = lora_b_drawn_and_batch(model, proc, fam, chat_rows[:1])
+    compiled_checkpoints = sum(hasattr(m, "_vlmflow_compiled_checkpoint") for m in model.modules())
+    layers = sum(bool(getattr(m, "_vlmflow_compiled", False)) for m in model.modules())
+    if calls is not None:
+        _loss_and_grads(model, batch)  # compiles; the counts below are of the next step
+        calls.clear()
+    loss, grads = _loss_and_grads(model, batch)
+    return loss, grads, compiled_checkpoints, layers
+
+
+def test_compiled_checkpoint_keeps_the_numerics_with_one_compiled_forward_a_layer(
+    tiny_model, chat_rows
+):
+    """train.fast_paths.compiled_checkpoint (Gemma 3 declares it for its decoder and SigLIP
+    layers): each checkpointed layer runs one compiled forward a step instead of two (the
+    recomputation is in its backward graph), with the loss and gradients of the eager model
+    and of the compiled one under torch.utils.checkpoint. Switched off, or with offloaded
+    checkpointing, the layers keep the default checkpoint."""
+    import torch._dynamo
+
+    model_dir = tiny_model("gemma3")
+    torch._dynamo.reset()
+    ref_loss, ref_grads, none, _ = _gemma3_step(model_dir, chat_rows, compile=False)
+    assert none == 0
+    runs = {}
+    for on in (True, False):
+        calls = Counter()
+        loss, grads, n_ck, n_layers = _gemma3_step(
+            model_dir, chat_rows, compile=True, fast_paths={"compiled_checkpoint": on}, calls=calls
+        )
+        runs[on] = calls
+        assert n_layers > 0 and n_ck == (n_layers if on else 0)
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        assert grads.keys() == ref_grads.keys()
+        assert any("vision_tower" in k for k in grads) and any("language" in k for k in grads)
+        for k in grads:
+            torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7, msg=k)
+    assert runs[True] == {"forward": n_layers, "backward": n_layers}
+    assert runs[False] == {"forward": 2 * n_layers, "backward": n_layers}
+    _, _, n_ck, n_layers = _gemma3_step(model_dir, chat_rows, compile=True, mode="offload")
+    assert n_layers > 0 and n_ck == 0  # the offloader's checkpoint stays in charge
+    torch._dynamo.reset()
+
+
+class ToyCheckpointedDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x, scale=1.0):
+        return torch.relu(self.linear(x)) * scale
+
+
+def test_a_failed_compiled_checkpoint_names_the_layer_and_checkpoints_it_eagerly(caplog):
+    import functools
+
+    import torch._dynamo
+    import torch.utils.checkpoint
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("no kernel for you")
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = torch.nn.ModuleList([ToyCheckpointedDecoderLayer(), ToyCheckpointedDecoderLayer()])
+    for layer in net:
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = functools.partial(
+            torch.utils.checkpoint.checkpoint, use_reentrant=False
+        )
+    x = torch.randn(3, 4, requires_grad=True)
+
+    def run():
+        net.zero_grad()
+        out = net[1](net[0](x, scale=2.0), scale=0.5).sum()
+        out.backward()
+        return out.detach(), [p.grad.clone() for p in net.parameters()]
+
+    want = run()
+    with torch._dynamo.config.patch(suppress_errors=False):
+        n = patches.compile_layers(
+            net, backend=failing_backend, checkpoint_classes=("ToyCheckpointedDecoderLayer",)
+        )
+        assert n == 2 and all(layer._vlmflow_compiled_checkpoint for layer in net)
+        with caplog.at_level(logging.WARNING, logger="vlmflow.patches"):
+            got, again = run(), run()
+    for result in (got, again):
+        torch.testing.assert_close(result, want)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2, warned  # once per layer
+    assert "layer 0 (ToyCheckpointedDecoderLayer)" in warned[0]
+    torch._dynamo.reset()

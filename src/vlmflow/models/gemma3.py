@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -108,6 +109,11 @@ FAMILIES = [
     Family(
         name="gemma3",
         compile_measured=True,
+        # measured on an H200 (BENCHMARKS.md, 2026-12-03): 1.14x, same peak; Qwen3-VL was not
+        # faster with it and took 0.21 GiB more, so other families keep the default checkpoint
+        patches=MappingProxyType(
+            {"compiled_checkpoint": ("Gemma3DecoderLayer", "SiglipEncoderLayer")}
+        ),
         **CLIP_TOWER,
         response_part="<start_of_turn>model\n",
         instruction_part="<start_of_turn>user\n",
