@@ -786,6 +786,14 @@ def _plain_checkpoint(function) -> bool:
     )
 
 
+def _quantized(module) -> bool:
+    """Whether `module` holds a bitsandbytes 4-bit / 8-bit linear (or PEFT's LoRA wrapper of
+    one). Their layers keep the default checkpoint: traced into the graph, the dequantized
+    weights were saved for the backward pass instead of recomputed (Gemma 3 4-bit on an H200:
+    peak 5.31 instead of 3.67 GiB, no faster; BENCHMARKS.md)."""
+    return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in module.modules())
+
+
 def _compiled_checkpoint(name: str, module, eager, backend: str):
     """The layer's checkpoint function with the checkpoint inside the compiled graph: one
     compiled call a layer and step whose backward graph recomputes the forward itself, instead
@@ -832,9 +840,9 @@ def compile_layers(model, backend: str = "inductor", *, checkpoint_classes=()) -
     """torch.compile the forward of every decoder layer and vision block (per instance; the
     layers of one class share one compiled graph). Gradient checkpointing still wraps the
     compiled call, so recomputation runs the compiled code too, except in the layers of
-    `checkpoint_classes` (class names) checkpointed with transformers' default function: their
-    checkpoint is compiled with them (`_compiled_checkpoint`; a layer's forward must then trace
-    without a graph break). The block-diagonal vision attention stays eager (its layout changes
+    `checkpoint_classes` (class names) checkpointed with transformers' default function and
+    without quantized linears: their checkpoint is compiled with them (`_compiled_checkpoint`;
+    a layer's forward must then trace without a graph break). The block-diagonal vision attention stays eager (its layout changes
     with every image size). A layer whose graph fails to compile runs eagerly, with a WARNING
     naming it, instead of stopping the run (dynamo's process-wide `suppress_errors` is left
     alone). Returns the number of layers."""
@@ -846,8 +854,10 @@ def compile_layers(model, backend: str = "inductor", *, checkpoint_classes=()) -
         module._vlmflow_compiled = True
         eager = module.forward
         module.forward = _compiled_or_eager(name, module, backend)
-        if cls in checkpoint_classes and _plain_checkpoint(
-            getattr(module, "_gradient_checkpointing_func", None)
+        if (
+            cls in checkpoint_classes
+            and not _quantized(module)
+            and _plain_checkpoint(getattr(module, "_gradient_checkpointing_func", None))
         ):
             module._gradient_checkpointing_func = _compiled_checkpoint(name, module, eager, backend)
             module._vlmflow_compiled_checkpoint = True

@@ -306,3 +306,31 @@ def test_a_failed_compiled_checkpoint_names_the_layer_and_checkpoints_it_eagerly
     assert len(warned) == 2, warned  # once per layer
     assert "layer 0 (ToyCheckpointedDecoderLayer)" in warned[0]
     torch._dynamo.reset()
+
+
+class Linear4bit(torch.nn.Linear):
+    """Named as bitsandbytes' 4-bit linear (and PEFT's LoRA wrapper of it)."""
+
+
+def test_layers_with_quantized_linears_keep_the_default_checkpoint():
+    """In a 4-bit layer the compiled checkpoint kept the dequantized weights for the backward
+    pass (more memory, no faster on a GPU): such layers are left to torch.utils.checkpoint."""
+    import functools
+
+    import torch._dynamo
+    import torch.utils.checkpoint
+
+    net = torch.nn.ModuleList([ToyCheckpointedDecoderLayer(), ToyCheckpointedDecoderLayer()])
+    net[1].linear = Linear4bit(4, 4)
+    default = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    for layer in net:
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = default
+    n = patches.compile_layers(
+        net, backend="aot_eager", checkpoint_classes=("ToyCheckpointedDecoderLayer",)
+    )
+    assert n == 2
+    assert hasattr(net[0], "_vlmflow_compiled_checkpoint")
+    assert not hasattr(net[1], "_vlmflow_compiled_checkpoint")
+    assert net[1]._gradient_checkpointing_func is default
+    torch._dynamo.reset()
