@@ -21,6 +21,7 @@ know (the tiny test models, whose vocabulary is trained locally, use `qwen2`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -78,13 +79,33 @@ def _pip(*args: str) -> None:
         raise GGUFError(f"pip {' '.join(args)} failed: {res.stderr[-800:]}")
 
 
+@contextlib.contextmanager
+def _cache_lock(root: Path):
+    """Hold the cache's lock file (`root/.lock`) while filling the cache: a second process (two
+    test workers, two jobs, a build started ahead of the tests) waits for the first, then finds
+    what it made, instead of fetching or building it again."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def fetch_source(root: Path | None = None) -> dict:
     """The one step that goes online (rule llama_cpp_source, a local rule: compute nodes have no
     internet): llama-cpp-python's source distribution (llama.cpp's converter, gguf-py and C++
     source) and the converter's Python requirements, into the cache `root`. Returns what is
     there (sdist path and sha256)."""
     root = root or cache_root()
-    root.mkdir(parents=True, exist_ok=True)
+    with _cache_lock(root):
+        return _fetch_source(root)
+
+
+def _fetch_source(root: Path) -> dict:
     if not (root / "site").is_dir():
         with atomic_dir(root / "site") as tmp:
             _pip("install", "-q", "--no-deps", "--target", str(tmp), *CONVERTER_REQUIREMENTS)
@@ -202,6 +223,13 @@ def llama_cpp_tools(root: Path | None = None, threads: int = 2) -> Path:
     out = root / f"bin-{cpu_key()}-{btype.lower()}"
     if all((out / t).is_file() for t in BUILD_TARGETS):
         return out
+    with _cache_lock(root):
+        if not all((out / t).is_file() for t in BUILD_TARGETS):  # not built meanwhile
+            _build_tools(root, btype, out, threads)
+    return out
+
+
+def _build_tools(root: Path, btype: str, out: Path, threads: int) -> None:
     sdist = _sdist(root)
     missing = [t for t in ("cmake", "c++") if shutil.which(t) is None]
     if missing:
@@ -238,7 +266,6 @@ def llama_cpp_tools(root: Path | None = None, threads: int = 2) -> Path:
             "cpu_seconds": round(_children_cpu() - cpu0, 1),
         }
         (tmp / "build.json").write_text(json.dumps(info, indent=2))
-    return out
 
 
 def _children_cpu() -> float:
