@@ -746,6 +746,18 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _compile_failed(name: str, module, exc: BaseException) -> None:
+    """The WARNING naming the layer whose graph failed to compile; the layer runs eagerly from
+    then on."""
+    log.warning(
+        "torch.compile failed on layer %s (%s); it runs eagerly: %s",
+        name,
+        type(module).__name__,
+        str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+    )
+    module._vlmflow_compiled = "failed"
+
+
 def _compiled_or_eager(name: str, module, backend: str):
     """`module.forward` compiled; if compiling fails, a WARNING naming the layer and the eager
     forward from then on (for that layer only)."""
@@ -759,13 +771,7 @@ def _compiled_or_eager(name: str, module, backend: str):
         try:
             return compiled(*args, **kwargs)
         except errors as exc:
-            log.warning(
-                "torch.compile failed on layer %s (%s); it runs eagerly: %s",
-                name,
-                type(module).__name__,
-                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-            )
-            module._vlmflow_compiled = "failed"
+            _compile_failed(name, module, exc)
             return eager(*args, **kwargs)
 
     return forward
@@ -798,10 +804,12 @@ def _compiled_checkpoint(name: str, module, eager, backend: str):
     """The layer's checkpoint function with the checkpoint inside the compiled graph: one
     compiled call a layer and step whose backward graph recomputes the forward itself, instead
     of a compiled forward under `torch.utils.checkpoint` (pack and unpack hooks, a second
-    compiled forward call and its guard check in the backward pass). The same recomputation
-    and numerics. Called by `GradientCheckpointingLayer.__call__` as
-    `function(partial(Module.__call__, **kwargs), *args)`; the layer's own hooks (none in
-    transformers' layers) would be skipped, so a layer with hooks keeps the default path."""
+    compiled forward call and its guard check in the backward pass). The same numerics; which
+    tensors the backward keeps is AOTAutograd's choice (the layer's inputs for Gemma 3's
+    layers: the same peak; more for Qwen3-VL's and for 4-bit layers, BENCHMARKS.md). Called
+    by `GradientCheckpointingLayer.__call__` as `function(partial(Module.__call__, **kwargs),
+    *args)`; the layer's own hooks (none in transformers' layers) would be skipped, so a layer
+    with hooks keeps the default path."""
     import functools
 
     import torch.utils.checkpoint
@@ -824,13 +832,7 @@ def _compiled_checkpoint(name: str, module, eager, backend: str):
         try:
             return compiled(*args, **call.keywords)
         except errors as exc:
-            log.warning(
-                "torch.compile failed on layer %s (%s); it runs eagerly: %s",
-                name,
-                type(module).__name__,
-                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-            )
-            module._vlmflow_compiled = "failed"
+            _compile_failed(name, module, exc)
             return default(call, *args)
 
     return checkpoint_function
@@ -842,10 +844,10 @@ def compile_layers(model, backend: str = "inductor", *, checkpoint_classes=()) -
     compiled call, so recomputation runs the compiled code too, except in the layers of
     `checkpoint_classes` (class names) checkpointed with transformers' default function and
     without quantized linears: their checkpoint is compiled with them (`_compiled_checkpoint`;
-    a layer's forward must then trace without a graph break). The block-diagonal vision attention stays eager (its layout changes
-    with every image size). A layer whose graph fails to compile runs eagerly, with a WARNING
-    naming it, instead of stopping the run (dynamo's process-wide `suppress_errors` is left
-    alone). Returns the number of layers."""
+    a layer's forward must then trace without a graph break). The block-diagonal vision
+    attention stays eager (its layout changes with every image size). A layer whose graph fails
+    to compile runs eagerly, with a WARNING naming it, instead of stopping the run (dynamo's
+    process-wide `suppress_errors` is left alone). Returns the number of layers."""
     n = 0
     for name, module in model.named_modules():
         cls = type(module).__name__
