@@ -339,13 +339,42 @@ def parse_args(argv=None):
         help="realistic case: sort the step's samples by length before cutting them into "
         "micro-batches (train.group_by_length)",
     )
+    ap.add_argument(
+        "--declare",
+        action="append",
+        default=[],
+        metavar="PATCH=CLASS[+CLASS...]",
+        help="vlmflow: declare a family patch for these classes in this run (e.g. "
+        "compiled_checkpoint=Qwen3VLTextDecoderLayer+Qwen3VLVisionBlock; '+' because run.sh "
+        "turns commas into spaces), to time a fast path on a family that does not take it",
+    )
     ap.add_argument("--out", default=None, help="append the RESULT json line to this file")
     a = ap.parse_args(argv)
+    for spec in a.declare:
+        if "=" not in spec or not spec.split("=", 1)[1]:
+            ap.error(f"--declare {spec!r}: expected PATCH=CLASS[+CLASS...]")
     if (a.packing or a.group_by_length) and a.case != "realistic":
         ap.error("--packing and --group-by-length apply to --case realistic")
     if a.packing and a.impl != "vlmflow":
         ap.error("--packing needs --impl vlmflow (the baseline does not pack)")
     return a
+
+
+def declare_patches(config, specs: list[str]):
+    """The registry entry of `config`'s family with `--declare` specs added to its `patches`
+    (it replaces the entry in `vlmflow.families.FAMILIES`, which every lookup reads)."""
+    from dataclasses import replace
+    from types import MappingProxyType
+
+    from vlmflow.families import FAMILIES, family_for_config
+
+    family = family_for_config(config)
+    patches = dict(family.patches)
+    for spec in specs:
+        patch, classes = spec.split("=", 1)
+        patches[patch] = tuple(classes.split("+"))
+    FAMILIES[family.name] = replace(family, patches=MappingProxyType(patches))
+    return FAMILIES[family.name]
 
 
 def build(a, cfg: dict, config, dev):
@@ -424,6 +453,8 @@ def main(argv=None) -> None:
     flags = [f"train.{k}=true" for k in ("packing", "group_by_length") if getattr(a, k)]
     cfg = cfg_for(a.model, a.quant, a.gc, [*flags, *a.set])
     config = AutoConfig.from_pretrained(a.model)
+    if a.declare:
+        print(f"declared for this run: {dict(declare_patches(config, a.declare).patches)}")
     t0 = time.time()
     model, processor, family, dtype = build(a, cfg, config, dev)
     load_s = time.time() - t0
@@ -493,6 +524,7 @@ def main(argv=None) -> None:
         impl=a.impl,
         tag=a.tag,
         overrides=a.set,
+        declared=a.declare,
         quant=a.quant,
         gc=a.gc if a.impl != "unsloth" else "unsloth",
         unsloth_targets=a.unsloth_targets if a.impl == "unsloth" else None,

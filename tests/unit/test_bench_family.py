@@ -194,3 +194,43 @@ def test_a_patch_size_given_as_a_pair_counts_like_a_number():
     batch = {"pixel_values": torch.ones(5, 3, 448, 448)}  # 4 tiles + a thumbnail
     pair = vision_units("internvl", {"patch_size": [14, 14]}, [batch])
     assert pair == vision_units("internvl", {"patch_size": 14}, [batch]) == [32 * 32] * 5
+
+
+def test_declare_adds_a_patch_to_the_family_for_the_run(tiny_model, monkeypatch):
+    """bench_train --declare: the family's registry entry takes the patch (what the train rule's
+    code reads), its other patches stay; the layers of the declared classes then get it."""
+    import bench_train
+
+    from vlmflow import families, modeling
+    from vlmflow.config import resolve_sections
+
+    monkeypatch.setitem(families.FAMILIES, "qwen3_vl", families.FAMILIES["qwen3_vl"])
+    path = tiny_model("qwen3_vl")
+    config = tr.AutoConfig.from_pretrained(path)
+    before = dict(families.FAMILIES["qwen3_vl"].patches)
+    spec = "compiled_checkpoint=Qwen3VLTextDecoderLayer+Qwen3VLVisionBlock"
+    fam = bench_train.declare_patches(config, [spec])
+    assert families.family_for_config(config) is fam
+    assert fam.patches == {
+        **before,
+        "compiled_checkpoint": ("Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"),
+    }
+    cfg = resolve_sections(
+        {
+            "model": {"name": path, "max_seq_length": 512},
+            "lora": {"r": 4, "lora_alpha": 8},
+            "train": {"use_gradient_checkpointing": True, "compile": True},
+        },
+        ["model", "lora", "train"],
+    )
+    orig = modeling.compile_layers
+    monkeypatch.setattr(
+        modeling, "compile_layers", lambda m, **kw: orig(m, backend="aot_eager", **kw)
+    )
+    model, _, _ = modeling.build_training_model(cfg, torch.device("cpu"))
+    kinds = {
+        type(m).__name__ for m in model.modules() if hasattr(m, "_vlmflow_compiled_checkpoint")
+    }
+    assert kinds == {"Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"}
+    with pytest.raises(SystemExit):
+        bench_train.parse_args([path, "--impl", "vlmflow", "--declare", "compiled_checkpoint"])
