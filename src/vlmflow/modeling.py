@@ -24,6 +24,7 @@ from .patches import (
     fla_backward_broken,
     linear_patch_embed,
     packed_attention,
+    save_attention,
     slow_linear_attention,
     tile_attention,
     use_torch_gated_delta_rule,
@@ -358,6 +359,11 @@ def apply_fast_paths(model, family: Family, cfg: dict, device: torch.device, *, 
             n = fast_lora(model)
             log.info("LoRA branches in the compute dtype: %d modules", n)
             warn_unpatched(model, family, "lora", n)
+        classes = family.patches.get("saved_attention", ())
+        if fast["saved_attention"] and classes and train_cfg["use_gradient_checkpointing"] is True:
+            n = save_attention(model, classes)
+            log.info("gradient checkpointing keeps the attention outputs in %d layers", n)
+            warn_unpatched(model, family, "saved_attention", n, classes)
         if fast["compile"] and use_compile(train_cfg["compile"], family, device):
             classes = family.patches.get("compiled_checkpoint", ())
             n = compile_layers(

@@ -23,6 +23,10 @@ they change how, not what. Each can be switched off (`train.fast_paths`).
 - `block_attention`: Pixtral's vision tower (Pixtral, Mistral 3) attends over all images'
   patches as one sequence under a dense block-diagonal mask (T x T over every image of the
   batch). Here each image attends over its own patches, unmasked, equal-size images batched.
+- `save_attention`: gradient checkpointing recomputes a layer's forward in the backward pass,
+  attention kernel included (the costliest part of a vision tower's forward: thousands of
+  patches per image). Here the attention kernel's output is kept instead (selective activation
+  checkpointing); the rest is recomputed as before.
 - `compile_layers`: regional torch.compile of decoder layers and vision blocks.
 - `use_torch_gated_delta_rule`: the PyTorch reference of the gated delta rule where
   flash-linear-attention's kernel cannot train.
@@ -728,6 +732,80 @@ def checkpoint_every_layer(model, family) -> int:
     return n
 
 
+# --------------------------------------------------------- attention kept by checkpointing
+# The fused attention kernels' aten ops (CUDA flash / memory-efficient / cuDNN, and the CPU's).
+# SDPA's math fallback decomposes into matmuls and a softmax, which are recomputed as before.
+_SAVED_ATTENTION_OPS = (
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+)
+
+
+def _attention_ops() -> frozenset:
+    ops = (getattr(torch.ops.aten, n, None) for n in _SAVED_ATTENTION_OPS)
+    return frozenset(op.default for op in ops if op is not None)
+
+
+def attention_saving_policy(ctx, func, *args, **kwargs):
+    """Selective activation checkpointing policy (`torch.utils.checkpoint`): the outputs of the
+    fused attention kernels (the attention output and its log-sum-exp) are kept for the
+    backward pass; everything else is recomputed as with plain checkpointing."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if func in _ATTENTION_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_ATTENTION_OPS = _attention_ops()
+
+
+def _saving_attention_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(attention_saving_policy)
+
+
+def _saving_attention_keywords() -> dict:
+    return {"use_reentrant": False, "context_fn": _saving_attention_context}
+
+
+def save_attention(model, classes) -> int:
+    """Gradient checkpointing that keeps each fused attention call's output instead of
+    recomputing it in the backward pass (`attention_saving_policy`): the layer's matmuls,
+    norms and activations are recomputed as before, the attention kernel's forward is not.
+    Costs one attention output (tokens x heads x head_dim, plus a log-sum-exp per head and
+    token) per checkpointed layer. Changes the layers whose checkpoint function is
+    transformers' default (`gradient_checkpointing_enable` with `use_reentrant=False`), not
+    offloaded checkpointing's. Regional compile keeps it: a compiled layer's fused-attention
+    call runs through the dispatcher, where the checkpoint's caching mode sees it, and a
+    compiled checkpoint traces the policy into its graph. Under an eager checkpoint the caching
+    mode is a Python dispatch mode that sees every op of the layer (host time a step): a family
+    declares it (`Family.patches["saved_attention"]`, layer class names = `classes`) where it
+    was measured faster (Mllama; Qwen3-VL and Pixtral were slower, BENCHMARKS.md). Returns the
+    number of layers."""
+    import functools
+
+    import torch.utils.checkpoint
+
+    if _quantized(model):
+        return 0  # QLoRA: memory first (Mllama 4-bit is already above Unsloth's peak)
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ not in classes:
+            continue
+        function = getattr(module, "_gradient_checkpointing_func", None)
+        if _plain_checkpoint(function) and function.keywords == {"use_reentrant": False}:
+            module._gradient_checkpointing_func = functools.partial(
+                torch.utils.checkpoint.checkpoint, **_saving_attention_keywords()
+            )
+            module._vlmflow_saved_attention = True
+            n += 1
+    return n
+
+
 # ----------------------------------------------------------------------- regional compile
 _COMPILED_LAYER_CLASSES = ("DecoderLayer", "VisionBlock", "VisionEncoderLayer", "EncoderLayer")
 
@@ -779,7 +857,8 @@ def _compiled_or_eager(name: str, module, backend: str):
 
 def _plain_checkpoint(function) -> bool:
     """Whether `function` is transformers' default checkpoint function for a layer:
-    `torch.utils.checkpoint.checkpoint` with `use_reentrant=False` and nothing else."""
+    `torch.utils.checkpoint.checkpoint` with `use_reentrant=False` and nothing else, or with
+    the attention-saving context of `save_attention` added."""
     import functools
 
     import torch.utils.checkpoint
@@ -788,7 +867,7 @@ def _plain_checkpoint(function) -> bool:
         isinstance(function, functools.partial)
         and function.func is torch.utils.checkpoint.checkpoint
         and not function.args
-        and function.keywords == {"use_reentrant": False}
+        and function.keywords in ({"use_reentrant": False}, _saving_attention_keywords())
     )
 
 
@@ -814,12 +893,14 @@ def _compiled_checkpoint(name: str, module, eager, backend: str):
 
     import torch.utils.checkpoint
 
+    default = module._gradient_checkpointing_func
+    keywords = default.keywords  # use_reentrant=False, and the saved-attention context if any
+
     def region(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(eager, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(eager, *args, **keywords, **kwargs)
 
     compiled = torch.compile(region, backend=backend, dynamic=None)
     errors = _compile_errors()
-    default = module._gradient_checkpointing_func
 
     def checkpoint_function(call, *args):
         if (

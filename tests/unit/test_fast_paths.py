@@ -334,3 +334,118 @@ def test_layers_with_quantized_linears_keep_the_default_checkpoint():
     assert not hasattr(net[1], "_vlmflow_compiled_checkpoint")
     assert net[1]._gradient_checkpointing_func is default
     torch._dynamo.reset()
+
+
+class AttentionKernelCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the fused attention kernels' calls that actually run (a call the checkpoint
+    serves from its saved outputs never reaches this mode, which sits below it)."""
+
+    @classmethod
+    def ignore_compile_internals(cls):
+        return True
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func in patches._ATTENTION_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def _saved_attention_step(model_dir, chat_rows, monkeypatch, *, on, compile, declare=None):
+    """(loss, grads, attention kernel calls of one step, layers with the saving checkpoint,
+    layers whose checkpoint is compiled) with train.fast_paths.saved_attention `on`."""
+    import torch._dynamo
+    from test_train_knobs import _loss_and_grads, lora_b_drawn_and_batch
+
+    from vlmflow.families import family_for_config
+
+    torch._dynamo.reset()
+    cfg = sections(
+        model_dir,
+        {"saved_attention": on},
+        compile=compile,
+        use_gradient_checkpointing=True,
+        max_steps=1,
+    )
+    with monkeypatch.context() as mp:
+        if declare:
+            from transformers import AutoConfig
+
+            family = family_for_config(AutoConfig.from_pretrained(model_dir))
+            declared = replace(family, patches={**family.patches, "saved_attention": declare})
+            mp.setitem(FAMILIES, family.name, declared)
+        compile_with_aot_eager(mp)
+        model, proc, fam = modeling.build_training_model(cfg, torch.device("cpu"))
+    batch = lora_b_drawn_and_batch(model, proc, fam, chat_rows[:1])
+    _loss_and_grads(model, batch)  # compiles
+    with AttentionKernelCalls() as calls:
+        loss, grads = _loss_and_grads(model, batch)
+    saving = sum(hasattr(m, "_vlmflow_saved_attention") for m in model.modules())
+    compiled_ck = sum(hasattr(m, "_vlmflow_compiled_checkpoint") for m in model.modules())
+    torch._dynamo.reset()
+    return loss, grads, calls.n, saving, compiled_ck
+
+
+@pytest.mark.parametrize(
+    "family,compile,declare",
+    [
+        ("mllama", False, None),  # declared by Mllama: eager layers
+        ("mllama", True, None),  # compiled layers under the eager checkpoint
+        ("gemma3", True, ("Gemma3DecoderLayer", "SiglipEncoderLayer")),  # compiled checkpoint
+    ],
+)
+def test_saved_attention_runs_each_attention_kernel_once_with_the_same_gradients(
+    family, compile, declare, tiny_model, chat_rows, monkeypatch
+):
+    """train.fast_paths.saved_attention: the checkpoint keeps the attention kernels' outputs,
+    so a step runs each attention kernel once (forward) instead of twice (forward and the
+    backward pass's recomputation), with the loss and LoRA gradients of plain checkpointing,
+    in eager layers, in compiled layers under the eager checkpoint, and in a checkpoint
+    compiled into its layer (where the policy is traced into the graph)."""
+    model_dir = tiny_model(family)
+    kw = dict(compile=compile, declare=declare)
+    ref_loss, ref_grads, ref_calls, none, ck = _saved_attention_step(
+        model_dir, chat_rows, monkeypatch, on=False, **kw
+    )
+    loss, grads, calls, saving, ck_on = _saved_attention_step(
+        model_dir, chat_rows, monkeypatch, on=True, **kw
+    )
+    assert none == 0 and saving > 0
+    assert ck == ck_on == (saving if family == "gemma3" else 0)
+    assert ref_calls == 2 * calls > 0
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    assert any("vision" in k for k in grads) and any("language" in k for k in grads)
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_saved_attention_leaves_quantized_models_and_other_checkpoints_alone():
+    """QLoRA keeps plain checkpointing (memory first); a layer whose checkpoint function is not
+    transformers' default (offloaded checkpointing's) keeps it; undeclared classes too."""
+    import functools
+
+    import torch.utils.checkpoint
+
+    default = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    other = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=True)
+    net = torch.nn.ModuleList([ToyCheckpointedDecoderLayer() for _ in range(3)])
+    for layer, function in zip(net, (default, other, default), strict=True):
+        layer._gradient_checkpointing_func = function
+    net[2].__class__ = type("OtherDecoderLayer", (ToyCheckpointedDecoderLayer,), {})
+    assert patches.save_attention(net, ("ToyCheckpointedDecoderLayer",)) == 1
+    assert net[0]._gradient_checkpointing_func.keywords["context_fn"] is (
+        patches._saving_attention_context
+    )
+    assert net[1]._gradient_checkpointing_func is other
+    assert net[2]._gradient_checkpointing_func is default
+    # a compiled checkpoint is still built on top of the saving one
+    assert patches._plain_checkpoint(net[0]._gradient_checkpointing_func)
+
+    quantized = torch.nn.ModuleList([ToyCheckpointedDecoderLayer()])
+    quantized[0].linear = Linear4bit(4, 4)
+    quantized[0]._gradient_checkpointing_func = default
+    assert patches.save_attention(quantized, ("ToyCheckpointedDecoderLayer",)) == 0
+    assert quantized[0]._gradient_checkpointing_func is default

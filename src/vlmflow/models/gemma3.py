@@ -110,7 +110,9 @@ FAMILIES = [
         name="gemma3",
         compile_measured=True,
         # measured on an H200 (BENCHMARKS.md, 2026-12-03): 1.14x, same peak; Qwen3-VL was not
-        # faster with it and took 0.21 GiB more, so other families keep the default checkpoint
+        # faster with it and took 0.21 GiB more, so other families keep the default checkpoint.
+        # saved_attention is not declared: 1.13-1.29x in every layer but 0.44 GiB more, above
+        # Unsloth's peak; in the decoder layers alone no faster (BENCHMARKS.md, 2026-12-03).
         patches=MappingProxyType(
             {"compiled_checkpoint": ("Gemma3DecoderLayer", "SiglipEncoderLayer")}
         ),

@@ -96,7 +96,16 @@ FAMILIES = [
     Family(
         name="mllama",
         compile_measured=True,
-        patches=MappingProxyType({"tile_attention": ("MllamaVisionAttention",)}),
+        patches=MappingProxyType(
+            {
+                "tile_attention": ("MllamaVisionAttention",),
+                "saved_attention": (
+                    "MllamaVisionEncoderLayer",
+                    "MllamaSelfAttentionDecoderLayer",
+                    "MllamaCrossAttentionDecoderLayer",
+                ),
+            }
+        ),
         vision_layers=r"model\.vision_model\.(?:transformer|global_transformer)\.layers\.\d+",
         vision_attention=r"self_attn\.(?:q_proj|k_proj|v_proj|o_proj)",
         vision_mlp=CLIP_MLP,
