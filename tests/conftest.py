@@ -130,19 +130,39 @@ def workflow_copy():
 
 
 @pytest.fixture(scope="session")
-def local_test_run(tmp_path_factory):
-    """The .test config run once by the real `snakemake --cores 2` on this machine: the workflow
-    tests check it, the SLURM test compares its own outputs against it."""
+def local_test_run_started(tmp_path_factory):
+    """(workdir, process, log) of the .test config's run by the real `snakemake --cores 2` on
+    this machine, started in the background: the SLURM test starts it before its own run, so
+    that the two overlap (SLURM's jobs leave the cores idle while they are scheduled)."""
     from helpers import BIN, snakemake_env
 
     work = copy_workflow(tmp_path_factory.mktemp("wf"))
-    res = subprocess.run(
-        [str(BIN / "snakemake"), "--cores", "2", "--configfile", ".test/config.yaml"],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        env=snakemake_env(),
-        timeout=900,
-    )
-    assert res.returncode == 0, f"local run failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    log = tmp_path_factory.mktemp("wf-log") / "snakemake.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "snakemake"), "--cores", "2", "--configfile", ".test/config.yaml"],
+            cwd=work,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=snakemake_env(),
+        )
+    yield work, proc, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def local_test_run(local_test_run_started):
+    """The .test config run once by the real `snakemake --cores 2` on this machine (its
+    workdir, once the run has ended): the workflow tests check it, the SLURM test compares its
+    own outputs against it."""
+    work, proc, log = local_test_run_started
+    try:
+        rc = proc.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        rc = "killed after 900 s"
+    assert rc == 0, f"local run failed ({rc}):\n{log.read_text()[-8000:]}"
     return work

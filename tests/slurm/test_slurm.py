@@ -97,7 +97,9 @@ def scontrol(job_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def slurm_run(cluster, workflow_copy, tmp_path_factory):
+def slurm_run(cluster, workflow_copy, tmp_path_factory, local_test_run_started):
+    """The demo workflow through SLURM; the local run that the outputs are compared against
+    runs meanwhile (`local_test_run_started`)."""
     work = workflow_copy(tmp_path_factory.mktemp("slurmwf"), extra=["tests/slurm"])
     res = subprocess.run(
         snakemake_cmd(), cwd=work, capture_output=True, text=True, env=env(), timeout=900

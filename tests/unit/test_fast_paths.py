@@ -391,8 +391,7 @@ def _saved_attention_step(model_dir, chat_rows, monkeypatch, *, on, compile, dec
 @pytest.mark.parametrize(
     "family,compile,declare",
     [
-        ("mllama", False, None),  # declared by Mllama: eager layers
-        ("mllama", True, None),  # compiled layers under the eager checkpoint
+        ("mllama", True, None),  # compiled layers (and eager attention) under the eager checkpoint
         ("gemma3", True, ("Gemma3DecoderLayer", "SiglipEncoderLayer")),  # compiled checkpoint
     ],
 )
@@ -401,9 +400,10 @@ def test_saved_attention_runs_each_attention_kernel_once_with_the_same_gradients
 ):
     """train.fast_paths.saved_attention: the checkpoint keeps the attention kernels' outputs,
     so a step runs each attention kernel once (forward) instead of twice (forward and the
-    backward pass's recomputation), with the loss and LoRA gradients of plain checkpointing,
-    in eager layers, in compiled layers under the eager checkpoint, and in a checkpoint
-    compiled into its layer (where the policy is traced into the graph)."""
+    backward pass's recomputation), with the loss and LoRA gradients of plain checkpointing:
+    Mllama's compiled layers under the eager checkpoint (its tile attention runs eagerly
+    between their graphs), and a checkpoint compiled into its layer (the policy traced into
+    the graph)."""
     model_dir = tiny_model(family)
     kw = dict(compile=compile, declare=declare)
     ref_loss, ref_grads, ref_calls, none, ck = _saved_attention_step(
