@@ -362,7 +362,8 @@ def apply_fast_paths(model, family: Family, cfg: dict, device: torch.device, *, 
         classes = family.patches.get("saved_attention", ())
         if fast["saved_attention"] and classes and train_cfg["use_gradient_checkpointing"] is True:
             n = save_attention(model, classes)
-            log.info("gradient checkpointing keeps the attention outputs in %d layers", n)
+            if n:
+                log.info("gradient checkpointing keeps the attention outputs in %d layers", n)
             warn_unpatched(model, family, "saved_attention", n, classes)
         if fast["compile"] and use_compile(train_cfg["compile"], family, device):
             classes = family.patches.get("compiled_checkpoint", ())
