@@ -743,9 +743,11 @@ _SAVED_ATTENTION_OPS = (
 )
 
 
-def _attention_ops() -> frozenset:
-    ops = (getattr(torch.ops.aten, n, None) for n in _SAVED_ATTENTION_OPS)
-    return frozenset(op.default for op in ops if op is not None)
+_ATTENTION_OPS = frozenset(
+    op.default
+    for op in (getattr(torch.ops.aten, n, None) for n in _SAVED_ATTENTION_OPS)
+    if op is not None
+)
 
 
 def attention_saving_policy(ctx, func, *args, **kwargs):
@@ -757,9 +759,6 @@ def attention_saving_policy(ctx, func, *args, **kwargs):
     if func in _ATTENTION_OPS:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-_ATTENTION_OPS = _attention_ops()
 
 
 def _saving_attention_context():
