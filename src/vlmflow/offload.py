@@ -54,6 +54,15 @@ def offload_input_embeddings(model, device: torch.device, lora_cfg: dict) -> boo
     return True
 
 
+def _same_layout(t: torch.Tensor, device, pin_memory: bool = False) -> torch.Tensor:
+    """An empty tensor on `device` with `t`'s size and strides (`torch.empty_like` keeps the
+    strides of a dense tensor, e.g. a transposed view; others become contiguous). A restored
+    layer input must keep its layout: a compiled layer's graph asserts its inputs' strides
+    (Gemma 3's SigLIP patch embeddings are a transposed view: offloaded contiguous, its 4-bit
+    backward failed on an H200)."""
+    return torch.empty_like(t, device=device, pin_memory=pin_memory)
+
+
 class _Offloaded:
     """One saved tensor living in host memory (and, once prefetched, again on the GPU)."""
 
@@ -109,14 +118,15 @@ class OffloadedCheckpoint:
             compute = torch.cuda.current_stream(t.device)
             stream = self._copy_stream(t.device)
             stream.wait_stream(compute)
-            host = torch.empty(t.size(), dtype=t.dtype, pin_memory=True)
+            host = _same_layout(t, "cpu", pin_memory=True)
             with torch.cuda.stream(stream):
                 host.copy_(t, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record(stream)
             t.record_stream(stream)  # its memory is not reused before the copy is done
         else:
-            host, ready = t.detach().clone(), None
+            host, ready = _same_layout(t, "cpu"), None
+            host.copy_(t.detach())
         entry = _Offloaded(t.device, host, ready, self._call)
         self.offloaded_bytes += t.numel() * t.element_size()
         self._seen[id(t)] = (weakref.ref(t), t._version, weakref.ref(entry))
@@ -127,7 +137,7 @@ class OffloadedCheckpoint:
         """Start copying `entry` back to its GPU on the side stream."""
         compute = torch.cuda.current_stream(entry.device)
         stream = self._copy_stream(entry.device)
-        gpu = torch.empty(entry.host.size(), dtype=entry.host.dtype, device=entry.device)
+        gpu = _same_layout(entry.host, entry.device)
         stream.wait_stream(compute)
         with torch.cuda.stream(stream):
             stream.wait_event(entry.ready)

@@ -66,6 +66,35 @@ def test_offloaded_checkpointing_has_the_numerics_of_true_and_false(family, tiny
     assert offloader.offloaded_bytes > 0 and offloader.restored > 0
 
 
+def test_offloaded_inputs_come_back_with_their_strides():
+    """A checkpointed layer's input that is a transposed view (Gemma 3's SigLIP patch
+    embeddings) is restored for the recomputation with its own strides, not contiguous: a
+    compiled layer's graph asserts them (it failed so on an H200). Overlapping views (expand)
+    come back dense. Same loss and gradient as without offloading."""
+    from vlmflow.offload import OffloadedCheckpoint, _same_layout
+
+    seen = []
+    weight = torch.randn(6, 6, dtype=torch.float64)
+
+    def layer(x):
+        seen.append(x.stride())
+        return torch.tanh(x @ weight).sum()
+
+    base = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
+    offloader = OffloadedCheckpoint()
+    loss = offloader(layer, base.transpose(1, 2))
+    loss.backward()
+    assert offloader.offloaded_bytes > 0 and offloader.restored > 0
+    assert seen == [(30, 1, 5), (30, 1, 5)]  # the call and its recomputation
+    grad = base.grad.clone()
+    base.grad = None
+    layer(base.transpose(1, 2)).backward()
+    torch.testing.assert_close(grad, base.grad)
+
+    expanded = torch.randn(3, 1).expand(3, 5)
+    assert _same_layout(expanded, "cpu").stride() == (5, 1)
+
+
 def test_checkpointing_modes_are_validated():
     from vlmflow.modeling import enable_gradient_checkpointing
 
