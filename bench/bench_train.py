@@ -286,9 +286,10 @@ def parse_args(argv=None):
     ap.add_argument("--quant", default="4bit", choices=["4bit", "16bit"])
     ap.add_argument(
         "--gc",
-        default="true",
-        help="gradient checkpointing. vlmflow: true | offload | false (train."
-        "use_gradient_checkpointing); hf: true | false; unsloth: always its 'unsloth' mode",
+        default="auto",
+        help="gradient checkpointing. vlmflow: auto | true | offload | false (train."
+        "use_gradient_checkpointing; auto, its default, offloads in 4-bit on a GPU; rows before "
+        "2026-12-04 ran with true); hf: on unless false; unsloth: always its 'unsloth' mode",
     )
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--side", type=int, default=896)
@@ -444,6 +445,7 @@ def main(argv=None) -> None:
     from transformers import AutoConfig
 
     from vlmflow.collate import Encoder, count_tokens
+    from vlmflow.modeling import gradient_checkpointing_mode
     from vlmflow.train import build_optimizer, build_scheduler, train_step
 
     if a.set and a.impl != "vlmflow":
@@ -527,6 +529,11 @@ def main(argv=None) -> None:
         declared=a.declare,
         quant=a.quant,
         gc=a.gc if a.impl != "unsloth" else "unsloth",
+        gc_applied=gradient_checkpointing_mode(
+            cfg["train"]["use_gradient_checkpointing"], cfg["model"], dev, family
+        )
+        if a.impl == "vlmflow"
+        else None,
         unsloth_targets=a.unsloth_targets if a.impl == "unsloth" else None,
         model=Path(a.model).name,
         checkpoint=info.get("checkpoint"),

@@ -38,6 +38,21 @@ log = logging.getLogger(__name__)
 GRADIENT_CHECKPOINTING_MODES = (False, True, "offload", "unsloth")
 
 
+def gradient_checkpointing_mode(setting, model_cfg: dict, device: torch.device, family: Family):
+    """`train.use_gradient_checkpointing` as applied: `auto` (the default) is "offload" for a
+    quantized base (`load_in_4bit` / `load_in_8bit`) on a CUDA device of a family measured with
+    it (`Family.offload_quantized`), True otherwise; any other setting as given. QLoRA is
+    picked for memory: offloading took the 4-bit peaks of Pixtral, Qwen3-VL and Qwen2-VL down
+    by 1.47, 0.32 and 0.43 GiB, to or under Unsloth's (whose default it is), at 0.91-0.98x the
+    speed (BENCHMARKS.md, 2026-12-04). On the CPU the "host" copy would be a second copy in the
+    same memory."""
+    if setting != "auto":
+        return setting
+    quantized = model_cfg["load_in_4bit"] or model_cfg["load_in_8bit"]
+    offload = quantized and device.type == "cuda" and family.offload_quantized
+    return "offload" if offload else True
+
+
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -340,9 +355,11 @@ def build_training_model(cfg: dict, device: torch.device | None = None):
     model = apply_fast_paths(model, family, cfg, device, lora=False)
     if model_cfg["offload_embeddings"] and offload_input_embeddings(model, device, lora_cfg):
         log.info("input embeddings kept in host memory")
-    model = apply_lora(
-        model, family, lora_cfg, gradient_checkpointing=train_cfg["use_gradient_checkpointing"]
-    )
+    setting = train_cfg["use_gradient_checkpointing"]
+    mode = gradient_checkpointing_mode(setting, model_cfg, device, family)
+    if setting == "auto":
+        log.info("gradient checkpointing (use_gradient_checkpointing: auto): %s", mode)
+    model = apply_lora(model, family, lora_cfg, gradient_checkpointing=mode)
     model_loss(model)  # the training loss (vlmflow.loss), set up once on the model
     model = apply_fast_paths(model, family, cfg, device, lora=True)
     return model, processor, family
@@ -360,7 +377,9 @@ def apply_fast_paths(model, family: Family, cfg: dict, device: torch.device, *, 
             log.info("LoRA branches in the compute dtype: %d modules", n)
             warn_unpatched(model, family, "lora", n)
         classes = family.patches.get("saved_attention", ())
-        if fast["saved_attention"] and classes and train_cfg["use_gradient_checkpointing"] is True:
+        setting = train_cfg["use_gradient_checkpointing"]
+        gc = gradient_checkpointing_mode(setting, model_cfg, device, family)
+        if fast["saved_attention"] and classes and gc is True:
             n = save_attention(model, classes)
             if n:
                 log.info("gradient checkpointing keeps the attention outputs in %d layers", n)

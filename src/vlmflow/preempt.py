@@ -141,12 +141,13 @@ def oom_advice(cfg: dict, world_size: int = 1) -> str:
             "(fewer vision tokens per image)"
         )
     gc = train.get("use_gradient_checkpointing")
+    quantized = model.get("load_in_4bit") or model.get("load_in_8bit")
     if gc is False or gc in ("false", "False"):
         tips.append("train.use_gradient_checkpointing: false -> true (recompute activations)")
-    elif gc is True or gc == "true":
+    elif gc is True or gc == "true" or (gc == "auto" and not quantized):
         tips.append(
-            "train.use_gradient_checkpointing: true -> offload, where available (activations "
-            "kept in CPU memory)"
+            f"train.use_gradient_checkpointing: {'auto' if gc == 'auto' else 'true'} -> "
+            "offload, where available (activations kept in CPU memory)"
         )
     if not model.get("load_in_4bit"):
         tips.append("model.load_in_4bit: false -> true (QLoRA: 4-bit base weights)")

@@ -136,6 +136,12 @@ def test_oom_advice_names_the_settings_with_next_values():
     assert "load_in_4bit" not in msg
     assert "use_gradient_checkpointing: true -> offload" in msg
 
+    # the default, auto, is offloaded already for a 4-bit base on a GPU, plain in 16-bit
+    cfg["train"]["use_gradient_checkpointing"] = "auto"
+    assert "use_gradient_checkpointing" not in oom_advice(cfg)
+    cfg["model"]["load_in_4bit"] = False
+    assert "use_gradient_checkpointing: auto -> offload" in oom_advice(cfg)
+
 
 def test_train_cli_ends_an_oom_with_the_advice(
     tiny_qwen, digits_rows, tmp_path, monkeypatch, capsys

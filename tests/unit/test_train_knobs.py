@@ -102,6 +102,50 @@ def test_checkpointing_modes_are_validated():
         enable_gradient_checkpointing(torch.nn.Linear(2, 2), "sometimes")
 
 
+def test_auto_checkpointing_offloads_quantized_bases_on_a_gpu():
+    """The default, auto: offloaded checkpointing for a 4-bit / 8-bit base on CUDA of a family
+    measured with it (QLoRA picks memory), plain checkpointing in 16-bit, on the CPU (where the
+    host copy is a second copy in the same memory) and for the other families; explicit
+    settings as given."""
+    from vlmflow.modeling import gradient_checkpointing_mode as mode
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_sections({}, ["train"])["train"]["use_gradient_checkpointing"] == "auto"
+    four = {"load_in_4bit": True, "load_in_8bit": False}
+    eight = {"load_in_4bit": False, "load_in_8bit": True}
+    sixteen = {"load_in_4bit": False, "load_in_8bit": False}
+    pixtral, gemma3 = FAMILIES["pixtral"], FAMILIES["gemma3"]
+    assert pixtral.offload_quantized and not gemma3.offload_quantized
+    assert mode("auto", four, cuda, pixtral) == "offload"
+    assert mode("auto", eight, cuda, pixtral) == "offload"
+    assert mode("auto", sixteen, cuda, pixtral) is True
+    assert mode("auto", four, cpu, pixtral) is True
+    assert mode("auto", four, cuda, gemma3) is True
+    for setting in (False, True, "offload", "unsloth"):
+        assert mode(setting, four, cuda, pixtral) == setting
+        assert mode(setting, sixteen, cpu, gemma3) == setting
+
+
+def test_build_training_model_applies_the_resolved_checkpointing(tiny_qwen, monkeypatch):
+    """build_training_model checkpoints as `gradient_checkpointing_mode` resolves `auto`: plain
+    on the CPU; offloaded where it resolves to offload (as for a 4-bit base on a GPU)."""
+    from vlmflow import modeling
+
+    cfg = sections(tiny_qwen, train={"use_gradient_checkpointing": "auto"})
+    model, _, _ = modeling.build_training_model(cfg, torch.device("cpu"))
+    assert model.is_gradient_checkpointing and model.vlmflow_offloader is None
+
+    resolved = modeling.gradient_checkpointing_mode
+    monkeypatch.setattr(
+        modeling,
+        "gradient_checkpointing_mode",
+        lambda s, m, d, f: "offload" if s == "auto" and f.offload_quantized else s,
+    )
+    model, _, _ = modeling.build_training_model(cfg, torch.device("cpu"))
+    assert model.is_gradient_checkpointing and model.vlmflow_offloader is not None
+    assert resolved("auto", cfg["model"], torch.device("cpu"), FAMILIES["qwen2_vl"]) is True
+
+
 def test_unsloth_is_an_alias_of_offload_in_the_schema():
     cfg = resolve_sections({"train": {"use_gradient_checkpointing": "unsloth"}}, ["train"])
     assert cfg["train"]["use_gradient_checkpointing"] == "unsloth"

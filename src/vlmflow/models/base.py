@@ -70,6 +70,10 @@ class Family:
     compile_measured: bool = False
     """Whether `train.compile: auto` turns torch.compile on for this family (its compiled
     training step was measured faster on a GPU with the same loss, BENCHMARKS.md)."""
+    offload_quantized: bool = False
+    """Whether `train.use_gradient_checkpointing: auto` offloads the checkpointed layer inputs to
+    host memory when the base is 4-bit / 8-bit on a GPU (measured on an H200: peak at or under
+    Unsloth's, which offloads by default, for a small speed cost; BENCHMARKS.md)."""
     token_keys: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     """Processor outputs with one entry per token that only this family returns, and their
     padding value (`vlmflow.collate.TOKEN_KEYS` adds them to the common ones)."""

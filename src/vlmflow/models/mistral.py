@@ -127,6 +127,7 @@ FAMILIES = [
         name="pixtral",
         model_types=("llava:pixtral",),
         compile_measured=True,
+        offload_quantized=True,  # 4-bit: 8.00 instead of 9.47 GiB (Unsloth 8.28), 0.98x speed
         build_tiny=build_tiny_pixtral,
         **PIXTRAL_ENCODER,
     ),

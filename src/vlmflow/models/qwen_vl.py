@@ -207,6 +207,7 @@ FAMILIES = [
         qwen_vl_patches("", "PatchEmbed"),
         build_tiny_qwen2_vl,
         compile_measured=True,
+        offload_quantized=True,  # 4-bit: 5.01 instead of 5.44 GiB (Unsloth 5.29), 0.96x speed
     ),
     qwen_vl_family(
         "qwen2_5_vl",
@@ -214,6 +215,7 @@ FAMILIES = [
         qwen_vl_patches("Qwen2_5_VL", "Qwen2_5_VisionPatchEmbed"),
         build_tiny_qwen2_5_vl,
         compile_measured=True,
+        offload_quantized=True,  # the 7B QLoRA example's setting: 7.5 GiB, Unsloth 9.2 (README)
     ),
     qwen_vl_family(
         "qwen3_vl",
@@ -222,5 +224,6 @@ FAMILIES = [
         build_tiny_qwen3_vl,
         projector=QWEN3_PROJECTOR,
         compile_measured=True,
+        offload_quantized=True,  # 4-bit: 5.20 instead of 5.52 GiB (Unsloth 5.43), 0.91x speed
     ),
 ]
