@@ -20,6 +20,7 @@ from vlmflow.config import resolve_sections
 from vlmflow.data import read_conversations
 from vlmflow.distributed import init_distributed
 from vlmflow.hub import check_model_source
+from vlmflow.modeling import model_family
 from vlmflow.preempt import (
     EXIT_PREEMPTED,
     Preempted,
@@ -66,8 +67,9 @@ def main() -> None:
                 f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {slurm_context() or ''} {e}\n")
         sys.exit(EXIT_PREEMPTED)
     except torch.cuda.OutOfMemoryError:
-        log.error("%s", oom_advice(cfg, ctx.world_size), exc_info=a.verbose)
-        print(f"error: {oom_advice(cfg, ctx.world_size)}", file=sys.stderr)
+        advice = oom_advice(cfg, ctx.world_size, model_family(cfg["model"]["name"], cfg["model"]))
+        log.error("%s", advice, exc_info=a.verbose)
+        print(f"error: {advice}", file=sys.stderr)
         sys.exit(1)
     finally:
         ctx.close()

@@ -117,9 +117,10 @@ class PreemptionHandler:
         self.close()
 
 
-def oom_advice(cfg: dict, world_size: int = 1) -> str:
-    """What to lower after a CUDA out-of-memory error, given the resolved model/train config:
-    a concrete next value for each setting that still has room, most effective first."""
+def oom_advice(cfg: dict, world_size: int = 1, family=None) -> str:
+    """What to lower after a CUDA out-of-memory error, given the resolved model/train config
+    (and the model's `Family`, which says what `use_gradient_checkpointing: auto` did): a
+    concrete next value for each setting that still has room, most effective first."""
     model, train = cfg["model"], cfg["train"]
     bs, accum = train["per_device_train_batch_size"], train["gradient_accumulation_steps"]
     tips = []
@@ -141,10 +142,17 @@ def oom_advice(cfg: dict, world_size: int = 1) -> str:
             "(fewer vision tokens per image)"
         )
     gc = train.get("use_gradient_checkpointing")
-    quantized = model.get("load_in_4bit") or model.get("load_in_8bit")
+    applied = gc
+    if gc == "auto":  # what it was on the GPU that ran out (plain checkpointing if unknown)
+        import torch
+
+        from .modeling import gradient_checkpointing_mode
+
+        cuda = torch.device("cuda")
+        applied = True if family is None else gradient_checkpointing_mode(gc, model, cuda, family)
     if gc is False or gc in ("false", "False"):
         tips.append("train.use_gradient_checkpointing: false -> true (recompute activations)")
-    elif gc is True or gc == "true" or (gc == "auto" and not quantized):
+    elif applied is True or applied == "true":
         tips.append(
             f"train.use_gradient_checkpointing: {'auto' if gc == 'auto' else 'true'} -> "
             "offload, where available (activations kept in CPU memory)"

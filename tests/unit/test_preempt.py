@@ -16,6 +16,7 @@ from helpers import StopAfter, train_config
 
 from vlmflow.config import resolve_sections
 from vlmflow.data import to_table
+from vlmflow.families import FAMILIES
 from vlmflow.preempt import EXIT_PREEMPTED, Preempted, PreemptionHandler, oom_advice
 from vlmflow.train import read_log, train
 
@@ -136,11 +137,18 @@ def test_oom_advice_names_the_settings_with_next_values():
     assert "load_in_4bit" not in msg
     assert "use_gradient_checkpointing: true -> offload" in msg
 
-    # the default, auto, is offloaded already for a 4-bit base on a GPU, plain in 16-bit
+    # the default, auto, offloads a 4-bit base on a GPU of the families measured with it;
+    # otherwise (or the family unknown) it was plain checkpointing
     cfg["train"]["use_gradient_checkpointing"] = "auto"
-    assert "use_gradient_checkpointing" not in oom_advice(cfg)
-    cfg["model"]["load_in_4bit"] = False
+    assert "use_gradient_checkpointing" not in oom_advice(cfg, family=FAMILIES["qwen2_vl"])
+    assert "use_gradient_checkpointing: auto -> offload" in oom_advice(
+        cfg, family=FAMILIES["gemma3"]
+    )
     assert "use_gradient_checkpointing: auto -> offload" in oom_advice(cfg)
+    cfg["model"]["load_in_4bit"] = False
+    assert "use_gradient_checkpointing: auto -> offload" in oom_advice(
+        cfg, family=FAMILIES["qwen2_vl"]
+    )
 
 
 def test_train_cli_ends_an_oom_with_the_advice(
