@@ -482,6 +482,15 @@ def parse_messages(rec: dict, source: Source, fmt: str, msg_col: str) -> tuple[l
             raise RowProblem(f"bad_field: {where} content is a {type(content).__name__}")
         staged.append((role, parts))
     slots = sum(p is None for _, parts in staged for p in parts)
+    inline = any(isinstance(p, tuple) for _, parts in staged for p in parts)
+    first_user = next((k for k, (role, _) in enumerate(staged) if role == "user"), None)
+    if listed and not slots and not inline and first_user is not None:
+        # No placeholder and no image part anywhere (LLaMA-Factory's current mllm_demo.json,
+        # TRL's image-less messages): the images open the first user turn, where TRL's
+        # prepare_multimodal_messages and LLaMA-Factory's chat engines put them, and where the
+        # seed format puts them without placeholders.
+        staged[first_user] = ("user", [None] * len(listed) + staged[first_user][1])
+        slots = len(listed)
     if slots != len(listed):
         what = f"{PLACEHOLDER} placeholders" if fmt == "sharegpt" else "image parts without a value"
         raise RowProblem(

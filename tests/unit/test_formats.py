@@ -209,6 +209,67 @@ def test_messages_typed_parts_every_image_kind(folder):
     assert colours(second) == [(0, 0, 255), (0, 255, 0)]
 
 
+def test_images_without_placeholders_open_the_first_user_turn(folder):
+    """LLaMA-Factory's current mllm_demo.json (no <image> in any turn, an `images` list) and
+    TRL-style messages without image parts: the images go before the first user turn's text,
+    in order, as TRL and LLaMA-Factory's chat engines place them. Some placeholders but not as
+    many as images stays a mismatch."""
+    rows = [
+        {
+            "messages": [
+                {"content": "Who are they?", "role": "user"},
+                {"content": "Kane and Gretzka.", "role": "assistant"},
+                {"content": "What are they doing?", "role": "user"},
+                {"content": "Celebrating.", "role": "assistant"},
+            ],
+            "images": ["img/red.png", "img/blue.png"],
+        },
+        {
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "Colour?"},
+                {"from": "gpt", "value": "green"},
+            ],
+            "images": ["img/green.png"],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "<image> and the other?"},
+                {"role": "assistant", "content": "both red"},
+            ],
+            "images": ["img/red.png", "img/red.png"],
+        },
+    ]
+    ok, rejected, _ = stage(
+        folder, [{"path": jsonl(folder / "lf.jsonl", rows), "format": "sharegpt"}]
+    )
+    assert [(r["row"], r["kind"]) for r in rejected] == [(3, "image_count_mismatch")]
+    two = next(r for r in ok if len(r["images"]) == 2)
+    assert roles_and_parts(two) == [
+        ("user", ["<0>", "<1>", "Who are they?"]),
+        ("assistant", ["Kane and Gretzka."]),
+        ("user", ["What are they doing?"]),
+        ("assistant", ["Celebrating."]),
+    ]
+    assert colours(two) == [(255, 0, 0), (0, 0, 255)]
+    one = next(r for r in ok if len(r["images"]) == 1)
+    assert roles_and_parts(one)[:2] == [("system", ["Be brief."]), ("user", ["<0>", "Colour?"])]
+
+    typed = [
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "q"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "a"}]},
+            ],
+            "images": ["img/blue.png"],
+        }
+    ]
+    ok, rejected, _ = stage(
+        folder, [{"path": jsonl(folder / "trl.jsonl", typed), "format": "messages"}]
+    )
+    assert not rejected and roles_and_parts(ok[0])[0] == ("user", ["<0>", "q"])
+
+
 def test_sharegpt_llamafactory_and_llava_styles(folder):
     rows = [
         {
