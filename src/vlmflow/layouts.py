@@ -491,7 +491,12 @@ def parse_messages(rec: dict, source: Source, fmt: str, msg_col: str) -> tuple[l
         # seed format puts them without placeholders.
         staged[first_user] = ("user", [None] * len(listed) + staged[first_user][1])
         slots = len(listed)
-    if slots != len(listed):
+    indexed = [
+        p[1] for _, parts in staged for p in parts if isinstance(p, tuple) and p[0] == "index"
+    ]
+    if indexed:
+        _check_indexed(indexed, slots, len(listed), img_col or "images")
+    elif slots != len(listed):
         what = f"{PLACEHOLDER} placeholders" if fmt == "sharegpt" else "image parts without a value"
         raise RowProblem(
             f"image_count_mismatch: {slots} {what} but {len(listed)} images in "
@@ -506,11 +511,33 @@ def parse_messages(rec: dict, source: Source, fmt: str, msg_col: str) -> tuple[l
             if p is None:
                 content.append(imgs.add(next(queue)))
             elif isinstance(p, tuple):
-                content.append(imgs.add(p[1]))
+                content.append(imgs.add(listed[p[1]] if p[0] == "index" else p[1]))
             else:
                 content.append(p)
         messages.append({"role": role, "content": content})
     return messages, imgs
+
+
+def _check_indexed(indexed: list[int], slots: int, n_images: int, img_col: str) -> None:
+    """Image parts that name their entry of the `images` column by `index` (Hugging Face
+    datasets' parts, e.g. llava-instruct-mix-vsft): all value-less image parts have one, each
+    is in range, and every image is used (an unused one would be content dropped)."""
+    if slots:
+        raise RowProblem(
+            f"bad_field: {len(indexed)} image parts have an 'index' into '{img_col}' and "
+            f"{slots} have neither an index nor a value"
+        )
+    over = [i for i in indexed if i >= n_images]
+    if over:
+        raise RowProblem(
+            f"image_count_mismatch: an image part has index {over[0]} but '{img_col}' holds "
+            f"{n_images} images"
+        )
+    unused = sorted(set(range(n_images)) - set(indexed))
+    if unused:
+        raise RowProblem(
+            f"image_count_mismatch: images {unused} of '{img_col}' are in no image part"
+        )
 
 
 _VALUE_KEYS = ("image", "image_url", "url", "path", "bytes", "value")
@@ -519,9 +546,10 @@ _VIDEO_TYPES = ("video", "video_url", "input_video")
 
 
 def _typed_part(p, source: Source, where: str):
-    """One typed part: a text part, None (an image taking the next `images` entry), or
-    ("ref", (ref, payload)). The payload may be under its type's key, `value` (LLaMA-Factory's
-    typed parts) or the OpenAI keys; anything else that holds a value quarantines the row."""
+    """One typed part: a text part, None (an image taking the next `images` entry), ("index",
+    i) (an image naming its `images` entry, as Hugging Face datasets' parts do), or ("ref",
+    (ref, payload)). The payload may be under its type's key, `value` (LLaMA-Factory's typed
+    parts) or the OpenAI keys; anything else that holds a value quarantines the row."""
     if isinstance(p, str):
         return text_part(p)
     if not isinstance(p, dict):
@@ -533,9 +561,13 @@ def _typed_part(p, source: Source, where: str):
         )
     if kind not in ("text", "image", "image_url"):
         raise RowProblem(f"unsupported_part: {where} has type {kind!r} (text and image only)")
+    index = p.get("index") if kind != "text" else None  # HF datasets: an index into `images`
     extra = [k for k, v in p.items() if k not in _PART_KEYS and _filled(v)]
+    extra = [k for k in extra if not (k == "index" and index is not None)]
     if extra:
         raise RowProblem(f"unsupported_field: {where} has {extra}, which is not converted")
+    if index is not None and (isinstance(index, bool) or not isinstance(index, int) or index < 0):
+        raise RowProblem(f"bad_field: {where} has index {index!r} (an image's position in images)")
     if kind == "text":
         held = [k for k in ("text", "value") if _filled(p.get(k))]
         if len(held) > 1 and p["text"] != p["value"]:
@@ -552,8 +584,10 @@ def _typed_part(p, source: Source, where: str):
     value = held[0] if held else None
     if value is None and p.get("base64"):
         value = {"base64": p["base64"]}
+    if value is not None and index is not None:
+        raise RowProblem(f"bad_field: image part {where} holds an image and an index")
     if value is None:
-        return None
+        return None if index is None else ("index", index)
     return ("ref", image_ref(value, source, where))
 
 

@@ -270,6 +270,48 @@ def test_images_without_placeholders_open_the_first_user_turn(folder):
     assert not rejected and roles_and_parts(ok[0])[0] == ("user", ["<0>", "q"])
 
 
+def test_hf_dataset_parts_with_an_index_into_images(folder):
+    """Hugging Face datasets' typed parts (HuggingFaceH4/llava-instruct-mix-vsft, written by
+    `datasets` to Parquet: every part carries type, text and index, None where unused): an
+    image part takes `images[index]`, in any order. An index out of range, an image no part
+    uses, or indexed and unindexed parts in one row are quarantined with the reason."""
+
+    def part(kind, text=None, index=None):
+        return {"type": kind, "text": text, "index": index}
+
+    def row(parts, images):
+        return {
+            "messages": [
+                {"role": "user", "content": parts},
+                {"role": "assistant", "content": [part("text", "answer")]},
+            ],
+            "images": [{"bytes": b, "path": None} for b in images],
+        }
+
+    rows = [
+        row([part("image", index=1), part("text", "then"), part("image", index=0)], [RED, BLUE]),
+        row([part("text", "colour?"), part("image", index=0)], [GREEN]),
+        row([part("image", index=2)], [RED, BLUE]),
+        row([part("image", index=0)], [RED, BLUE]),
+        row([part("image", index=0), part("image")], [RED, BLUE]),
+    ]
+    path = folder / "hf.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    ok, rejected, _ = stage(folder, [{"path": str(path), "format": "messages"}])
+    assert [(r["row"], r["kind"]) for r in rejected] == [
+        (3, "image_count_mismatch"),
+        (4, "image_count_mismatch"),
+        (5, "bad_field"),
+    ]
+    assert "index 2" in rejected[0]["reason"] and "[1]" in rejected[1]["reason"]
+    two = next(r for r in ok if len(r["images"]) == 2)
+    assert roles_and_parts(two)[0] == ("user", ["<0>", "then", "<1>"])
+    assert colours(two) == [(0, 0, 255), (255, 0, 0)]  # images[1] first, as the parts say
+    one = next(r for r in ok if len(r["images"]) == 1)
+    assert roles_and_parts(one)[0] == ("user", ["colour?", "<0>"])
+    assert colours(one) == [(0, 255, 0)]
+
+
 def test_sharegpt_llamafactory_and_llava_styles(folder):
     rows = [
         {
