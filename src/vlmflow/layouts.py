@@ -98,6 +98,9 @@ class Source:
     columns: dict = field(default_factory=dict)
     tags: dict = field(default_factory=dict)
     """LLaMA-Factory role tags (TAG_KEYS): the keys and role values of the turns."""
+    instruction: str | None = None
+    """`seed`: the instruction of every row, instead of an instruction column (image + answer
+    data: captions, OCR)."""
     hash_embedded: bool = field(default=True, repr=False)
     """False: embedded images are neither decoded nor hashed (job-graph time listing)."""
     default_label: str | None = field(default=None, repr=False)
@@ -113,6 +116,11 @@ class Source:
         if unknown:
             raise DataError(f"{self.path}: unknown tags keys {sorted(unknown)} (known: {TAG_KEYS})")
         self.tags = {k: (self.tags or {}).get(k) for k in TAG_KEYS}
+        if self.instruction is not None and self.format != "seed":
+            raise DataError(
+                f"{self.path}: 'instruction' (one instruction for every row) is for format "
+                f"'seed', not '{self.format}', whose rows hold their own turns"
+            )
 
     @property
     def label(self) -> str:
@@ -299,7 +307,9 @@ def _role(value, where: str) -> str:
 def parse_seed(rec: dict, source: Source, csv_cells: bool) -> tuple[list[dict], _Images]:
     c = source.columns
     images = image_list(rec.get(c["image"]), source, f"'{c['image']}'", csv_cell=csv_cells)
-    instr, resp = rec.get(c["instruction"]), rec.get(c["response"])
+    fixed = source.instruction  # one instruction for every row, instead of a column
+    instr = rec.get(c["instruction"]) if fixed is None else fixed
+    resp = rec.get(c["response"])
     if isinstance(instr, (list, tuple)) or isinstance(resp, (list, tuple)):
         if not (isinstance(instr, (list, tuple)) and isinstance(resp, (list, tuple))):
             raise RowProblem("bad_field: instruction and response must both be lists for turns")
@@ -315,7 +325,7 @@ def parse_seed(rec: dict, source: Source, csv_cells: bool) -> tuple[list[dict], 
                 "turn it belongs to is not known)"
             )
     else:
-        user = text_value(rec, c["instruction"], required=False)
+        user = text_value(rec, c["instruction"], required=False) if fixed is None else fixed
         if c["input"]:
             # Alpaca convention: the input follows the instruction (joined as LLaMA-Factory does).
             extra = text_value(rec, c["input"], required=False)
@@ -669,7 +679,8 @@ def check_messages(messages: list[dict], n_images: int) -> None:
 def required_columns(source: Source, columns: set[str]) -> list[str]:
     c = source.columns
     if source.format == "seed":
-        return [c["image"], c["instruction"], c["response"]]
+        instruction = [c["instruction"]] if source.instruction is None else []
+        return [c["image"], *instruction, c["response"]]
     return [_messages_column(columns, source, source.format)]
 
 

@@ -209,6 +209,32 @@ def test_messages_typed_parts_every_image_kind(folder):
     assert colours(second) == [(0, 0, 255), (0, 255, 0)]
 
 
+def test_one_instruction_for_every_row_of_an_image_and_answer_file(folder):
+    """Image + answer data (captions, OCR; Unsloth's LaTeX_OCR notebook asks one question of
+    every image): the source's `instruction` is every row's instruction, and no instruction
+    column is needed. Only for the seed format."""
+    (folder / "ocr.csv").write_text("image,text\nimg/red.png,x^2\nimg/blue.png,\\frac{a}{b}\n")
+    source = {
+        "path": str(folder / "ocr.csv"),
+        "columns": {"response": "text"},
+        "instruction": "Write the LaTeX representation for this image.",
+    }
+    ok, rejected, _ = stage(folder, [source])
+    assert not rejected
+    by_answer = {r["messages"][1]["content"][0]["text"]: r for r in ok}
+    assert set(by_answer) == {"x^2", "\\frac{a}{b}"}
+    assert roles_and_parts(by_answer["x^2"]) == [
+        ("user", ["<0>", "Write the LaTeX representation for this image."]),
+        ("assistant", ["x^2"]),
+    ]
+    assert len({r["id"] for r in ok}) == 2  # ids still differ by image
+
+    with pytest.raises(DataError, match="missing required column.*'instruction'"):
+        stage(folder, [{**source, "instruction": None}])
+    with pytest.raises(DataError, match="'instruction'.*format 'seed', not 'sharegpt'"):
+        stage(folder, [{**source, "format": "sharegpt"}])
+
+
 def test_images_without_placeholders_open_the_first_user_turn(folder):
     """LLaMA-Factory's current mllm_demo.json (no <image> in any turn, an `images` list) and
     TRL-style messages without image parts: the images go before the first user turn's text,
