@@ -362,11 +362,12 @@ def parse_seed(rec: dict, source: Source, csv_cells: bool) -> tuple[list[dict], 
 
 def _messages_column(rec_keys, source: Source, fmt: str) -> str:
     """The configured conversation column, else `messages` / `conversations` (whichever the
-    row or file has; per row, so that files mixing both work)."""
+    row or file has; per row, so that files mixing both work), else the Cauldron's `texts`."""
     col = source.columns["messages"]
     if col:
         return col
     order = ("messages", "conversations") if fmt == "messages" else ("conversations", "messages")
+    order += ("texts",)
     for name in order:
         if name in rec_keys:
             return name
@@ -394,7 +395,31 @@ def _load_turns(rec: dict, col: str) -> list:
         raise RowProblem(f"missing_field: no '{col}'")
     if not isinstance(turns, (list, tuple)) or not all(isinstance(t, dict) for t in turns):
         raise RowProblem(f"bad_field: '{col}' must be a list of message objects")
-    return list(turns)
+    return _expand_pairs(list(turns), col)
+
+
+# The Cauldron's / Docmatix's exchange objects also name the dataset they come from: metadata
+_PAIR_METADATA = ("source",)
+
+
+def _expand_pairs(turns: list[dict], col: str) -> list[dict]:
+    """Exchanges written as one {"user": ..., "assistant": ...} object each (the `texts` of
+    HuggingFaceM4/the_cauldron and Docmatix) become a user and an assistant turn; other turns
+    are left as they are."""
+    out = []
+    for i, t in enumerate(turns):
+        if not ("user" in t and "assistant" in t) or _TURN_KEYS & t.keys():
+            out.append(t)
+            continue
+        extra = [k for k, v in t.items() if k not in ("user", "assistant", *_PAIR_METADATA)]
+        extra = [k for k in extra if _filled(t[k])]
+        if extra:
+            raise RowProblem(f"unsupported_field: {col}[{i}] has {extra}, which is not converted")
+        out += [
+            {"role": "user", "content": t["user"]},
+            {"role": "assistant", "content": t["assistant"]},
+        ]
+    return out
 
 
 _TURN_KEYS = {"role", "content", "from", "value"}

@@ -338,6 +338,38 @@ def test_hf_dataset_parts_with_an_index_into_images(folder):
     assert colours(one) == [(0, 255, 0)]
 
 
+def test_the_cauldron_user_assistant_pairs(folder):
+    """HuggingFaceM4/the_cauldron and Docmatix: `images` and `texts`, one {user, assistant,
+    source} object per exchange and no placeholders: each object is a user and an assistant
+    turn (`source`, the dataset's name, is metadata), the images open the first user turn.
+    Another key in an exchange is quarantined."""
+    rows = [
+        {
+            "images": [{"bytes": RED, "path": None}],
+            "texts": [
+                {"user": "Question: colour?", "assistant": "Answer: red", "source": "vqav2"},
+                {"user": "Sure?", "assistant": "Yes.", "source": "vqav2"},
+            ],
+        },
+        {
+            "images": [{"bytes": BLUE, "path": None}],
+            "texts": [{"user": "What?", "assistant": "blue", "source": "x", "score": 3}],
+        },
+    ]
+    path = folder / "cauldron.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    ok, rejected, _ = stage(folder, [{"path": str(path), "format": "messages"}])
+    assert [(r["row"], r["kind"]) for r in rejected] == [(2, "unsupported_field")]
+    assert "['score']" in rejected[0]["reason"]
+    assert roles_and_parts(ok[0]) == [
+        ("user", ["<0>", "Question: colour?"]),
+        ("assistant", ["Answer: red"]),
+        ("user", ["Sure?"]),
+        ("assistant", ["Yes."]),
+    ]
+    assert colours(ok[0]) == [(255, 0, 0)]
+
+
 def test_sharegpt_llamafactory_and_llava_styles(folder):
     rows = [
         {
