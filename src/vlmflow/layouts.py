@@ -371,7 +371,14 @@ def _messages_column(rec_keys, source: Source, fmt: str) -> str:
     for name in order:
         if name in rec_keys:
             return name
+    if {"prompt", "completion"} <= set(rec_keys):
+        return PROMPT_COMPLETION
     return order[0]
+
+
+# TRL's conversational prompt-completion rows (trl-lib/llava-instruct-mix): the conversation is
+# the `prompt` messages followed by the `completion` messages
+PROMPT_COMPLETION = "prompt+completion"
 
 
 def _images_column(rec: dict, source: Source) -> str | None:
@@ -385,6 +392,8 @@ def _images_column(rec: dict, source: Source) -> str | None:
 
 
 def _load_turns(rec: dict, col: str) -> list:
+    if col == PROMPT_COMPLETION:
+        return _load_turns(rec, "prompt") + _load_turns(rec, "completion")
     turns = rec.get(col)
     if isinstance(turns, str):
         try:
@@ -706,7 +715,8 @@ def required_columns(source: Source, columns: set[str]) -> list[str]:
     if source.format == "seed":
         instruction = [c["instruction"]] if source.instruction is None else []
         return [c["image"], *instruction, c["response"]]
-    return [_messages_column(columns, source, source.format)]
+    col = _messages_column(columns, source, source.format)
+    return ["prompt", "completion"] if col == PROMPT_COMPLETION else [col]
 
 
 def _check_columns(source: Source, columns: set[str], how: str) -> None:

@@ -338,6 +338,39 @@ def test_hf_dataset_parts_with_an_index_into_images(folder):
     assert colours(one) == [(0, 255, 0)]
 
 
+def test_trl_conversational_prompt_completion(folder):
+    """TRL's prompt-completion rows (trl-lib/llava-instruct-mix): the conversation is the
+    `prompt` messages then the `completion` messages; value-less image parts take `images`."""
+    rows = [
+        {
+            "images": [{"bytes": GREEN, "path": None}],
+            "prompt": [
+                {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hue?"}]},
+            ],
+            "completion": [{"role": "assistant", "content": [{"type": "text", "text": "green"}]}],
+        },
+        {
+            "images": ["img/red.png"],
+            "prompt": [{"role": "user", "content": [{"type": "image"}]}],
+            "completion": "red",
+        },
+    ]
+    path = folder / "trl.parquet"
+    pq.write_table(pa.Table.from_pylist(rows[:1]), path)
+    ok, rejected, _ = stage(folder, [{"path": str(path), "format": "messages"}])
+    assert not rejected
+    assert roles_and_parts(ok[0]) == [
+        ("system", ["Be brief."]),
+        ("user", ["<0>", "Hue?"]),
+        ("assistant", ["green"]),
+    ]
+    assert colours(ok[0]) == [(0, 255, 0)]
+    src = Source(path=jsonl(folder / "trl.jsonl", rows[1:]), format="messages")
+    (bad,) = list(iter_samples(src))
+    assert bad.reason.startswith("bad_field: 'completion' is a string but not JSON")
+
+
 def test_the_cauldron_user_assistant_pairs(folder):
     """HuggingFaceM4/the_cauldron and Docmatix: `images` and `texts`, one {user, assistant,
     source} object per exchange and no placeholders: each object is a user and an assistant
