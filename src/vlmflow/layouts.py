@@ -80,6 +80,7 @@ UNSUPPORTED_COLUMNS = {
     "tools": ("unsupported_field", "tool definitions"),
     "functions": ("unsupported_field", "tool definitions"),
     "history": ("unsupported_field", "earlier turns (LLaMA-Factory alpaca `history`)"),
+    "objects": ("unsupported_field", "grounding objects (ms-swift's <ref-object> / <bbox>)"),
 }
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _PEEK_ROWS = 1000
