@@ -80,7 +80,6 @@ UNSUPPORTED_COLUMNS = {
     "tools": ("unsupported_field", "tool definitions"),
     "functions": ("unsupported_field", "tool definitions"),
     "history": ("unsupported_field", "earlier turns (LLaMA-Factory alpaca `history`)"),
-    "objects": ("unsupported_field", "grounding objects (ms-swift's <ref-object> / <bbox>)"),
 }
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _PEEK_ROWS = 1000
@@ -664,6 +663,26 @@ def check_placeholders(messages: list[dict]) -> None:
                 )
 
 
+# ms-swift's grounding rows: these placeholders in the text are filled from the `objects` column
+GROUNDING_PLACEHOLDERS = ("<ref-object>", "<bbox>")
+
+
+def check_grounding(rec: dict, messages: list[dict]) -> None:
+    """A row whose text holds ms-swift's `<ref-object>` / `<bbox>` placeholders and that has the
+    `objects` they are filled from: the converter does not fill them, so the row would train on
+    the bare placeholders. (The same strings without an `objects` column are plain text.)"""
+    if not _filled(rec.get("objects")):
+        return
+    for i, m in enumerate(messages):
+        for p in m["content"]:
+            held = [g for g in GROUNDING_PLACEHOLDERS if p["type"] == "text" and g in p["text"]]
+            if held:
+                raise RowProblem(
+                    f"unsupported_field: message {i} ({m['role']}) holds {held[0]}, which "
+                    "ms-swift fills from the row's 'objects' (grounding is not converted)"
+                )
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks shared by every layout.
 
@@ -773,6 +792,7 @@ def iter_samples(source: Source) -> Iterator[Sample | RowError]:
                 col = msg_col if msg_col in rec else _messages_column(rec, source, source.format)
                 messages, imgs = parse_messages(rec, source, source.format, col)
             check_placeholders(messages)
+            check_grounding(rec, messages)
             check_messages(messages, len(imgs.refs))
         except RowProblem as e:
             yield RowError(row, str(e), rec)

@@ -1021,7 +1021,12 @@ def test_content_the_converter_does_not_understand_is_quarantined(folder):
         row([{"type": "text", "text": "q2"}], {"tool_calls": None}),  # empty: nothing is lost
         row([text], {"value": "another answer"}),  # two contents: which one is meant?
         row([{"type": "image", "image": "img/red.png", "url": "img/blue.png"}, text], {}),
-        row([text], {}, objects={"ref": ["sheep"], "bbox": [[90.9, 160.8, 135, 212.8]]}),
+        row(
+            [{"type": "text", "text": "Find <ref-object>"}],
+            {},
+            objects={"ref": ["sheep"], "bbox": [[90.9, 160.8, 135, 212.8]]},
+        ),
+        row([{"type": "text", "text": "Where is the <bbox> tag used?"}], {}),  # plain text
     ]
     ok, rejected, _ = stage(
         folder, [{"path": jsonl(folder / "u.jsonl", rows), "format": "messages"}]
@@ -1036,12 +1041,12 @@ def test_content_the_converter_does_not_understand_is_quarantined(folder):
         (9, "bad_field"),
         (10, "unsupported_field"),  # ms-swift grounding: <ref-object> / <bbox> filled from it
     ]
-    assert "'objects'" in rejected[7]["reason"]
+    assert "<ref-object>" in rejected[7]["reason"] and "'objects'" in rejected[7]["reason"]
     assert "both 'content' and 'value'" in rejected[5]["reason"]
     assert "several different images" in rejected[6]["reason"]
     assert "loss_weight" in rejected[0]["reason"] and "'tool_calls'" in rejected[1]["reason"]
     assert "cache_control" in rejected[2]["reason"] and "'tools'" in rejected[4]["reason"]
-    assert len(ok) == 2
+    assert len(ok) == 3
 
 
 # ---------------------------------------------------------------------------------------------
