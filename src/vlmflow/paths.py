@@ -48,8 +48,9 @@ def resolve_str(root: str, rel: str) -> str:
     if real != root_real and not real.startswith(root_real.rstrip(os.sep) + os.sep):
         if os.path.isabs(rel):
             raise PathEscapeError(
-                f"absolute path '{rel}' is outside the image root '{root_real}'; give paths "
-                "relative to the image root"
+                f"absolute path '{rel}' is outside the image root '{root_real}'; set the "
+                f"source's image_root to a folder that holds the images (e.g. image_root: "
+                f"{os.path.dirname(rel)}) or give paths relative to the image root"
             )
         raise PathEscapeError(f"'{rel}' resolves to '{real}', outside the image root '{root_real}'")
     return joined

@@ -122,8 +122,9 @@ def test_pixel_limit_is_checked_before_decoding(root, monkeypatch):
 
 
 def test_absolute_paths(root, tmp_path):
-    with pytest.raises(PathEscapeError, match="absolute path .* outside the image root"):
+    with pytest.raises(PathEscapeError, match="absolute path .* outside the image root") as e:
         resolve_in_root(root, str(tmp_path / "secret.png"))
+    assert f"image_root: {tmp_path}" in str(e.value)  # the key to set, with a folder that works
     assert resolve_in_root(root, str(root / "ok.png")) == root / "ok.png"  # inside: accepted
     rec = check_image(str(root), str(tmp_path / "secret.png"), image_policy())
     assert rec.reason.startswith("path_escape")
