@@ -360,6 +360,14 @@ def parse_seed(rec: dict, source: Source, csv_cells: bool) -> tuple[list[dict], 
     return messages, imgs
 
 
+# TRL's conversational prompt-completion rows (trl-lib/llava-instruct-mix): the conversation is
+# the `prompt` messages followed by the `completion` messages
+PROMPT_COMPLETION = "prompt+completion"
+
+
+_TURN_KEYS = {"role", "content", "from", "value"}
+
+
 def _messages_column(rec_keys, source: Source, fmt: str) -> str:
     """The configured conversation column, else `messages` / `conversations` (whichever the
     row or file has; per row, so that files mixing both work), else the Cauldron's `texts`."""
@@ -374,11 +382,6 @@ def _messages_column(rec_keys, source: Source, fmt: str) -> str:
     if {"prompt", "completion"} <= set(rec_keys):
         return PROMPT_COMPLETION
     return order[0]
-
-
-# TRL's conversational prompt-completion rows (trl-lib/llava-instruct-mix): the conversation is
-# the `prompt` messages followed by the `completion` messages
-PROMPT_COMPLETION = "prompt+completion"
 
 
 def _images_column(rec: dict, source: Source) -> str | None:
@@ -431,7 +434,6 @@ def _expand_pairs(turns: list[dict], col: str) -> list[dict]:
     return out
 
 
-_TURN_KEYS = {"role", "content", "from", "value"}
 _WEIGHT_KEYS = ("loss_weight", "weight")
 
 
