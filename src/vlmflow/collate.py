@@ -413,6 +413,30 @@ def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k not in PACK_META_KEYS}
 
 
+def without_padding_mask(
+    batch: Mapping[str, torch.Tensor], max_length: float = float("inf")
+) -> dict[str, torch.Tensor]:
+    """`batch` without its 2-D `attention_mask` when that mask hides right padding only (each
+    row: real tokens, then padding without a label) and the batch is at most `max_length`
+    tokens long (a sliding window's span); any other batch is returned unchanged.
+
+    In a causal language model a real token never attends to the padding after it, so every
+    real token's output, and the loss, are the same without the mask (only the padding
+    positions' outputs change), and SDPA runs its causal kernel, which skips the masked half,
+    instead of a dense masked one (`train.fast_paths.padded_attention`; for the families that
+    declare `Family.causal_text`)."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.ndim != 2 or mask.shape[1] > max_length:
+        return dict(batch)
+    real = mask.bool()
+    if bool((real[:, 1:] & ~real[:, :-1]).any()):  # a real token after padding: left padding
+        return dict(batch)
+    labels = batch.get("labels")
+    if labels is not None and bool((labels[~real] != IGNORE_INDEX).any()):
+        return dict(batch)
+    return {k: v for k, v in batch.items() if k != "attention_mask"}
+
+
 def count_tokens(batch: Mapping[str, torch.Tensor]) -> int:
     """Real (non-padding) tokens of a padded (attention_mask) or packed (row_lengths) batch."""
     if "row_lengths" in batch:

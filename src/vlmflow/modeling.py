@@ -372,6 +372,14 @@ def apply_fast_paths(model, family: Family, cfg: dict, device: torch.device, *, 
     model_cfg, train_cfg = cfg["model"], cfg["train"]
     fast = train_cfg["fast_paths"]
     if lora:
+        if fast["padded_attention"] and family.causal_text:
+            model.vlmflow_padded_attention = causal_attention_span(model.config)
+            log.info(
+                "right-padded batches train without the padding mask (causal attention%s)",
+                ""
+                if model.vlmflow_padded_attention == float("inf")
+                else f" up to {model.vlmflow_padded_attention} tokens, the sliding window",
+            )
         if fast["lora"]:
             n = fast_lora(model)
             log.info("LoRA branches in the compute dtype: %d modules", n)
@@ -425,6 +433,19 @@ def apply_fast_paths(model, family: Family, cfg: dict, device: torch.device, *, 
         log.info("packed rows: one causal SDPA call per sample in %d modules", n)
         warn_unpatched(model, family, "packed_attention", n)
     return model
+
+
+def causal_attention_span(config) -> float:
+    """How many tokens the language model's causal attention spans: its sliding window where
+    its layers use one (beyond it the mask hides more than the future), else infinity."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    if not window or getattr(text, "use_sliding_window", True) is False:
+        return float("inf")
+    types = getattr(text, "layer_types", None)
+    if types is not None and not any("sliding" in t for t in types):
+        return float("inf")
+    return window
 
 
 def use_compile(setting, family: Family, device: torch.device) -> bool:

@@ -41,6 +41,7 @@ from .collate import (
     count_tokens,
     model_inputs,
     rope_index_fn,
+    without_padding_mask,
 )
 from .distributed import DistContext
 from .errors import VlmflowError
@@ -696,9 +697,13 @@ def train_step(
         return (t.pin_memory() if pin else t).to(device, non_blocking=True)
 
     loss_fn = model_loss(model)  # label-only cross-entropy, set up once per model
+    span = getattr(model, "vlmflow_padded_attention", None)  # fast_paths.padded_attention
     for batch, (index, targets) in zip(micro_batches, positions):  # padded or packed batches
         index, targets = to_device(index), to_device(targets)
-        batch = {k: to_device(v) for k, v in model_inputs(batch).items()}
+        inputs = model_inputs(batch)
+        if span is not None:  # checked on the CPU: no synchronisation
+            inputs = without_padding_mask(inputs, span)
+        batch = {k: to_device(v) for k, v in inputs.items()}
         loss = loss_fn(batch, num_items_in_batch=n_items, positions=(index, targets))
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()

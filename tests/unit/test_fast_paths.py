@@ -40,6 +40,7 @@ def patched_modules(model) -> Counter:
         for patch in ("vision_attention", "patch_embed"):
             kinds[patch] += name in declared[patch] and "forward" in vars(m)
         kinds["lora"] += hasattr(m, "_vlmflow_peft_forward")
+        kinds["padded_attention"] += "vlmflow_padded_attention" in vars(m)
         kinds["compile"] += bool(getattr(m, "_vlmflow_compiled", False))
         kinds["packed_attention"] += getattr(m, "is_causal", False) and (
             getattr(cfg, "_attn_implementation", None) == patches.PACKED_ATTENTION
@@ -65,7 +66,8 @@ def all_on(tiny_qwen):
 
 
 @pytest.mark.parametrize(
-    "patch", ["vision_attention", "patch_embed", "lora", "packed_attention", "compile"]
+    "patch",
+    ["vision_attention", "patch_embed", "lora", "packed_attention", "padded_attention", "compile"],
 )
 def test_each_fast_path_can_be_switched_off(patch, tiny_qwen, all_on, monkeypatch):
     compile_with_aot_eager(monkeypatch)

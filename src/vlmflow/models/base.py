@@ -74,6 +74,12 @@ class Family:
     """Whether `train.use_gradient_checkpointing: auto` offloads the checkpointed layer inputs to
     host memory when the base is 4-bit / 8-bit on a GPU (measured on an H200: peak at or under
     Unsloth's, which offloads by default, for a small speed cost; BENCHMARKS.md)."""
+    causal_text: bool = False
+    """Whether the language model's self-attention is causal with nothing but padding in its 2-D
+    attention mask (no bidirectional spans over image tokens, as Gemma's): a right-padded batch
+    then trains the same without the mask (`train.fast_paths.padded_attention`: SDPA's causal
+    kernel instead of a dense masked one). Declared where a CPU test compares the loss and the
+    gradients with and without it (`tests/unit/test_padded_attention.py`)."""
     token_keys: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     """Processor outputs with one entry per token that only this family returns, and their
     padding value (`vlmflow.collate.TOKEN_KEYS` adds them to the common ones)."""

@@ -83,6 +83,7 @@ FAMILIES = [
         image_tokens=("<IMG_CONTEXT>", "<img>", "</img>"),
         **CHATML,
         build_tiny=build_tiny_internvl,
+        causal_text=True,
         compile_measured=True,  # regional compile measured on an H200 (BENCHMARKS.md)
     ),
 ]

@@ -141,7 +141,13 @@ def _build_llava_like(out_dir, seed: int, next_: bool) -> Path:
 
 
 # compile_measured: regional compile 1.26x (LLaVA) / 1.23x (LLaVA-NeXT) on an H200 (BENCHMARKS.md)
-_LLAVA = dict(**CLIP_TOWER, end_of_turn="</s>", image_tokens=("<image>",), compile_measured=True)
+_LLAVA = dict(
+    **CLIP_TOWER,
+    end_of_turn="</s>",
+    image_tokens=("<image>",),
+    compile_measured=True,
+    causal_text=True,
+)
 
 FAMILIES = [
     Family(

@@ -91,6 +91,7 @@ FAMILIES = [
         image_tokens=("<image>",),
         **CHATML,
         build_tiny=build_tiny_llava_onevision,
+        causal_text=True,
         compile_measured=True,  # regional compile measured on an H200 (BENCHMARKS.md)
     ),
 ]

@@ -129,12 +129,14 @@ FAMILIES = [
         compile_measured=True,
         offload_quantized=True,  # 4-bit: 8.00 instead of 9.47 GiB (Unsloth 8.28), 0.98x speed
         build_tiny=build_tiny_pixtral,
+        causal_text=True,
         **PIXTRAL_ENCODER,
     ),
     Family(
         name="mistral3",
         compile_measured=True,
         build_tiny=build_tiny_mistral3,
+        causal_text=True,
         **PIXTRAL_ENCODER,
     ),
 ]

@@ -122,5 +122,6 @@ FAMILIES = [
         # (T, images, tiles): which image tiles each token attends to
         token_keys=MappingProxyType({"cross_attention_mask": 0}),
         build_tiny=build_tiny_mllama,
+        causal_text=True,
     ),
 ]

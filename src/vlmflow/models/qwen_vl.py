@@ -42,6 +42,7 @@ QWEN_VL = dict(
     vision_tower=("model.visual",),
     projector=("model.visual.merger",),
     supports_packing=True,
+    causal_text=True,
     image_tokens=("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"),
     **CHATML,
 )
