@@ -141,8 +141,9 @@ def test_oom_advice_names_the_settings_with_next_values():
     # otherwise (or the family unknown) it was plain checkpointing
     cfg["train"]["use_gradient_checkpointing"] = "auto"
     assert "use_gradient_checkpointing" not in oom_advice(cfg, family=FAMILIES["qwen2_vl"])
+    assert "use_gradient_checkpointing" not in oom_advice(cfg, family=FAMILIES["gemma3"])
     assert "use_gradient_checkpointing: auto -> offload" in oom_advice(
-        cfg, family=FAMILIES["gemma3"]
+        cfg, family=FAMILIES["mllama"]
     )
     assert "use_gradient_checkpointing: auto -> offload" in oom_advice(cfg)
     cfg["model"]["load_in_4bit"] = False

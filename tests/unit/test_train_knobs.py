@@ -114,16 +114,16 @@ def test_auto_checkpointing_offloads_quantized_bases_on_a_gpu():
     four = {"load_in_4bit": True, "load_in_8bit": False}
     eight = {"load_in_4bit": False, "load_in_8bit": True}
     sixteen = {"load_in_4bit": False, "load_in_8bit": False}
-    pixtral, gemma3 = FAMILIES["pixtral"], FAMILIES["gemma3"]
-    assert pixtral.offload_quantized and not gemma3.offload_quantized
+    pixtral, mllama = FAMILIES["pixtral"], FAMILIES["mllama"]
+    assert pixtral.offload_quantized and not mllama.offload_quantized
     assert mode("auto", four, cuda, pixtral) == "offload"
     assert mode("auto", eight, cuda, pixtral) == "offload"
     assert mode("auto", sixteen, cuda, pixtral) is True
     assert mode("auto", four, cpu, pixtral) is True
-    assert mode("auto", four, cuda, gemma3) is True
+    assert mode("auto", four, cuda, mllama) is True
     for setting in (False, True, "offload", "unsloth"):
         assert mode(setting, four, cuda, pixtral) == setting
-        assert mode(setting, sixteen, cpu, gemma3) == setting
+        assert mode(setting, sixteen, cpu, mllama) == setting
 
 
 def test_build_training_model_applies_the_resolved_checkpointing(tiny_qwen, monkeypatch):
