@@ -8,7 +8,7 @@ Both are pure functions of their inputs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 
@@ -59,26 +59,17 @@ def find_subsequence(ids: list[int], pattern: list[int], start: int = 0) -> int:
     return -1
 
 
-def response_labels(
-    input_ids: torch.Tensor,
+def response_spans(
+    ids: list[int],
     response_ids: list[int],
     end_ids: list[int],
-    ignore_ids: Sequence[int] = (),
     instruction_ids: list[int] | None = None,
-) -> torch.Tensor:
-    """Labels that keep only assistant turns: the tokens after each `response_ids` marker up to
-    and including the next end-of-turn token sequence (or, when a turn is not closed, up to the
-    next `instruction_ids` marker or the end). Everything else is IGNORE_INDEX.
-
-    input_ids: (T,) int64 → labels: (T,) int64.
-    """
-    ids = input_ids.tolist()
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    pos = 0
-    while True:
-        hit = find_subsequence(ids, response_ids, pos)
-        if hit < 0:
-            break
+) -> list[tuple[int, int]]:
+    """[start, stop) of each assistant turn, in order: the tokens after each `response_ids`
+    marker up to and including the next end-of-turn token sequence (or, when a turn is not
+    closed, up to the next `instruction_ids` marker or the end)."""
+    spans, pos = [], 0
+    while (hit := find_subsequence(ids, response_ids, pos)) >= 0:
         start = hit + len(response_ids)
         end = find_subsequence(ids, end_ids, start)
         stop = len(ids) if end < 0 else end + len(end_ids)
@@ -86,11 +77,40 @@ def response_labels(
             nxt = find_subsequence(ids, instruction_ids, start)
             if 0 <= nxt < stop:
                 stop = nxt
-        labels[start:stop] = input_ids[start:stop]
+        spans.append((start, stop))
         pos = stop
+    return spans
+
+
+def response_labels(
+    input_ids: torch.Tensor,
+    response_ids: list[int],
+    end_ids: list[int],
+    ignore_ids: Sequence[int] = (),
+    instruction_ids: list[int] | None = None,
+    skip: Collection[int] = (),
+) -> torch.Tensor:
+    """Labels that keep only assistant turns (`response_spans`), except the turns numbered in
+    `skip` (0 = the first assistant turn: context not trained on). Everything else is
+    IGNORE_INDEX.
+
+    input_ids: (T,) int64 → labels: (T,) int64.
+    """
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for k, (start, stop) in enumerate(
+        response_spans(input_ids.tolist(), response_ids, end_ids, instruction_ids)
+    ):
+        if k not in skip:
+            labels[start:stop] = input_ids[start:stop]
     for t in ignore_ids:
         labels[input_ids == t] = IGNORE_INDEX
     return labels
+
+
+def untrained_turns(messages: Sequence[dict]) -> set[int]:
+    """Numbers (0 = the first) of the assistant turns kept as context only (`train` False)."""
+    answers = [m for m in messages if m["role"] == "assistant"]
+    return {k for k, m in enumerate(answers) if m.get("train") is False}
 
 
 def fit_pixels(image, min_pixels: int | None, max_pixels: int | None):
@@ -173,10 +193,8 @@ class Encoder:
                 f"sample '{sid}' has {ids.shape[0]} tokens > max_seq_length "
                 f"{self.max_seq_length} (never truncated: image tokens would be cut)"
             )
-        if self.train_on_responses_only:
-            labels = response_labels(
-                ids, self.response_ids, self.end_ids, self.ignore_ids, self.instruction_ids
-            )
+        skip = untrained_turns(row["messages"])
+        if self.train_on_responses_only or skip:
             n_turns = sum(m["role"] == "assistant" for m in messages)
             found = _count(ids.tolist(), self.response_ids)
             if found != n_turns:
@@ -185,8 +203,17 @@ class Encoder:
                     f"{found} times in the tokenized chat template for {n_turns} assistant "
                     f"turns; the chat template does not match the '{self.family.name}' family"
                 )
+        if self.train_on_responses_only:
+            labels = response_labels(
+                ids, self.response_ids, self.end_ids, self.ignore_ids, self.instruction_ids, skip
+            )
         else:
             labels = ids.clone()
+            spans = response_spans(
+                ids.tolist(), self.response_ids, self.end_ids, self.instruction_ids
+            )
+            for k in skip:  # an answer with loss weight 0 stays context here too
+                labels[spans[k][0] : spans[k][1]] = IGNORE_INDEX
             for t in self.ignore_ids:
                 labels[ids == t] = IGNORE_INDEX
         if not bool((labels != IGNORE_INDEX).any()):

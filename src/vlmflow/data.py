@@ -42,7 +42,9 @@ from .redact import redact_text
 log = logging.getLogger(__name__)
 
 PART = pa.struct([("type", pa.string()), ("text", pa.string()), ("image", pa.string())])
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.list_(PART))])
+# train: False on an assistant turn kept as context only (OpenAI's loss weight 0); null = the
+# default (assistant turns are trained on)
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.list_(PART)), ("train", pa.bool_())])
 CONVERSATION_SCHEMA = pa.schema(
     [
         ("id", pa.string()),

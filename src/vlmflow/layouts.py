@@ -437,10 +437,14 @@ def _expand_pairs(turns: list[dict], col: str) -> list[dict]:
 _WEIGHT_KEYS = ("loss_weight", "weight")
 
 
-def _turn_fields(turn: dict, i: int, col: str, tags: dict | None = None) -> tuple[str, object]:
-    """(canonical role, content) of one turn. `tags` (LLaMA-Factory's role tags) name the role
-    and content keys and the role values; a key the converter does not use, holding a value,
-    quarantines the row (e.g. `tool_calls`, a loss weight that would change what is trained)."""
+def _turn_fields(
+    turn: dict, i: int, col: str, tags: dict | None = None
+) -> tuple[str, object, bool]:
+    """(canonical role, content, trained) of one turn. `tags` (LLaMA-Factory's role tags) name
+    the role and content keys and the role values; a key the converter does not use, holding a
+    value, quarantines the row (e.g. `tool_calls`). A loss weight (OpenAI's `weight`) of 0 on an
+    assistant turn makes it context that is not trained on (`trained` False); 1 there, and 0
+    on any other turn, is what training does anyway; any other weight quarantines the row."""
     tags = tags or {}
     where = f"{col}[{i}]"
     role_key, content_key = tags.get("role_tag"), tags.get("content_tag")
@@ -465,16 +469,20 @@ def _turn_fields(turn: dict, i: int, col: str, tags: dict | None = None) -> tupl
             "(tool use is not converted)"
         )
     role = by_tag[value] if value in by_tag else _role(value, where)
+    trained = True
     for key, v in turn.items():
         if key in (role_key, content_key) or not _filled(v):
             continue
         if key in _WEIGHT_KEYS:
-            default = 1.0 if role == "assistant" else 0.0
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) == default:
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if number and float(v) == (1.0 if role == "assistant" else 0.0):
                 continue  # what training does anyway: the loss is on the answers only
+            if number and float(v) == 0.0 and role == "assistant":
+                trained = False  # OpenAI's weight 0: an answer kept as context only
+                continue
             raise RowProblem(
-                f"unsupported_field: {where} ({role}) has {key} {v!r}: per-message loss weights "
-                "are not supported (every assistant turn is trained on, no other turn)"
+                f"unsupported_field: {where} ({role}) has {key} {v!r}: a loss weight is 0 or 1 "
+                "on an assistant turn (trained on or not) and 0 on any other turn"
             )
         if key in _TURN_KEYS:
             if key in ("content", "value") and v == turn.get(content_key):
@@ -484,7 +492,7 @@ def _turn_fields(turn: dict, i: int, col: str, tags: dict | None = None) -> tupl
                 "tags.content_tag say which keys to read)"
             )
         raise RowProblem(f"unsupported_field: {where} has '{key}', which is not converted")
-    return role, turn.get(content_key)
+    return role, turn.get(content_key), trained
 
 
 def _filled(v) -> bool:
@@ -506,8 +514,9 @@ def parse_messages(rec: dict, source: Source, fmt: str, msg_col: str) -> tuple[l
         system = text_value(rec, source.columns["system"], required=False)
         if system.strip():
             staged.append(("system", [text_part(system)]))
+    untrained = set()  # indices into `staged` of assistant turns with loss weight 0
     for i, turn in enumerate(turns):
-        role, content = _turn_fields(turn, i, msg_col, source.tags)
+        role, content, trained = _turn_fields(turn, i, msg_col, source.tags)
         if role == "system" and system.strip():
             if content == system:
                 continue  # the same prompt twice (a field and a message): once
@@ -526,6 +535,8 @@ def parse_messages(rec: dict, source: Source, fmt: str, msg_col: str) -> tuple[l
                 parts.append(_typed_part(p, source, f"{where}.content[{j}]"))
         else:
             raise RowProblem(f"bad_field: {where} content is a {type(content).__name__}")
+        if not trained:
+            untrained.add(len(staged))
         staged.append((role, parts))
     slots = sum(p is None for _, parts in staged for p in parts)
     inline = any(isinstance(p, tuple) for _, parts in staged for p in parts)
@@ -551,7 +562,7 @@ def parse_messages(rec: dict, source: Source, fmt: str, msg_col: str) -> tuple[l
     queue = iter(listed)
     imgs = _Images()
     messages = []
-    for role, parts in staged:
+    for k, (role, parts) in enumerate(staged):
         content = []
         for p in parts:
             if p is None:
@@ -561,6 +572,8 @@ def parse_messages(rec: dict, source: Source, fmt: str, msg_col: str) -> tuple[l
             else:
                 content.append(p)
         messages.append({"role": role, "content": content})
+        if k in untrained:
+            messages[-1]["train"] = False
     return messages, imgs
 
 
@@ -724,6 +737,8 @@ def check_messages(messages: list[dict], n_images: int) -> None:
             prompt = True
     if not seen_assistant:
         raise RowProblem("no_assistant_turn: the conversation has no assistant turn")
+    if all(m.get("train") is False for m in messages if m["role"] == "assistant"):
+        raise RowProblem("no_trained_turn: every assistant turn has loss weight 0")
     if next_image != n_images:
         raise RowProblem("image_count_mismatch: image parts do not match the images")
 

@@ -1013,7 +1013,7 @@ def test_content_the_converter_does_not_understand_is_quarantined(folder):
     text = {"type": "text", "text": "q"}
     rows = [
         row([text], {"loss_weight": 1.0}),  # the default weight: fine
-        row([text], {"loss_weight": 0.0}),  # an answer not to train on: cannot be honoured
+        row([text], {"loss_weight": 0.0}),  # its only answer not trained on: nothing to train
         row([text], {"tool_calls": [{"name": "f"}]}),
         row([{"type": "text", "text": "q", "cache_control": {"type": "x"}}], {}),
         row([{"type": "audio", "audio": "a.wav"}], {}),
@@ -1032,7 +1032,7 @@ def test_content_the_converter_does_not_understand_is_quarantined(folder):
         folder, [{"path": jsonl(folder / "u.jsonl", rows), "format": "messages"}]
     )
     assert kinds(rejected) == [
-        (2, "unsupported_field"),
+        (2, "no_trained_turn"),
         (3, "unsupported_field"),
         (4, "unsupported_field"),
         (5, "unsupported_part"),
@@ -1044,7 +1044,7 @@ def test_content_the_converter_does_not_understand_is_quarantined(folder):
     assert "<ref-object>" in rejected[7]["reason"] and "'objects'" in rejected[7]["reason"]
     assert "both 'content' and 'value'" in rejected[5]["reason"]
     assert "several different images" in rejected[6]["reason"]
-    assert "loss_weight" in rejected[0]["reason"] and "'tool_calls'" in rejected[1]["reason"]
+    assert "loss weight 0" in rejected[0]["reason"] and "'tool_calls'" in rejected[1]["reason"]
     assert "cache_control" in rejected[2]["reason"] and "'tools'" in rejected[4]["reason"]
     assert len(ok) == 3
 
@@ -1122,3 +1122,67 @@ def test_an_empty_split_fails_at_format_conversations_naming_the_key(tmp_path):
     assert "datasets.d.split." in msg
     assert not (tmp_path / "o" / "train.parquet").exists()
     assert not list((tmp_path / "o").glob("*.parquet.tmp-*"))
+
+
+def test_openai_weight_0_answers_are_context_and_not_trained_on(folder, tiny_qwen):
+    """OpenAI's chat fine-tuning format: `weight: 0` on an assistant message keeps it as
+    context without training on it; the row's other answers are trained on. Other weights, a
+    weight on a user turn, and a row whose every answer has weight 0 are quarantined."""
+    from transformers import AutoProcessor
+
+    from vlmflow.collate import IGNORE_INDEX, Encoder
+    from vlmflow.families import FAMILIES
+
+    def chat(w1, w2=None, user_weight=None):
+        tag = f"{w1}-{w2}-{user_weight}"  # a different question each (the id is the prompt's)
+        first_user = {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": "img/red.png"}},
+                {"type": "text", "text": f"Colour? ({tag})"},
+            ],
+        }
+        if user_weight is not None:
+            first_user["weight"] = user_weight
+        second = {"role": "assistant", "content": "red, certainly"}
+        if w2 is not None:
+            second["weight"] = w2
+        return {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                first_user,
+                {"role": "assistant", "content": "blue", "weight": w1},
+                {"role": "user", "content": "Look again."},
+                second,
+            ]
+        }
+
+    rows = [chat(0), chat(0, 1), chat(1, 1), chat(0.5), chat(0, 0), chat(0, user_weight=1)]
+    ok, rejected, _ = stage(
+        folder, [{"path": jsonl(folder / "w.jsonl", rows), "format": "messages"}]
+    )
+    assert kinds(rejected) == [
+        (4, "unsupported_field"),
+        (5, "no_trained_turn"),
+        (6, "unsupported_field"),
+    ]
+    assert "weight 0.5" in rejected[0]["reason"] and "(user)" in rejected[2]["reason"]
+    assert len(ok) == 3
+    by_flags = sorted(
+        str(tuple(m["train"] for m in r["messages"] if m["role"] == "assistant")) for r in ok
+    )
+    assert by_flags == ["(False, None)", "(False, None)", "(None, None)"]
+
+    proc = AutoProcessor.from_pretrained(tiny_qwen)
+    fam = FAMILIES["qwen2_5_vl"]
+    tok = proc.tokenizer
+    for responses_only in (True, False):
+        enc = Encoder(proc, fam, max_seq_length=512, train_on_responses_only=responses_only)
+        for r in ok:
+            out = enc(r)
+            trained = tok.decode(out["labels"][out["labels"] != IGNORE_INDEX])
+            context = r["messages"][2].get("train") is False
+            assert "red, certainly" in trained
+            assert ("blue" in trained) is not context, (responses_only, trained)
+            if not responses_only:
+                assert "Look again." in trained  # the rest of the sequence is still trained on
