@@ -756,12 +756,29 @@ def required_columns(source: Source, columns: set[str]) -> list[str]:
     return ["prompt", "completion"] if col == PROMPT_COMPLETION else [col]
 
 
+def _conversation_format(columns: set[str]) -> tuple[str, str] | None:
+    """(format, column) for a file whose columns are a conversation layout's, else None."""
+    for col, fmt in (
+        ("conversations", "sharegpt"),
+        ("messages", "messages"),
+        ("texts", "messages"),
+    ):
+        if col in columns:
+            return fmt, f"'{col}'"
+    if {"prompt", "completion"} <= columns:
+        return "messages", "'prompt' / 'completion'"
+    return None
+
+
 def _check_columns(source: Source, columns: set[str], how: str) -> None:
     missing = [c for c in required_columns(source, columns) if c not in columns]
     if missing:
         keys = {v: k for k, v in source.columns.items() if v}
         names = ", ".join(f"'{m}'" for m in missing)
         hint = "; ".join(f"map it with columns.{keys.get(m, 'messages')}" for m in missing[:1])
+        guess = _conversation_format(columns) if source.format == "seed" else None
+        if guess:  # a conversation file read with the default format
+            hint = f"its {guess[1]} column says it is a conversation file: set format: {guess[0]}"
         raise DataError(
             f"{source.path}: missing required column(s) {names} for format '{source.format}' "
             f"({how}: {', '.join(sorted(columns)) or 'none'}); {hint}"

@@ -1186,3 +1186,32 @@ def test_openai_weight_0_answers_are_context_and_not_trained_on(folder, tiny_qwe
             assert ("blue" in trained) is not context, (responses_only, trained)
             if not responses_only:
                 assert "Look again." in trained  # the rest of the sequence is still trained on
+
+
+def test_a_conversation_file_read_as_seed_names_the_format_to_set(folder):
+    """Qwen-VL's fine-tuning files (`image` + ShareGPT `conversations`) and other conversation
+    layouts, read with the default format: the error says which format to set."""
+    rows = [
+        {
+            "image": "img/red.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nColour?"},
+                {"from": "gpt", "value": "red"},
+            ],
+        }
+    ]
+    for columns, fmt in (
+        (rows, "sharegpt"),
+        ([{"messages": rows[0]["conversations"]}], "messages"),
+        ([{"prompt": [], "completion": []}], "messages"),
+    ):
+        path = jsonl(folder / "c.jsonl", columns)
+        with pytest.raises(DataError, match=f"set format: {fmt}"):
+            stage(folder, [{"path": path}])
+    ok, rejected, _ = stage(
+        folder, [{"path": jsonl(folder / "q.jsonl", rows), "format": "sharegpt"}]
+    )
+    assert not rejected and roles_and_parts(ok[0]) == [
+        ("user", ["<0>", "\nColour?"]),
+        ("assistant", ["red"]),
+    ]
