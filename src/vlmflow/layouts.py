@@ -101,6 +101,9 @@ class Source:
     instruction: str | None = None
     """`seed`: the instruction of every row, instead of an instruction column (image + answer
     data: captions, OCR)."""
+    metadata_keys: list = field(default_factory=list)
+    """Keys of turns and parts that hold metadata, not content (`turn_id`, `timestamp`): read
+    past. Any other key the converter does not read, holding a value, quarantines the row."""
     hash_embedded: bool = field(default=True, repr=False)
     """False: embedded images are neither decoded nor hashed (job-graph time listing)."""
     default_label: str | None = field(default=None, repr=False)
@@ -116,6 +119,14 @@ class Source:
         if unknown:
             raise DataError(f"{self.path}: unknown tags keys {sorted(unknown)} (known: {TAG_KEYS})")
         self.tags = {k: (self.tags or {}).get(k) for k in TAG_KEYS}
+        content = _TURN_KEYS | _PART_KEYS | set(_WEIGHT_KEYS) | {"index"}
+        taken = sorted(set(self.metadata_keys or ()) & content)
+        if taken:
+            raise DataError(
+                f"{self.path}: metadata_keys {taken} are keys the converter reads as content "
+                "(or loss weights); list only keys that hold metadata"
+            )
+        self.metadata_keys = list(self.metadata_keys or ())
         if self.instruction is not None and self.format != "seed":
             raise DataError(
                 f"{self.path}: 'instruction' (one instruction for every row) is for format "
@@ -438,7 +449,7 @@ _WEIGHT_KEYS = ("loss_weight", "weight")
 
 
 def _turn_fields(
-    turn: dict, i: int, col: str, tags: dict | None = None
+    turn: dict, i: int, col: str, tags: dict | None = None, metadata=()
 ) -> tuple[str, object, bool]:
     """(canonical role, content, trained) of one turn. `tags` (LLaMA-Factory's role tags) name
     the role and content keys and the role values; a key the converter does not use, holding a
@@ -471,7 +482,7 @@ def _turn_fields(
     role = by_tag[value] if value in by_tag else _role(value, where)
     trained = True
     for key, v in turn.items():
-        if key in (role_key, content_key) or not _filled(v):
+        if key in (role_key, content_key) or key in metadata or not _filled(v):
             continue
         if key in _WEIGHT_KEYS:
             number = isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -491,7 +502,10 @@ def _turn_fields(
                 f"bad_field: {where} has both '{content_key}' and '{key}' (tags.role_tag / "
                 "tags.content_tag say which keys to read)"
             )
-        raise RowProblem(f"unsupported_field: {where} has '{key}', which is not converted")
+        raise RowProblem(
+            f"unsupported_field: {where} has '{key}', which is not converted (if it is "
+            "metadata, list it in the source's metadata_keys)"
+        )
     return role, turn.get(content_key), trained
 
 
@@ -516,7 +530,7 @@ def parse_messages(rec: dict, source: Source, fmt: str, msg_col: str) -> tuple[l
             staged.append(("system", [text_part(system)]))
     untrained = set()  # indices into `staged` of assistant turns with loss weight 0
     for i, turn in enumerate(turns):
-        role, content, trained = _turn_fields(turn, i, msg_col, source.tags)
+        role, content, trained = _turn_fields(turn, i, msg_col, source.tags, source.metadata_keys)
         if role == "system" and system.strip():
             if content == system:
                 continue  # the same prompt twice (a field and a message): once
@@ -623,8 +637,12 @@ def _typed_part(p, source: Source, where: str):
     index = p.get("index") if kind != "text" else None  # HF datasets: an index into `images`
     extra = [k for k, v in p.items() if k not in _PART_KEYS and _filled(v)]
     extra = [k for k in extra if not (k == "index" and index is not None)]
+    extra = [k for k in extra if k not in source.metadata_keys]
     if extra:
-        raise RowProblem(f"unsupported_field: {where} has {extra}, which is not converted")
+        raise RowProblem(
+            f"unsupported_field: {where} has {extra}, which is not converted (if it is "
+            "metadata, list it in the source's metadata_keys)"
+        )
     if index is not None and (isinstance(index, bool) or not isinstance(index, int) or index < 0):
         raise RowProblem(f"bad_field: {where} has index {index!r} (an image's position in images)")
     if kind == "text":

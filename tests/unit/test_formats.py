@@ -1215,3 +1215,43 @@ def test_a_conversation_file_read_as_seed_names_the_format_to_set(folder):
         ("user", ["<0>", "\nColour?"]),
         ("assistant", ["red"]),
     ]
+
+
+def test_metadata_keys_are_read_past_and_other_keys_still_quarantine(folder):
+    """Turn and part keys that hold metadata (a `turn_id`, a part's `lang`) quarantine the row
+    unless the source lists them in `metadata_keys`; then the conversation is the same as
+    without them. Content keys cannot be declared metadata."""
+    row = {
+        "messages": [
+            {
+                "role": "user",
+                "turn_id": 1,
+                "content": [{"type": "image"}, {"type": "text", "text": "Colour?", "lang": "en"}],
+            },
+            {"role": "assistant", "turn_id": 2, "content": "red"},
+        ],
+        "images": ["img/red.png"],
+    }
+    plain = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hue?"}]},
+            {"role": "assistant", "content": "green"},
+        ],
+        "images": ["img/green.png"],
+    }
+    path = jsonl(folder / "m.jsonl", [row, plain])
+    _, rejected, _ = stage(folder, [{"path": path, "format": "messages"}])
+    assert kinds(rejected) == [(1, "unsupported_field")]
+    assert "'turn_id'" in rejected[0]["reason"] and "metadata_keys" in rejected[0]["reason"]
+    _, rejected, _ = stage(
+        folder, [{"path": path, "format": "messages", "metadata_keys": ["turn_id"]}]
+    )
+    assert "'lang'" in rejected[0]["reason"]  # the part's key is still not declared
+    ok, rejected, _ = stage(
+        folder, [{"path": path, "format": "messages", "metadata_keys": ["turn_id", "lang"]}]
+    )
+    assert not rejected and len(ok) == 2
+    first = next(r for r in ok if colours(r) == [(255, 0, 0)])
+    assert roles_and_parts(first) == [("user", ["<0>", "Colour?"]), ("assistant", ["red"])]
+    with pytest.raises(DataError, match=r"metadata_keys \['text'\]"):
+        stage(folder, [{"path": path, "format": "messages", "metadata_keys": ["text"]}])
