@@ -270,6 +270,7 @@ def token_budget(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from .collate import image_hints, image_size_for
     from .data import (
         SPLITS,
         DataError,
@@ -303,7 +304,17 @@ def token_budget(
 
     rows = {s: read_conversations(data_dir / f"{s}.parquet") for s in SPLITS}
     all_rows = [(s, r) for s in SPLITS for r in rows[s]]
-    sizes = [[size(p) for p in r["images"]] for _, r in all_rows]
+
+    def sizes_of_row(r: dict) -> list[tuple[int, int]]:
+        # an image part's resize hint: the size the Encoder gives the processor
+        return [
+            size(p)
+            if hint is None
+            else image_size_for(size(p), hint, model_cfg["min_pixels"], model_cfg["max_pixels"])
+            for p, hint in zip(r["images"], image_hints(r))
+        ]
+
+    sizes = [sizes_of_row(r) for _, r in all_rows]
     counter = TokenCounter(processor)
     counter.calibrate(representative_sizes([x for row in sizes for x in row]))
     log.info("counting tokens of %d samples (image tokens: %s path)", len(all_rows), counter.method)

@@ -113,10 +113,12 @@ def untrained_turns(messages: Sequence[dict]) -> set[int]:
     return {k for k, m in enumerate(answers) if m.get("train") is False}
 
 
-def fit_pixels(image, min_pixels: int | None, max_pixels: int | None):
-    """Resize a PIL image (keeping its aspect ratio) so that width*height lies within
-    [min_pixels, max_pixels]; unchanged when it already does or both bounds are None."""
-    w, h = image.size
+def fitted_size(
+    size: tuple[int, int], min_pixels: int | None, max_pixels: int | None
+) -> tuple[int, int]:
+    """(width, height) scaled (aspect ratio kept) so that width*height lies within
+    [min_pixels, max_pixels]; `size` itself when it already does or both bounds are None."""
+    w, h = size
     n = w * h
     scale = 1.0
     if max_pixels is not None and n > max_pixels:
@@ -124,13 +126,45 @@ def fit_pixels(image, min_pixels: int | None, max_pixels: int | None):
     elif min_pixels is not None and n < min_pixels:
         scale = (min_pixels / n) ** 0.5
     if scale == 1.0:
+        return w, h
+    out = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if max_pixels is not None and out[0] * out[1] > max_pixels:  # rounding up overshot
+        out = (max(1, int(w * scale)), max(1, int(h * scale)))
+    return out
+
+
+def fit_pixels(image, min_pixels: int | None, max_pixels: int | None):
+    """Resize a PIL image (keeping its aspect ratio) so that width*height lies within
+    [min_pixels, max_pixels]; unchanged when it already does or both bounds are None."""
+    size = fitted_size(image.size, min_pixels, max_pixels)
+    if size == image.size:
         return image
     from PIL import Image
 
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if max_pixels is not None and size[0] * size[1] > max_pixels:  # rounding up overshot
-        size = (max(1, int(w * scale)), max(1, int(h * scale)))
     return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def image_size_for(
+    size: tuple[int, int], hint: Mapping | None, min_pixels: int | None, max_pixels: int | None
+) -> tuple[int, int]:
+    """The (width, height) an image of `size` is given to the processor at: its part's resize
+    hint (Qwen-VL's `resized_height` / `resized_width`, or its own `min_pixels` / `max_pixels`
+    instead of the model's), else the model's bounds."""
+    if hint and hint.get("resized_height") and hint.get("resized_width"):
+        return hint["resized_width"], hint["resized_height"]
+    if hint and (hint.get("min_pixels") or hint.get("max_pixels")):
+        return fitted_size(size, hint.get("min_pixels"), hint.get("max_pixels"))
+    return fitted_size(size, min_pixels, max_pixels)
+
+
+def image_hints(row: Mapping) -> list:
+    """Each image's resize hint (None: none), by its index in `row["images"]`."""
+    hints = [None] * len(row["images"])
+    for m in row["messages"]:
+        for p in m["content"]:
+            if p["type"] == "image" and p.get("resize"):
+                hints[int(p["image"])] = p["resize"]
+    return hints
 
 
 class Encoder:
@@ -171,7 +205,16 @@ class Encoder:
         return getattr(self.processor, "tokenizer", self.processor)
 
     def images_of(self, row: dict) -> list:
-        return [fit_pixels(load_rgb(p), self.min_pixels, self.max_pixels) for p in row["images"]]
+        out = []
+        for path, hint in zip(row["images"], image_hints(row)):
+            image = load_rgb(path)
+            size = image_size_for(image.size, hint, self.min_pixels, self.max_pixels)
+            if size != image.size:
+                from PIL import Image
+
+                image = image.resize(size, Image.Resampling.BICUBIC)
+            out.append(image)
+        return out
 
     def __call__(self, row: dict) -> dict[str, torch.Tensor]:
         """Encode one row. Returns per-sample tensors: token keys without a batch dimension

@@ -41,7 +41,14 @@ from .redact import redact_text
 
 log = logging.getLogger(__name__)
 
-PART = pa.struct([("type", pa.string()), ("text", pa.string()), ("image", pa.string())])
+# resize: an image part's per-image size hint (Qwen-VL's resized_height / resized_width, or
+# min_pixels / max_pixels); null = the model's settings
+RESIZE = pa.struct(
+    [(k, pa.int64()) for k in ("resized_height", "resized_width", "min_pixels", "max_pixels")]
+)
+PART = pa.struct(
+    [("type", pa.string()), ("text", pa.string()), ("image", pa.string()), ("resize", RESIZE)]
+)
 # train: False on an assistant turn kept as context only (OpenAI's loss weight 0); null = the
 # default (assistant turns are trained on)
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.list_(PART)), ("train", pa.bool_())])

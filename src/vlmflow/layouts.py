@@ -529,6 +529,7 @@ def parse_messages(rec: dict, source: Source, fmt: str, msg_col: str) -> tuple[l
         if system.strip():
             staged.append(("system", [text_part(system)]))
     untrained = set()  # indices into `staged` of assistant turns with loss weight 0
+    hints: dict[tuple[int, int], dict] = {}  # (staged, part) -> an image part's resize hint
     for i, turn in enumerate(turns):
         role, content, trained = _turn_fields(turn, i, msg_col, source.tags, source.metadata_keys)
         if role == "system" and system.strip():
@@ -547,6 +548,9 @@ def parse_messages(rec: dict, source: Source, fmt: str, msg_col: str) -> tuple[l
         elif fmt == "messages" and isinstance(content, (list, tuple)):
             for j, p in enumerate(content):
                 parts.append(_typed_part(p, source, f"{where}.content[{j}]"))
+                hint = resize_hint(p, f"{where}.content[{j}]") if isinstance(p, dict) else None
+                if hint is not None:  # an image part's (a text part's would be unsupported)
+                    hints[len(staged), len(parts) - 1] = hint
         else:
             raise RowProblem(f"bad_field: {where} content is a {type(content).__name__}")
         if not trained:
@@ -578,13 +582,15 @@ def parse_messages(rec: dict, source: Source, fmt: str, msg_col: str) -> tuple[l
     messages = []
     for k, (role, parts) in enumerate(staged):
         content = []
-        for p in parts:
+        for j, p in enumerate(parts):
             if p is None:
                 content.append(imgs.add(next(queue)))
             elif isinstance(p, tuple):
                 content.append(imgs.add(listed[p[1]] if p[0] == "index" else p[1]))
             else:
                 content.append(p)
+            if (k, j) in hints:
+                content[-1]["resize"] = hints[k, j]
         messages.append({"role": role, "content": content})
         if k in untrained:
             messages[-1]["train"] = False
@@ -615,6 +621,30 @@ def _check_indexed(indexed: list[int], slots: int, n_images: int, img_col: str) 
 
 _VALUE_KEYS = ("image", "image_url", "url", "path", "bytes", "value")
 _PART_KEYS = {"type", "text", "base64", *_VALUE_KEYS}
+# Qwen-VL's per-image resize hints (qwen-vl-utils' fetch_image): an exact size, or pixel bounds
+RESIZE_KEYS = ("resized_height", "resized_width", "min_pixels", "max_pixels")
+
+
+def resize_hint(p: dict, where: str) -> dict | None:
+    """The resize hint of an image part ({resized_height, resized_width, min_pixels,
+    max_pixels}, unset ones None), or None when it has none. Each value is a positive integer;
+    `resized_height` and `resized_width` come together and exclude the pixel bounds."""
+    hint = {k: p.get(k) for k in RESIZE_KEYS}
+    if all(v is None for v in hint.values()):
+        return None
+    for k, v in hint.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise RowProblem(f"bad_field: {where} has {k} {v!r} (a positive number of pixels)")
+    exact = [hint["resized_height"] is not None, hint["resized_width"] is not None]
+    if any(exact) and not all(exact):
+        raise RowProblem(f"bad_field: {where} has only one of resized_height / resized_width")
+    if all(exact) and (hint["min_pixels"] or hint["max_pixels"]):
+        raise RowProblem(f"bad_field: {where} has both a resized size and pixel bounds")
+    if hint["min_pixels"] and hint["max_pixels"] and hint["min_pixels"] > hint["max_pixels"]:
+        raise RowProblem(f"bad_field: {where} has min_pixels > max_pixels")
+    return hint
+
+
 _VIDEO_TYPES = ("video", "video_url", "input_video")
 
 
@@ -638,6 +668,8 @@ def _typed_part(p, source: Source, where: str):
     extra = [k for k, v in p.items() if k not in _PART_KEYS and _filled(v)]
     extra = [k for k in extra if not (k == "index" and index is not None)]
     extra = [k for k in extra if k not in source.metadata_keys]
+    if kind != "text":
+        extra = [k for k in extra if k not in RESIZE_KEYS]  # read by resize_hint
     if extra:
         raise RowProblem(
             f"unsupported_field: {where} has {extra}, which is not converted (if it is "

@@ -160,3 +160,42 @@ def test_token_budget_fails_when_asked_or_over_the_bad_fraction(tiny_qwen, image
         token_budget(
             drop, tmp_path, None, tmp_path / "b", max_bad_fraction=0.05, processor=processor
         )
+
+
+def test_resize_hints_set_the_image_size_in_the_counts_and_the_encoder(
+    tiny_qwen, image_files, tmp_path
+):
+    """Qwen-VL's per-image resize hints (an exact size, or the part's own pixel bounds): the
+    budget counts what the Encoder feeds the model, and the hint changes it."""
+    big = image_files[(1000, 700)]
+
+    def hinted(i, **hint):
+        r = row(i, [big])
+        r["messages"][0]["content"][0]["resize"] = {
+            **dict.fromkeys(("resized_height", "resized_width", "min_pixels", "max_pixels")),
+            **hint,
+        }
+        return r
+
+    rows = [
+        row(0, [big]),
+        hinted(1, resized_height=56, resized_width=84),
+        hinted(2, max_pixels=28 * 28 * 24),
+        hinted(3, min_pixels=28 * 28 * 4),  # the image is larger already: as unhinted
+    ]
+    write_splits(tmp_path, {"train": rows})
+    cfg = model_cfg(tiny_qwen)
+    processor = load_processor(cfg)
+    out = tmp_path / "run"
+    token_budget(cfg, tmp_path, None, out, max_bad_fraction=0.5, processor=processor)
+    counted = {
+        r["id"]: r["total"] for r in pq.read_table(out / "token_lengths.parquet").to_pylist()
+    }
+    kept = data.read_conversations(out / "train.parquet")
+    assert [r["messages"][0]["content"][0]["resize"] for r in kept][1]["resized_width"] == 84
+    encoder = Encoder(processor, model_family(tiny_qwen), max_seq_length=10**6)
+    real = {r["id"]: len(encoder(r)["input_ids"]) for r in kept}
+    assert counted == real
+    assert real["r1"] < real["r2"] < real["r0"] == real["r3"]
+    grid = encoder(kept[1])["image_grid_thw"].tolist()
+    assert grid == [[1, 56 // 14, 84 // 14]]  # the exact size, in 14-px patches

@@ -1255,3 +1255,62 @@ def test_metadata_keys_are_read_past_and_other_keys_still_quarantine(folder):
     assert roles_and_parts(first) == [("user", ["<0>", "Colour?"]), ("assistant", ["red"])]
     with pytest.raises(DataError, match=r"metadata_keys \['text'\]"):
         stage(folder, [{"path": path, "format": "messages", "metadata_keys": ["text"]}])
+
+
+def test_qwen_resize_hints_are_kept_per_image_and_bad_ones_quarantined(folder):
+    """Qwen-VL's image parts with `resized_height` / `resized_width` or `min_pixels` /
+    `max_pixels` (qwen-vl-utils' fetch_image): the hint stays with its image part in the
+    canonical schema (the Encoder and the token budget apply it); a malformed hint is
+    quarantined with its reason, and a hint on a text part is not converted."""
+
+    def row(question, **hint):
+        return {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": "img/red.png", **hint},
+                        {"type": "text", "text": question},
+                    ],
+                },
+                {"role": "assistant", "content": "red"},
+            ]
+        }
+
+    rows = [
+        row("a", resized_height=280, resized_width=420),
+        row("b", min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28),
+        row("c"),
+        row("d", resized_height=280),
+        row("e", resized_height=-1, resized_width=28),
+        row("f", resized_height=28, resized_width=28, max_pixels=100),
+        row("g", min_pixels=10, max_pixels=5),
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "h", "max_pixels": 9}]},
+                {"role": "assistant", "content": "x"},
+            ]
+        },
+    ]
+    ok, rejected, _ = stage(
+        folder, [{"path": jsonl(folder / "q.jsonl", rows), "format": "messages"}]
+    )
+    assert kinds(rejected) == [
+        (4, "bad_field"),
+        (5, "bad_field"),
+        (6, "bad_field"),
+        (7, "bad_field"),
+        (8, "unsupported_field"),
+    ]
+    assert "only one of resized_height" in rejected[0]["reason"]
+    hints = {
+        r["messages"][0]["content"][1]["text"]: r["messages"][0]["content"][0]["resize"] for r in ok
+    }
+    assert hints["a"] == {
+        "resized_height": 280,
+        "resized_width": 420,
+        "min_pixels": None,
+        "max_pixels": None,
+    }
+    assert hints["b"]["max_pixels"] == 1280 * 28 * 28 and hints["b"]["resized_height"] is None
+    assert hints["c"] is None
