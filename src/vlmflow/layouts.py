@@ -119,7 +119,7 @@ class Source:
         if unknown:
             raise DataError(f"{self.path}: unknown tags keys {sorted(unknown)} (known: {TAG_KEYS})")
         self.tags = {k: (self.tags or {}).get(k) for k in TAG_KEYS}
-        content = _TURN_KEYS | _PART_KEYS | set(_WEIGHT_KEYS) | {"index"}
+        content = _TURN_KEYS | _PART_KEYS | {*_WEIGHT_KEYS, *RESIZE_KEYS, "index"}
         taken = sorted(set(self.metadata_keys or ()) & content)
         if taken:
             raise DataError(
