@@ -136,7 +136,11 @@ def fitted_size(
 def fit_pixels(image, min_pixels: int | None, max_pixels: int | None):
     """Resize a PIL image (keeping its aspect ratio) so that width*height lies within
     [min_pixels, max_pixels]; unchanged when it already does or both bounds are None."""
-    size = fitted_size(image.size, min_pixels, max_pixels)
+    return resized(image, fitted_size(image.size, min_pixels, max_pixels))
+
+
+def resized(image, size: tuple[int, int]):
+    """A PIL image at (width, height) `size` (bicubic), or itself when it has that size."""
     if size == image.size:
         return image
     from PIL import Image
@@ -208,12 +212,9 @@ class Encoder:
         out = []
         for path, hint in zip(row["images"], image_hints(row)):
             image = load_rgb(path)
-            size = image_size_for(image.size, hint, self.min_pixels, self.max_pixels)
-            if size != image.size:
-                from PIL import Image
-
-                image = image.resize(size, Image.Resampling.BICUBIC)
-            out.append(image)
+            out.append(
+                resized(image, image_size_for(image.size, hint, self.min_pixels, self.max_pixels))
+            )
         return out
 
     def __call__(self, row: dict) -> dict[str, torch.Tensor]:

@@ -438,7 +438,7 @@ def apply_fast_paths(model, family: Family, cfg: dict, device: torch.device, *, 
 def causal_attention_span(config) -> float:
     """How many tokens the language model's causal attention spans: its sliding window where
     its layers use one (beyond it the mask hides more than the future), else infinity."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = config.get_text_config()
     window = getattr(text, "sliding_window", None)
     if not window or getattr(text, "use_sliding_window", True) is False:
         return float("inf")

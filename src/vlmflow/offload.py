@@ -125,8 +125,7 @@ class OffloadedCheckpoint:
                 ready.record(stream)
             t.record_stream(stream)  # its memory is not reused before the copy is done
         else:
-            host, ready = _same_layout(t, "cpu"), None
-            host.copy_(t.detach())
+            host, ready = t.detach().clone(), None  # clone keeps the strides too
         entry = _Offloaded(t.device, host, ready, self._call)
         self.offloaded_bytes += t.numel() * t.element_size()
         self._seen[id(t)] = (weakref.ref(t), t._version, weakref.ref(entry))

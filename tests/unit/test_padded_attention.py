@@ -114,7 +114,7 @@ def test_the_span_is_the_sliding_window_only_where_layers_slide():
     assert causal_attention_span(full) == math.inf
 
 
-def captured_inputs(model, batch, monkeypatch):
+def captured_inputs(model, batch):
     """The keyword arguments the model's body is called with by train_step."""
     from vlmflow import train as train_mod
     from vlmflow.loss import model_loss
@@ -152,9 +152,7 @@ def left_padded(batch):
 
 
 @pytest.mark.parametrize("on", [True, False])
-def test_train_step_sends_the_mask_only_when_the_switch_is_off(
-    on, tiny_qwen, chat_rows, monkeypatch
-):
+def test_train_step_sends_the_mask_only_when_the_switch_is_off(on, tiny_qwen, chat_rows):
     from vlmflow import modeling
     from vlmflow.config import resolve_sections
 
@@ -171,7 +169,7 @@ def test_train_step_sends_the_mask_only_when_the_switch_is_off(
     )
     model, _, _ = modeling.build_training_model(cfg, torch.device("cpu"))
     batch = padded_batch("qwen2_5_vl", tiny_qwen, chat_rows)
-    assert ("attention_mask" in captured_inputs(model, batch, monkeypatch)) is not on
+    assert ("attention_mask" in captured_inputs(model, batch)) is not on
     left = left_padded(batch)
     assert left["attention_mask"][:, -1].all() and not left["attention_mask"][:, 0].all()
-    assert "attention_mask" in captured_inputs(model, left, monkeypatch)  # kept either way
+    assert "attention_mask" in captured_inputs(model, left)  # kept either way

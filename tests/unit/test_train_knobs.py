@@ -70,7 +70,9 @@ def test_offloaded_inputs_come_back_with_their_strides():
     """A checkpointed layer's input that is a transposed view (Gemma 3's SigLIP patch
     embeddings) is restored for the recomputation with its own strides, not contiguous: a
     compiled layer's graph asserts them (it failed so on an H200). Overlapping views (expand)
-    come back dense. Same loss and gradient as without offloading."""
+    come back dense. Same loss and gradient as without offloading. On the CPU the round trip
+    runs the host path; the GPU path allocates both copies with `_same_layout`, checked here
+    directly (a plain `torch.empty(size)` there was the bug)."""
     from vlmflow.offload import OffloadedCheckpoint, _same_layout
 
     seen = []
@@ -91,6 +93,7 @@ def test_offloaded_inputs_come_back_with_their_strides():
     layer(base.transpose(1, 2)).backward()
     torch.testing.assert_close(grad, base.grad)
 
+    assert _same_layout(base.transpose(1, 2), "cpu").stride() == (30, 1, 5)
     expanded = torch.randn(3, 1).expand(3, 5)
     assert _same_layout(expanded, "cpu").stride() == (5, 1)
 
