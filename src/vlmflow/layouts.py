@@ -119,14 +119,14 @@ class Source:
         if unknown:
             raise DataError(f"{self.path}: unknown tags keys {sorted(unknown)} (known: {TAG_KEYS})")
         self.tags = {k: (self.tags or {}).get(k) for k in TAG_KEYS}
+        self.metadata_keys = list(self.metadata_keys or ())
         content = _TURN_KEYS | _PART_KEYS | {*_WEIGHT_KEYS, *RESIZE_KEYS, "index"}
-        taken = sorted(set(self.metadata_keys or ()) & content)
+        taken = sorted(set(self.metadata_keys) & content)
         if taken:
             raise DataError(
                 f"{self.path}: metadata_keys {taken} are keys the converter reads as content "
                 "(or loss weights); list only keys that hold metadata"
             )
-        self.metadata_keys = list(self.metadata_keys or ())
         if self.instruction is not None and self.format != "seed":
             raise DataError(
                 f"{self.path}: 'instruction' (one instruction for every row) is for format "
