@@ -5,8 +5,8 @@ assistant turns with `</s>`: the entries carry templates that do."""
 from __future__ import annotations
 
 import os
-from types import MappingProxyType
 from pathlib import Path
+from types import MappingProxyType
 
 from ..tiny import fast_tokenizer, finish, llama_text, random_model, save_tiny, vit
 from .base import CLIP_TOWER, TEXT_PARTS, Family, user_parts
