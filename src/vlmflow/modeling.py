@@ -39,18 +39,20 @@ GRADIENT_CHECKPOINTING_MODES = (False, True, "offload", "unsloth")
 
 
 def gradient_checkpointing_mode(setting, model_cfg: dict, device: torch.device, family: Family):
-    """`train.use_gradient_checkpointing` as applied: `auto` (the default) is "offload" for a
-    quantized base (`load_in_4bit` / `load_in_8bit`) on a CUDA device of a family measured with
-    it (`Family.offload_quantized`), True otherwise; any other setting as given. QLoRA is
-    picked for memory: offloading took the 4-bit peaks of Pixtral, Qwen3-VL and Qwen2-VL down
-    by 1.47, 0.32 and 0.43 GiB, to or under Unsloth's (whose default it is), at 0.91-0.98x the
-    speed (BENCHMARKS.md, 2026-12-04). On the CPU the "host" copy would be a second copy in the
-    same memory."""
+    """`train.use_gradient_checkpointing` as applied: `auto` (the default) is "offload" on a
+    CUDA device for a quantized base (`load_in_4bit` / `load_in_8bit`) of a family measured
+    with it (`Family.offload_quantized`) and for a 16-bit base of a family measured with it
+    (`Family.offload_16bit`), True otherwise; any other setting as given. Offloading took the
+    4-bit peaks of Pixtral, Qwen3-VL and Qwen2-VL down by 1.47, 0.32 and 0.43 GiB, to or under
+    Unsloth's (whose default it is), at 0.91-0.98x the speed; at full depth in 16-bit, where
+    plain checkpointing peaked 4-11% above Unsloth, it took Qwen2-VL, Qwen3-VL, LLaVA-NeXT and
+    Pixtral to 0.87-0.95x Unsloth's peak at 1.00, 0.98, 0.98 and 0.92x the speed (BENCHMARKS.md,
+    2026-12-04). On the CPU the "host" copy would be a second copy in the same memory."""
     if setting != "auto":
         return setting
     quantized = model_cfg["load_in_4bit"] or model_cfg["load_in_8bit"]
-    offload = quantized and device.type == "cuda" and family.offload_quantized
-    return "offload" if offload else True
+    measured = family.offload_quantized if quantized else family.offload_16bit
+    return "offload" if device.type == "cuda" and measured else True
 
 
 def pick_device() -> torch.device:
@@ -393,13 +395,14 @@ def apply_fast_paths(model, family: Family, cfg: dict, device: torch.device, *, 
                 log.info("gradient checkpointing keeps the attention outputs in %d layers", n)
             warn_unpatched(model, family, "saved_attention", n, classes)
         if fast["compile"] and use_compile(train_cfg["compile"], family, device):
+            # Only over transformers' own checkpoint (not the offloader's) of 16-bit layers.
+            quantized = model_cfg["load_in_4bit"] or model_cfg["load_in_8bit"]
+            compiled_checkpoint = fast["compiled_checkpoint"] and gc is True and not quantized
             classes = family.patches.get("compiled_checkpoint", ())
-            n = compile_layers(
-                model, checkpoint_classes=classes if fast["compiled_checkpoint"] else ()
-            )
+            n = compile_layers(model, checkpoint_classes=classes if compiled_checkpoint else ())
             log.info("torch.compile on %d layers", n)
             warn_unpatched(model, family, "compile", n)
-            if classes and fast["compiled_checkpoint"]:
+            if classes and compiled_checkpoint:
                 n = sum(hasattr(m, "_vlmflow_compiled_checkpoint") for m in model.modules())
                 log.info("their checkpoint compiled with them in %d layers", n)
                 warn_unpatched(model, family, "compiled_checkpoint", n, classes)

@@ -137,8 +137,8 @@ def test_oom_advice_names_the_settings_with_next_values():
     assert "load_in_4bit" not in msg
     assert "use_gradient_checkpointing: true -> offload" in msg
 
-    # the default, auto, offloads a 4-bit base on a GPU of the families measured with it;
-    # otherwise (or the family unknown) it was plain checkpointing
+    # the default, auto, offloads on a GPU where the family was measured with it for this base
+    # (4-bit or 16-bit); otherwise (or the family unknown) it was plain checkpointing
     cfg["train"]["use_gradient_checkpointing"] = "auto"
     assert "use_gradient_checkpointing" not in oom_advice(cfg, family=FAMILIES["qwen2_vl"])
     assert "use_gradient_checkpointing" not in oom_advice(cfg, family=FAMILIES["gemma3"])
@@ -147,8 +147,9 @@ def test_oom_advice_names_the_settings_with_next_values():
     )
     assert "use_gradient_checkpointing: auto -> offload" in oom_advice(cfg)
     cfg["model"]["load_in_4bit"] = False
+    assert "use_gradient_checkpointing" not in oom_advice(cfg, family=FAMILIES["qwen2_vl"])
     assert "use_gradient_checkpointing: auto -> offload" in oom_advice(
-        cfg, family=FAMILIES["qwen2_vl"]
+        cfg, family=FAMILIES["gemma3"]
     )
 
 

@@ -105,11 +105,11 @@ def test_checkpointing_modes_are_validated():
         enable_gradient_checkpointing(torch.nn.Linear(2, 2), "sometimes")
 
 
-def test_auto_checkpointing_offloads_quantized_bases_on_a_gpu():
-    """The default, auto: offloaded checkpointing for a 4-bit / 8-bit base on CUDA of a family
-    measured with it (QLoRA picks memory), plain checkpointing in 16-bit, on the CPU (where the
-    host copy is a second copy in the same memory) and for the other families; explicit
-    settings as given."""
+def test_auto_checkpointing_offloads_where_measured_on_a_gpu():
+    """The default, auto: offloaded checkpointing on CUDA for a 4-bit / 8-bit base of a family
+    measured with it, and for a 16-bit base of a family measured with it in 16-bit (Pixtral,
+    not Mllama); plain checkpointing on the CPU (where the host copy is a second copy in the
+    same memory) and for the other families; explicit settings as given."""
     from vlmflow.modeling import gradient_checkpointing_mode as mode
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -121,9 +121,21 @@ def test_auto_checkpointing_offloads_quantized_bases_on_a_gpu():
     assert pixtral.offload_quantized and not mllama.offload_quantized
     assert mode("auto", four, cuda, pixtral) == "offload"
     assert mode("auto", eight, cuda, pixtral) == "offload"
-    assert mode("auto", sixteen, cuda, pixtral) is True
+    assert pixtral.offload_16bit and not mllama.offload_16bit
+    assert mode("auto", sixteen, cuda, pixtral) == "offload"
+    assert mode("auto", sixteen, cpu, pixtral) is True
     assert mode("auto", four, cpu, pixtral) is True
     assert mode("auto", four, cuda, mllama) is True
+    assert mode("auto", sixteen, cuda, mllama) is True
+    gemma = FAMILIES["gemma3"]  # offloads its 4-bit base only
+    assert mode("auto", four, cuda, gemma) == "offload"
+    assert mode("auto", sixteen, cuda, gemma) is True
+    assert {n for n, f in FAMILIES.items() if f.offload_16bit} == {
+        "qwen2_vl",
+        "qwen3_vl",
+        "pixtral",
+        "llava_next",
+    }
     for setting in (False, True, "offload", "unsloth"):
         assert mode(setting, four, cuda, pixtral) == setting
         assert mode(setting, sixteen, cpu, mllama) == setting

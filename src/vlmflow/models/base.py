@@ -74,6 +74,10 @@ class Family:
     """Whether `train.use_gradient_checkpointing: auto` offloads the checkpointed layer inputs to
     host memory when the base is 4-bit / 8-bit on a GPU (measured on an H200: peak at or under
     Unsloth's, which offloads by default, for a small speed cost; BENCHMARKS.md)."""
+    offload_16bit: bool = False
+    """Whether `train.use_gradient_checkpointing: auto` offloads them in 16-bit too (on a GPU):
+    measured on an H200 at full depth, where plain checkpointing kept the peak above Unsloth's
+    and offloading took it under for a small speed cost (BENCHMARKS.md, 2026-12-04 evening)."""
     causal_text: bool = False
     """Whether the language model's self-attention is causal with nothing but padding in its 2-D
     attention mask (no bidirectional spans over image tokens, as Gemma's): a right-padded batch

@@ -171,6 +171,9 @@ FAMILIES = [
         patches=MappingProxyType(
             {"compiled_checkpoint": ("MistralDecoderLayer", "CLIPEncoderLayer")}
         ),
+        # 16-bit at full depth (32 / 24 layers): 17.70 instead of 21.76 GiB (Unsloth 20.29) at
+        # 0.98x the speed.
+        offload_16bit=True,
         **_LLAVA,
     ),
 ]
