@@ -47,7 +47,8 @@ def gradient_checkpointing_mode(setting, model_cfg: dict, device: torch.device, 
     Unsloth's (whose default it is), at 0.91-0.98x the speed; at full depth in 16-bit, where
     plain checkpointing peaked 4-11% above Unsloth, it took Qwen2-VL, Qwen3-VL, LLaVA-NeXT and
     Pixtral to 0.87-0.95x Unsloth's peak at 1.00, 0.98, 0.98 and 0.92x the speed (BENCHMARKS.md,
-    2026-12-04). On the CPU the "host" copy would be a second copy in the same memory."""
+    2026-12-04), and LLaVA-1.5 from 1.02x to 0.96x at 0.99x (2026-12-06). On the CPU the "host"
+    copy would be a second copy in the same memory."""
     if setting != "auto":
         return setting
     quantized = model_cfg["load_in_4bit"] or model_cfg["load_in_8bit"]
@@ -395,9 +396,9 @@ def apply_fast_paths(model, family: Family, cfg: dict, device: torch.device, *, 
                 log.info("gradient checkpointing keeps the attention outputs in %d layers", n)
             warn_unpatched(model, family, "saved_attention", n, classes)
         if fast["compile"] and use_compile(train_cfg["compile"], family, device):
-            # Only over transformers' own checkpoint (not the offloader's) of 16-bit layers.
+            # Over transformers' own checkpoint or the offloader's, of 16-bit layers.
             quantized = model_cfg["load_in_4bit"] or model_cfg["load_in_8bit"]
-            compiled_checkpoint = fast["compiled_checkpoint"] and gc is True and not quantized
+            compiled_checkpoint = fast["compiled_checkpoint"] and bool(gc) and not quantized
             classes = family.patches.get("compiled_checkpoint", ())
             n = compile_layers(model, checkpoint_classes=classes if compiled_checkpoint else ())
             log.info("torch.compile on %d layers", n)

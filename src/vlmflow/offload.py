@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 
@@ -100,6 +101,7 @@ class OffloadedCheckpoint:
         # id(tensor) -> (weakref(tensor), version, weakref(entry)): autograd alone owns entries
         self._seen: dict[int, tuple] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._keep: frozenset[int] = frozenset()  # storages that stay put (`saving`)
 
     def _copy_stream(self, device):
         if device not in self._streams:
@@ -109,6 +111,8 @@ class OffloadedCheckpoint:
     def _pack(self, t: torch.Tensor):
         if t.numel() * t.element_size() < self.min_bytes:
             return t
+        if self._keep and t.untyped_storage().data_ptr() in self._keep:
+            return t  # a weight of the layer (a compiled checkpoint saves them too)
         seen = self._seen.get(id(t))
         if seen is not None and seen[0]() is t and seen[1] == t._version:
             entry = seen[2]()
@@ -175,13 +179,26 @@ class OffloadedCheckpoint:
                 self._fetch(e)
         self._entries = alive
 
-    def __call__(self, function, *args, **kwargs):
-        from torch.utils.checkpoint import checkpoint
-
+    @contextlib.contextmanager
+    def saving(self, keep: frozenset[int] = frozenset()):
+        """The tensors autograd saves inside this context (one checkpointed layer call) go to
+        host memory, except those whose storage's data pointer is in `keep` (the layer's
+        weights: a compiled checkpoint, `patches._compiled_checkpoint`, saves the weights its
+        backward graph recomputes with beside the layer's inputs)."""
         self._call += 1
         if len(self._seen) > 4096:
             self._seen = {k: v for k, v in self._seen.items() if v[2]() is not None}
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+        self._keep = keep
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self._keep = frozenset()
+
+    def __call__(self, function, *args, **kwargs):
+        from torch.utils.checkpoint import checkpoint
+
+        with self.saving():
             return checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 

@@ -36,6 +36,7 @@ The training loss is in `vlmflow.loss`, activation offloading in `vlmflow.offloa
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import types
@@ -857,12 +858,15 @@ def _compiled_or_eager(name: str, module, backend: str):
 def _plain_checkpoint(function) -> bool:
     """Whether `function` is transformers' default checkpoint function for a layer:
     `torch.utils.checkpoint.checkpoint` with `use_reentrant=False` and nothing else, or with
-    the attention-saving context of `save_attention` added."""
+    the attention-saving context of `save_attention` added, or vlmflow's offloaded checkpoint
+    (`vlmflow.offload.OffloadedCheckpoint`)."""
     import functools
 
     import torch.utils.checkpoint
 
-    return (
+    from .offload import OffloadedCheckpoint
+
+    return isinstance(function, OffloadedCheckpoint) or (
         isinstance(function, functools.partial)
         and function.func is torch.utils.checkpoint.checkpoint
         and not function.args
@@ -887,13 +891,20 @@ def _compiled_checkpoint(name: str, module, eager, backend: str):
     layers: the same peak; more for Qwen3-VL's and for 4-bit layers, BENCHMARKS.md). Called
     by `GradientCheckpointingLayer.__call__` as `function(partial(Module.__call__, **kwargs),
     *args)`; the layer's own hooks (none in transformers' layers) would be skipped, so a layer
-    with hooks keeps the default path."""
+    with hooks keeps the default path. Over the offloaded checkpoint (`use_gradient_checkpointing:
+    offload`) the compiled call runs under the offloader's saved-tensor hooks: what its backward
+    graph keeps goes to host memory as the offloader's layer inputs do, the layer's weights
+    excepted."""
     import functools
 
     import torch.utils.checkpoint
 
+    from .offload import OffloadedCheckpoint
+
     default = module._gradient_checkpointing_func
-    keywords = default.keywords  # use_reentrant=False, and the saved-attention context if any
+    offloader = default if isinstance(default, OffloadedCheckpoint) else None
+    # use_reentrant=False, and the saved-attention context if any
+    keywords = {"use_reentrant": False} if offloader is not None else default.keywords
 
     def region(*args, **kwargs):
         return torch.utils.checkpoint.checkpoint(eager, *args, **keywords, **kwargs)
@@ -910,7 +921,11 @@ def _compiled_checkpoint(name: str, module, eager, backend: str):
         ):
             return default(call, *args)
         try:
-            return compiled(*args, **call.keywords)
+            if offloader is None:
+                return compiled(*args, **call.keywords)
+            weights = itertools.chain(module.parameters(), module.buffers())
+            with offloader.saving(frozenset(w.untyped_storage().data_ptr() for w in weights)):
+                return compiled(*args, **call.keywords)
         except errors as exc:
             _compile_failed(name, module, exc)
             return default(call, *args)

@@ -256,12 +256,79 @@ def test_compiled_checkpoint_keeps_the_numerics_with_one_compiled_forward_a_laye
             torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7, msg=k)
     assert runs[True] == {"forward": n_layers, "backward": n_layers}
     assert runs[False] == {"forward": 2 * n_layers, "backward": n_layers}
-    caplog.clear()
+    # over the offloaded checkpoint too: one compiled forward a layer, the same numerics
+    calls = Counter()
     with caplog.at_level(logging.WARNING, logger="vlmflow"):
-        _, _, n_ck, n_layers = _gemma3_step(model_dir, chat_rows, compile=True, mode="offload")
-    assert n_layers > 0 and n_ck == 0  # the offloader's checkpoint stays in charge
+        loss, grads, n_ck, n_layers = _gemma3_step(
+            model_dir, chat_rows, compile=True, mode="offload", calls=calls
+        )
+    assert n_layers > 0 and n_ck == n_layers
+    assert calls == {"forward": n_layers, "backward": n_layers}
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7, msg=k)
     assert not [r for r in caplog.records if "compiled_checkpoint" in r.getMessage()]
     torch._dynamo.reset()
+
+
+def test_compiled_checkpoint_over_the_offloader_moves_the_layer_inputs_and_not_the_weights():
+    """With `use_gradient_checkpointing: offload` the compiled checkpoint runs under the
+    offloader's hooks: the layer inputs its backward graph keeps go to host memory (and come
+    back for the recomputation), the weights it keeps beside them stay put; the loss and
+    gradients are those of the eager offloaded checkpoint."""
+    import torch._dynamo
+
+    from vlmflow.offload import OffloadedCheckpoint
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = torch.nn.ModuleList([ToyCheckpointedDecoderLayer(), ToyCheckpointedDecoderLayer()])
+    x = torch.randn(3, 4, requires_grad=True)
+
+    def run(offloader):
+        for layer in net:
+            layer.gradient_checkpointing = True
+            layer._gradient_checkpointing_func = offloader
+        net.zero_grad()
+        x.grad = None
+        out = net[1](net[0](x, scale=2.0), scale=0.5).sum()
+        out.backward()
+        return out.detach(), x.grad.clone(), [p.grad.clone() for p in net.parameters()]
+
+    eager = OffloadedCheckpoint()
+    want = run(eager)
+    assert eager.offloaded_bytes == 2 * x.nbytes and eager.restored == 2
+    offloader = OffloadedCheckpoint()
+    for layer in net:
+        layer._gradient_checkpointing_func = offloader
+    n = patches.compile_layers(
+        net, backend="aot_eager", checkpoint_classes=("ToyCheckpointedDecoderLayer",)
+    )
+    assert n == 2 and all(layer._vlmflow_compiled_checkpoint for layer in net)
+    packed = []
+    pack = offloader._pack
+    offloader._pack = lambda t: packed.append((t.untyped_storage().data_ptr(), t)) or pack(t)
+    weights = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    for _ in range(2):  # the first call compiles
+        offloader.offloaded_bytes = offloader.restored = 0
+        packed.clear()
+        got = run_compiled(net, x)
+        torch.testing.assert_close(got, want)
+        # the compiled graph keeps the weights for its recomputation: they are not offloaded
+        assert weights <= {ptr for ptr, _ in packed}
+        moved = [t for ptr, t in packed if ptr not in weights]
+        assert [t.shape for t in moved if t.dim()] == [x.shape, x.shape]  # each layer's input
+        assert offloader.offloaded_bytes == sum(t.nbytes for t in moved)
+        assert offloader.restored == len(moved)
+    torch._dynamo.reset()
+
+
+def run_compiled(net, x):
+    net.zero_grad()
+    x.grad = None
+    out = net[1](net[0](x, scale=2.0), scale=0.5).sum()
+    out.backward()
+    return out.detach(), x.grad.clone(), [p.grad.clone() for p in net.parameters()]
 
 
 class ToyCheckpointedDecoderLayer(GradientCheckpointingLayer):
