@@ -134,6 +134,7 @@ def test_auto_checkpointing_offloads_where_measured_on_a_gpu():
         "qwen2_vl",
         "qwen3_vl",
         "pixtral",
+        "llava",
         "llava_next",
     }
     for setting in (False, True, "offload", "unsloth"):

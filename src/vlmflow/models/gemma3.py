@@ -112,7 +112,9 @@ FAMILIES = [
         # 4-bit, one call on an H200 (2026-12-04): 10,266 tok/s at 3.21 GiB offloaded, 9,637 at
         # 3.67 plain (Unsloth 3.84)
         offload_quantized=True,
-        # measured on an H200 (BENCHMARKS.md, 2026-12-03): 1.14x, same peak; Qwen3-VL was not
+        # 16-bit is not offloaded: at full depth (34 / 27 layers, one H100, 2026-12-06) plain
+        # 5,261 tok/s at 10.78 GiB, offloaded 4,530 at 9.61, Unsloth 3,467 at 10.15.
+        # compiled_checkpoint measured on an H200 (BENCHMARKS.md, 2026-12-03): 1.14x, same peak; Qwen3-VL was not
         # faster with it and took 0.21 GiB more, so other families keep the default checkpoint.
         # saved_attention is not declared: 1.13-1.29x in every layer but 0.44 GiB more, above
         # Unsloth's peak; in the decoder layers alone no faster (BENCHMARKS.md, 2026-12-03).
