@@ -905,13 +905,19 @@ def _compiled_checkpoint(name: str, module, eager, backend: str):
     offloader = default if isinstance(default, OffloadedCheckpoint) else None
     # use_reentrant=False, and the saved-attention context if any
     keywords = {"use_reentrant": False} if offloader is not None else default.keywords
+    # the storages the offloader leaves on the device (the model is in place when this runs; a
+    # weight moved later would only be copied to the host and back: the same numbers)
+    weights = frozenset(
+        w.untyped_storage().data_ptr()
+        for w in itertools.chain(module.parameters(), module.buffers())
+        if offloader is not None
+    )
 
     def region(*args, **kwargs):
         return torch.utils.checkpoint.checkpoint(eager, *args, **keywords, **kwargs)
 
     compiled = torch.compile(region, backend=backend, dynamic=None)
     errors = _compile_errors()
-    weights: list[frozenset[int]] = []  # the storages the offloader leaves on the device
 
     def checkpoint_function(call, *args):
         if (
@@ -924,11 +930,7 @@ def _compiled_checkpoint(name: str, module, eager, backend: str):
         try:
             if offloader is None:
                 return compiled(*args, **call.keywords)
-            if not weights:  # once: ~0.2 ms a layer call on a slow host; a weight that moved
-                # after this would only be copied to the host and back (the same numbers)
-                tensors = itertools.chain(module.parameters(), module.buffers())
-                weights.append(frozenset(w.untyped_storage().data_ptr() for w in tensors))
-            with offloader.saving(weights[0]):
+            with offloader.saving(weights):
                 return compiled(*args, **call.keywords)
         except errors as exc:
             _compile_failed(name, module, exc)

@@ -285,10 +285,12 @@ def test_compiled_checkpoint_over_the_offloader_moves_the_layer_inputs_and_not_t
     net = torch.nn.ModuleList([ToyCheckpointedDecoderLayer(), ToyCheckpointedDecoderLayer()])
     x = torch.randn(3, 4, requires_grad=True)
 
-    def run(offloader):
+    def checkpoint_with(offloader):
         for layer in net:
             layer.gradient_checkpointing = True
             layer._gradient_checkpointing_func = offloader
+
+    def run():
         net.zero_grad()
         x.grad = None
         out = net[1](net[0](x, scale=2.0), scale=0.5).sum()
@@ -296,11 +298,11 @@ def test_compiled_checkpoint_over_the_offloader_moves_the_layer_inputs_and_not_t
         return out.detach(), x.grad.clone(), [p.grad.clone() for p in net.parameters()]
 
     eager = OffloadedCheckpoint()
-    want = run(eager)
+    checkpoint_with(eager)
+    want = run()
     assert eager.offloaded_bytes == 2 * x.nbytes and eager.restored == 2
     offloader = OffloadedCheckpoint()
-    for layer in net:
-        layer._gradient_checkpointing_func = offloader
+    checkpoint_with(offloader)
     n = patches.compile_layers(
         net, backend="aot_eager", checkpoint_classes=("ToyCheckpointedDecoderLayer",)
     )
@@ -312,7 +314,7 @@ def test_compiled_checkpoint_over_the_offloader_moves_the_layer_inputs_and_not_t
     for _ in range(2):  # the first call compiles
         offloader.offloaded_bytes = offloader.restored = 0
         packed.clear()
-        got = run_compiled(net, x)
+        got = run()
         torch.testing.assert_close(got, want)
         # the compiled graph keeps the weights for its recomputation: they are not offloaded
         assert weights <= {ptr for ptr, _ in packed}
@@ -321,14 +323,6 @@ def test_compiled_checkpoint_over_the_offloader_moves_the_layer_inputs_and_not_t
         assert offloader.offloaded_bytes == sum(t.nbytes for t in moved)
         assert offloader.restored == len(moved)
     torch._dynamo.reset()
-
-
-def run_compiled(net, x):
-    net.zero_grad()
-    x.grad = None
-    out = net[1](net[0](x, scale=2.0), scale=0.5).sum()
-    out.backward()
-    return out.detach(), x.grad.clone(), [p.grad.clone() for p in net.parameters()]
 
 
 class ToyCheckpointedDecoderLayer(GradientCheckpointingLayer):

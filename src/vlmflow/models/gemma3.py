@@ -114,8 +114,9 @@ FAMILIES = [
         offload_quantized=True,
         # 16-bit is not offloaded: at full depth (34 / 27 layers, one H100, 2026-12-06) plain
         # 5,261 tok/s at 10.78 GiB, offloaded 4,530 at 9.61, Unsloth 3,467 at 10.15.
-        # compiled_checkpoint measured on an H200 (BENCHMARKS.md, 2026-12-03): 1.14x, same peak; Qwen3-VL was not
-        # faster with it and took 0.21 GiB more, so other families keep the default checkpoint.
+        # compiled_checkpoint measured on an H200 (BENCHMARKS.md, 2026-12-03): 1.14x, same
+        # peak; Qwen3-VL was not faster with it and took 0.21 GiB more, so other families keep
+        # the default checkpoint.
         # saved_attention is not declared: 1.13-1.29x in every layer but 0.44 GiB more, above
         # Unsloth's peak; in the decoder layers alone no faster (BENCHMARKS.md, 2026-12-03).
         patches=MappingProxyType(
